@@ -1,0 +1,147 @@
+"""Index lifecycle: build a collection for a model version, verify it, switch, roll back, sync.
+
+A new collection becomes active only after verification (its count equals the number of
+passages, and canary passages come back as their own nearest neighbour). The previous one is
+kept, `retired`, for rollback. The active pointers live in DuckDB (`pointers` table).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+
+from loop.embed import Embedder
+from loop.errors import VectorIndexError
+from loop.records import SearchHit
+from storage.db import Store
+from storage.index import VectorIndex, collection_name
+
+Progress = Callable[[int, int], None]
+ACTIVE_INDEX, ACTIVE_MODEL = "active_index", "active_model"
+
+
+def _embed_and_write(
+    index: VectorIndex, name: str, embedder: Embedder, ids: list[str], texts: list[str], progress: Progress | None
+) -> None:
+    # Encode and write in slices so memory stays flat and progress can be reported.
+    step = 2048
+    for start in range(0, len(ids), step):
+        emb = embedder.encode(texts[start : start + step])
+        index.upsert(name, ids[start : start + step], emb, texts[start : start + step])
+        if progress:
+            progress(min(start + step, len(ids)), len(ids))
+
+
+def verify(store: Store, index: VectorIndex, name: str, embedder: Embedder, canaries: int = 5) -> None:
+    """Raise VectorIndexError unless `name` holds every passage and canaries find themselves."""
+    expected = store.scalar("SELECT count(*) FROM passages")
+    got = index.count(name)
+    if got != expected:
+        raise VectorIndexError(f"Index {name} holds {got} vectors but the corpus has {expected} passages.")
+    ids = store.passage_ids()
+    if not ids:
+        return
+    sample = random.Random(0).sample(ids, min(canaries, len(ids)))
+    texts = store.passages(sample)
+    hits = index.search(name, embedder.encode([texts[i] for i in sample]), embedder.version, k=3)
+    for pid, top in zip(sample, hits, strict=True):
+        # A passage must be its own nearest neighbour (ties with identical texts allowed).
+        if not top or (top[0][0] != pid and top[0][1] < 0.999):
+            raise VectorIndexError(f"Index {name} failed its canary check: passage {pid} is not its own top hit.")
+
+
+def build(store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None) -> str:
+    """Embed every passage into a fresh collection for `embedder.version`, verified. Not yet active."""
+    name = collection_name(embedder.version)
+    if name == store.pointer(ACTIVE_INDEX):
+        raise VectorIndexError(f"{name} is the active index; use sync() to refresh it in place.")
+    store.execute(
+        "INSERT OR REPLACE INTO index_versions (collection, model_version, status, count) VALUES (?, ?, 'building', 0)",
+        [name, embedder.version],
+    )
+    index.create(name, embedder.version, embedder.dim)
+    rows = store.execute("SELECT passage_id, text FROM passages ORDER BY length(text)").fetchall()
+    try:
+        _embed_and_write(index, name, embedder, [r[0] for r in rows], [r[1] for r in rows], progress)
+        verify(store, index, name, embedder)
+    except Exception as e:
+        store.execute("UPDATE index_versions SET status = 'failed', detail = ? WHERE collection = ?", [str(e), name])
+        raise
+    store.execute("UPDATE index_versions SET status = 'verified', count = ? WHERE collection = ?", [len(rows), name])
+    return name
+
+
+def activate(store: Store, name: str) -> None:
+    """Switch the active index (and model) to a verified collection; the old one is retired."""
+    row = store.rows("SELECT model_version, status FROM index_versions WHERE collection = ?", [name])
+    if not row or row[0]["status"] not in {"verified", "retired", "active"}:
+        raise VectorIndexError(f"Index {name} is not verified; it cannot become active.")
+    with store.transaction() as cur:
+        cur.execute("UPDATE index_versions SET status = 'retired' WHERE status = 'active' AND collection <> ?", [name])
+        cur.execute(
+            "UPDATE index_versions SET status = 'active', activated_at = current_timestamp WHERE collection = ?", [name]
+        )
+        store.set_pointer(ACTIVE_INDEX, name, cur)
+        store.set_pointer(ACTIVE_MODEL, row[0]["model_version"], cur)
+
+
+def rollback(store: Store, index: VectorIndex) -> str:
+    """Re-activate the most recently retired collection that still exists; returns its name."""
+    present = set(index.collections())
+    for r in store.rows(
+        "SELECT collection FROM index_versions WHERE status = 'retired' ORDER BY activated_at DESC NULLS LAST"
+    ):
+        if r["collection"] in present:
+            activate(store, r["collection"])
+            return r["collection"]
+    raise VectorIndexError("Nothing to roll back to: no earlier index is kept.")
+
+
+def sync(store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None) -> int:
+    """Make the active collection hold exactly the corpus's passages; returns vectors written.
+
+    Creates the collection when it is missing (first start, or a lost/corrupted Chroma folder:
+    it is rebuilt from DuckDB for the active model).
+    """
+    name = collection_name(embedder.version)
+    if name not in index.collections():
+        index.create(name, embedder.version, embedder.dim)
+        store.execute(
+            "INSERT OR REPLACE INTO index_versions (collection, model_version, status, count) VALUES (?, ?, 'building', 0)",
+            [name, embedder.version],
+        )
+    elif index.model_version(name) != embedder.version:
+        raise VectorIndexError(f"Collection {name} was built by another model; refusing to mix versions.")
+    want = set(store.passage_ids())
+    have = index.ids(name)
+    missing = sorted(want - have)
+    extra = sorted(have - want)
+    if extra:
+        index.delete(name, extra)
+    texts = store.passages(missing)
+    _embed_and_write(index, name, embedder, missing, [texts[i] for i in missing], progress)
+    verify(store, index, name, embedder)
+    store.execute(
+        "UPDATE index_versions SET count = ?, "
+        "status = CASE WHEN status = 'active' THEN 'active' ELSE 'verified' END WHERE collection = ?",
+        [len(want), name],
+    )
+    if store.pointer(ACTIVE_INDEX) != name:
+        activate(store, name)
+    return len(missing)
+
+
+def search(store: Store, index: VectorIndex, embedder: Embedder, queries: list[str], k: int = 10) -> list[list[SearchHit]]:
+    """Top-k passages of the active index for each query, embedded by the active model."""
+    name = store.pointer(ACTIVE_INDEX)
+    if not name:
+        raise VectorIndexError("There is no active index yet: ingest documents first (`embedloop ingest PATH`).")
+    hits = index.search(name, embedder.encode(queries), embedder.version, k=k)
+    docs = store.docs_of_passages(sorted({pid for h in hits for pid, _, _ in h}))
+    return [
+        [SearchHit(passage_id=pid, score=round(float(s), 6), text=t, doc_ids=docs.get(pid, [])) for pid, s, t in h]
+        for h in hits
+    ]
+
+

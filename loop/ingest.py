@@ -1,0 +1,559 @@
+"""Documents -> passages, and labelled pairs / query logs into the store.
+
+Every import of one PATH is one transaction: a bad record anywhere means a clear `InputError`
+naming the file and line, and nothing of that path is imported. Re-importing the same data
+changes nothing (documents, passages, pairs and queries are keyed by id or content hash).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from loop.errors import InputError
+from loop.records import Document, IngestReport, Pair, PairIn, content_hash
+from storage.db import Store
+
+DOC_SUFFIXES = {".txt", ".md", ".markdown", ".html", ".htm", ".pdf"}
+TABLE_SUFFIXES = {".jsonl", ".csv"}
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Column names of a .jsonl / .csv document file."""
+
+    id: str = "_id"
+    title: str = "title"
+    text: str = "text"
+
+    def id_of(self, rec: dict[str, Any]) -> Any:
+        # `_id` (BEIR) and `id` are both common: accept either when the default is in use.
+        if self.id == "_id" and "_id" not in rec:
+            return rec.get("id")
+        return rec.get(self.id)
+
+
+# File reading ------------------------------------------------------------------------------
+def _check_file(path: Path, max_bytes: int) -> None:
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if not path.is_file():
+        raise InputError("not a regular file", path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError("the file is empty (0 bytes)", path)
+    if size > max_bytes:
+        raise InputError(
+            f"the file is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB "
+            f"(setting max_file_mb)", path
+        )
+
+
+def read_text(path: Path, max_bytes: int) -> str:
+    """A text file's content as str: UTF-8 (with or without BOM), refusing binary data."""
+    _check_file(path, max_bytes)
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise InputError("looks like a binary file (it contains NUL bytes), not text", path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); convert the file to UTF-8",
+            path, line,
+        ) from None
+    if not text.strip():
+        raise InputError("the file holds only whitespace", path)
+    return text
+
+
+def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line is an InputError."""
+    for n, line in enumerate(read_text(path, max_bytes).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path, n) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"expected a JSON object, got {type(obj).__name__}", path, n)
+        yield n, obj
+
+
+def iter_csv(path: Path, max_bytes: int, required: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a CSV with a header row that has every `required` column."""
+    text = read_text(path, max_bytes)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+    except csv.Error as e:
+        raise InputError(f"malformed CSV header ({e})", path, 1) from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputError(
+            f"missing column(s) {', '.join(missing)}; the header has: {', '.join(header) or '(nothing)'}", path, 1
+        )
+    try:
+        for row in reader:
+            if None in row:
+                raise InputError("more fields than the header has", path, reader.line_num)
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", path, reader.line_num) from None
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML page (script/style dropped) and its <title>."""
+
+    _SKIP = {"script", "style", "noscript", "template"}
+    _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "pre"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.title = ""
+        self._skip = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self._SKIP:
+            self._skip += 1
+        elif tag == "title":
+            self._in_title = True
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP and self._skip:
+            self._skip -= 1
+        elif tag == "title":
+            self._in_title = False
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        elif not self._skip:
+            self.parts.append(data)
+
+
+def _clean(text: str) -> str:
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    out: list[str] = []
+    for line in lines:
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out).strip()
+
+
+def read_document_file(path: Path, doc_id: str, max_bytes: int) -> Document:
+    suffix = path.suffix.lower()
+    if suffix == ".pdf":
+        _check_file(path, max_bytes)
+        try:
+            from pypdf import PdfReader
+
+            reader = PdfReader(str(path))
+            if reader.is_encrypted:
+                raise InputError("the PDF is encrypted; decrypt it first", path)
+            text = "\n".join(page.extract_text() or "" for page in reader.pages)
+            title = str((reader.metadata or {}).get("/Title") or "") if reader.metadata else ""
+        except InputError:
+            raise
+        except Exception as e:  # pypdf raises many types on damaged files
+            raise InputError(f"cannot read this PDF ({type(e).__name__}: {e})", path) from None
+        text = _clean(text)
+        if not text:
+            raise InputError("the PDF has no extractable text (scanned images need OCR first)", path)
+        return Document(doc_id=doc_id, title=title.strip() or path.stem, text=text, source=str(path))
+    raw = read_text(path, max_bytes)
+    if suffix in {".html", ".htm"}:
+        parser = _HTMLText()
+        parser.feed(raw)
+        text, title = _clean("".join(parser.parts)), _clean(parser.title) or path.stem
+    else:
+        text, title = _clean(raw), path.stem
+        if suffix in {".md", ".markdown"}:
+            first = next((ln for ln in raw.splitlines() if ln.strip()), "")
+            if first.startswith("# "):
+                title = first[2:].strip()
+    if not text:
+        raise InputError("no text in this document", path)
+    return Document(doc_id=doc_id, title=title, text=text, source=str(path))
+
+
+def read_table_documents(path: Path, fields: Fields, max_bytes: int) -> list[Document]:
+    """Documents of a .jsonl or .csv file (BEIR corpus.jsonl included)."""
+    suffix = path.suffix.lower()
+    records = (
+        iter_jsonl(path, max_bytes) if suffix == ".jsonl" else iter_csv(path, max_bytes, [fields.id, fields.text])
+    )
+    docs: list[Document] = []
+    seen: dict[str, int] = {}
+    for n, rec in records:
+        doc_id, text = fields.id_of(rec), rec.get(fields.text)
+        if doc_id is None or str(doc_id).strip() == "":
+            raise InputError(f"missing the id field {fields.id!r}", path, n)
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"missing or empty text field {fields.text!r}", path, n)
+        doc_id = str(doc_id).strip()
+        if doc_id in seen:
+            raise InputError(f"duplicate id {doc_id!r} (first on line {seen[doc_id]})", path, n)
+        seen[doc_id] = n
+        title = rec.get(fields.title) or ""
+        docs.append(Document(doc_id=doc_id, title=str(title).strip(), text=_clean(text), source=str(path)))
+    if not docs:
+        raise InputError("no records in this file", path)
+    return docs
+
+
+def is_beir(path: Path) -> bool:
+    return path.is_dir() and (path / "corpus.jsonl").is_file()
+
+
+def read_documents(path: str | Path, fields: Fields = Fields(), max_bytes: int = 200 * 2**20) -> list[Document]:
+    """All documents under `path`: a file, a folder of files, or a BEIR folder's corpus.
+
+    Raises:
+        InputError: naming the file (and line) at fault.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if is_beir(path):
+        return read_table_documents(path / "corpus.jsonl", fields, max_bytes)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in TABLE_SUFFIXES:
+            return read_table_documents(path, fields, max_bytes)
+        if suffix in DOC_SUFFIXES:
+            return [read_document_file(path, path.name, max_bytes)]
+        raise InputError(
+            f"unsupported file type {suffix or '(none)'}; use {', '.join(sorted(DOC_SUFFIXES | TABLE_SUFFIXES))}",
+            path,
+        )
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise InputError(f"no documents ({', '.join(sorted(DOC_SUFFIXES))}) in this folder", path)
+    return [read_document_file(f, f.relative_to(path).as_posix(), max_bytes) for f in files]
+
+
+# Chunking ----------------------------------------------------------------------------------
+_SENTENCE_END = (".", "!", "?", ";", ":", "\n")
+
+
+def chunk_text(text: str, tokenize: Callable[[str], list[tuple[int, int]]], max_tokens: int, overlap: int) -> list[tuple[str, int]]:
+    """Split `text` into (chunk, n_tokens) windows of at most `max_tokens` tokens.
+
+    Consecutive windows share `overlap` tokens; a window ends at a sentence end in its last
+    quarter when there is one, so passages rarely stop mid-sentence.
+
+    Args:
+        tokenize: text -> character offsets (start, end) of each token, no special tokens.
+    """
+    if max_tokens <= 0:
+        raise ValueError("max_tokens must be positive")
+    overlap = min(overlap, max_tokens // 2)
+    offsets = tokenize(text)
+    if len(offsets) <= max_tokens:
+        return [(text, len(offsets))] if text.strip() else []
+    chunks: list[tuple[str, int]] = []
+    start = 0
+    while start < len(offsets):
+        end = min(start + max_tokens, len(offsets))
+        if end < len(offsets):
+            for j in range(end - 1, start + (3 * max_tokens) // 4, -1):
+                tail = text[offsets[j][1] - 1 : offsets[j][1]] if offsets[j][1] else ""
+                after = text[offsets[j][1] : offsets[j][1] + 1]
+                if tail in _SENTENCE_END and (not after or after.isspace()):
+                    end = j + 1
+                    break
+        piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+        if piece:
+            chunks.append((piece, end - start))
+        if end >= len(offsets):
+            break
+        start = max(end - overlap, start + 1)
+    return chunks
+
+
+def hf_offsets(tokenizer: Any) -> Callable[[str], list[tuple[int, int]]]:
+    """A `tokenize` function for `chunk_text` from a Hugging Face fast tokenizer."""
+
+    def tokenize(text: str) -> list[tuple[int, int]]:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+        return [tuple(o) for o in enc["offset_mapping"]]
+
+    return tokenize
+
+
+# Storing documents ---------------------------------------------------------------------------
+def store_documents(
+    store: Store, docs: list[Document], tokenize: Callable[[str], list[tuple[int, int]]],
+    max_tokens: int, overlap: int, path: str,
+) -> tuple[IngestReport, list[str]]:
+    """Chunk and store `docs` in one transaction; unchanged documents are skipped.
+
+    Returns:
+        The report, and the ids of passages that no document uses any more (a changed
+        document dropped them) and that were deleted — the caller removes them from the index.
+    """
+    existing = dict(store.execute("SELECT doc_id, content_hash FROM documents").fetchall())
+    new_docs, changed_docs, unchanged = [], [], 0
+    for d in docs:
+        h = content_hash(d.full_text)
+        old = existing.get(d.doc_id)
+        if old == h:
+            unchanged += 1
+        elif old is None:
+            new_docs.append((d, h))
+        else:
+            changed_docs.append((d, h))
+    doc_rows, map_rows, passage_rows = [], [], {}
+    for d, h in new_docs + changed_docs:
+        doc_rows.append({"doc_id": d.doc_id, "source": d.source or path, "title": d.title,
+                         "content_hash": h, "n_chars": len(d.full_text)})
+        for i, (chunk, n_tok) in enumerate(chunk_text(d.full_text, tokenize, max_tokens, overlap)):
+            pid = content_hash(chunk)
+            passage_rows.setdefault(pid, {"passage_id": pid, "text": chunk, "n_tokens": n_tok})
+            map_rows.append({"doc_id": d.doc_id, "ordinal": i, "passage_id": pid})
+    removed: list[str] = []
+    with store.transaction() as cur:
+        if changed_docs:
+            ids = [d.doc_id for d, _ in changed_docs]
+            cur.execute("DELETE FROM documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+            cur.execute("DELETE FROM doc_passages WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        Store.insert_ignore(cur, "documents", doc_rows)
+        Store.insert_ignore(cur, "doc_passages", map_rows)
+        added = Store.insert_ignore(cur, "passages", list(passage_rows.values()))
+        if changed_docs:
+            # Passages no document maps to any more, and no pair refers to, leave the corpus.
+            removed = [r[0] for r in cur.execute(
+                "SELECT passage_id FROM passages p WHERE NOT EXISTS "
+                "(SELECT 1 FROM doc_passages m WHERE m.passage_id = p.passage_id) AND NOT EXISTS "
+                "(SELECT 1 FROM pairs q WHERE q.positive_id = p.passage_id OR q.negative_id = p.passage_id)"
+            ).fetchall()]
+            if removed:
+                cur.execute("DELETE FROM passages WHERE passage_id IN (SELECT unnest(?::VARCHAR[]))", [removed])
+    report = IngestReport(
+        path=path, documents_added=len(new_docs), documents_updated=len(changed_docs),
+        documents_unchanged=unchanged, passages_added=added,
+    )
+    return report, removed
+
+
+# Pairs and queries ---------------------------------------------------------------------------
+class _Resolver:
+    """Turns a pair field into (passage id or None, text), by passage id, document id or text."""
+
+    def __init__(self, store: Store, path: Path):
+        self.store, self.path = store, path
+        self._cache: dict[str, tuple[str, str] | None] = {}
+
+    def lookup(self, ref: str) -> tuple[str, str] | None:
+        if ref not in self._cache:
+            hit = self.store.passages([ref])
+            if hit:
+                self._cache[ref] = (ref, hit[ref])
+            else:
+                first = self.store.first_passage_of_docs([ref]).get(ref)
+                self._cache[ref] = (first, self.store.passages([first])[first]) if first else None
+        return self._cache[ref]
+
+    def resolve(self, value: str | None, explicit_id: str | None, name: str, line: int) -> tuple[str | None, str | None]:
+        if explicit_id is not None:
+            found = self.lookup(explicit_id.strip())
+            if found is None:
+                raise InputError(
+                    f"{name}_id {explicit_id!r} is neither a passage id nor a document id "
+                    "(ingest the corpus first)", self.path, line,
+                )
+            return found
+        if value is None:
+            return None, None
+        value = value.strip()
+        if not value:
+            raise InputError(f"{name} is empty", self.path, line)
+        if len(value) <= 200 and " " not in value:
+            found = self.lookup(value)
+            if found is not None:
+                return found
+        # A text: link it to the corpus passage with the same content, when there is one.
+        pid = content_hash(value)
+        return (pid if self.store.passages([pid]) else None), value
+
+
+def _pair_rows(
+    store: Store, items: Iterable[tuple[int, dict[str, Any]]], path: Path, split: str, origin: str
+) -> list[dict[str, Any]]:
+    resolver = _Resolver(store, path)
+    rows: dict[str, dict[str, Any]] = {}
+    for line, rec in items:
+        rec = {k: (None if v == "" else v) for k, v in rec.items() if k in PairIn.model_fields}
+        if "score" in rec and rec["score"] is not None:
+            try:
+                rec["score"] = float(rec["score"])
+            except (TypeError, ValueError):
+                raise InputError(f"score {rec['score']!r} is not a number between 0 and 1", path, line) from None
+        try:
+            p = PairIn(**{k: (str(v) if k != "score" and v is not None else v) for k, v in rec.items()})
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors())
+            raise InputError(msg, path, line) from None
+        pos_id, pos_text = resolver.resolve(p.positive, p.positive_id, "positive", line)
+        if pos_text is None:
+            raise InputError("missing positive (text or passage id)", path, line)
+        neg_id, neg_text = resolver.resolve(p.negative, p.negative_id, "negative", line)
+        if neg_text is not None and (neg_text == pos_text or (neg_id and neg_id == pos_id)):
+            raise InputError("negative is the same passage as positive", path, line)
+        pair_id = Pair.make_id(p.anchor, pos_text)
+        rows.setdefault(pair_id, {
+            "pair_id": pair_id, "anchor": p.anchor, "positive_id": pos_id, "positive_text": pos_text,
+            "negative_id": neg_id, "negative_text": neg_text, "score": p.score, "source": "seed",
+            "status": "accepted", "split": split, "origin": origin,
+        })
+    if not rows:
+        raise InputError("no pairs in this file", path)
+    return list(rows.values())
+
+
+def _beir_queries(folder: Path, max_bytes: int) -> dict[str, str]:
+    qfile = folder / "queries.jsonl"
+    if not qfile.is_file():
+        raise InputError("a BEIR folder needs queries.jsonl", folder)
+    out: dict[str, str] = {}
+    for n, rec in iter_jsonl(qfile, max_bytes):
+        qid, text = rec.get("_id"), rec.get("text")
+        if qid is None or not isinstance(text, str) or not text.strip():
+            raise InputError("each query needs `_id` and a non-empty `text`", qfile, n)
+        out[str(qid)] = text.strip()
+    return out
+
+
+def read_qrels(folder: Path, split: str, max_bytes: int) -> list[tuple[int, str, str, float]]:
+    """(line, query id, corpus id, score) of `qrels/<split>.tsv` with score > 0."""
+    qrels = folder / "qrels" / f"{split}.tsv"
+    if not qrels.is_file():
+        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+        raise InputError(f"no qrels/{split}.tsv in this BEIR folder (it has: {', '.join(have) or 'no qrels'})", folder)
+    out = []
+    for n, line in enumerate(read_text(qrels, max_bytes).splitlines(), start=1):
+        parts = line.rstrip("\n").split("\t")
+        if n == 1 and parts[0] in {"query-id", "query_id", "qid"}:
+            continue
+        if not line.strip():
+            continue
+        if len(parts) < 3:
+            raise InputError("expected query-id<TAB>corpus-id<TAB>score", qrels, n)
+        try:
+            score = float(parts[2])
+        except ValueError:
+            raise InputError(f"score {parts[2]!r} is not a number", qrels, n) from None
+        if score > 0:
+            out.append((n, parts[0], parts[1], score))
+    return out
+
+
+def import_pairs(
+    store: Store, path: str | Path, *, split: str = "train", limit: int | None = None,
+    seed: int = 0, max_bytes: int = 200 * 2**20,
+) -> IngestReport:
+    """Import labelled pairs (JSONL, CSV or a BEIR folder's qrels) as accepted seed pairs.
+
+    Args:
+        split: train (may be trained on), eval or test (held out, never trained on).
+        limit: import a random sample of at most this many pairs (seeded), e.g. for a budget.
+    """
+    path = Path(path)
+    if split not in {"train", "eval", "test"}:
+        raise InputError(f"split must be train, eval or test, not {split!r}")
+    if path.is_dir():
+        if not is_beir(path):
+            raise InputError("a folder of pairs must be a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)", path)
+        queries = _beir_queries(path, max_bytes)
+        qsplit = {"train": "train", "eval": "dev", "test": "test"}[split]
+        qrels_path = path / "qrels" / f"{qsplit}.tsv"
+        items = []
+        for n, qid, cid, _score in read_qrels(path, qsplit, max_bytes):
+            if qid not in queries:
+                raise InputError(f"query id {qid!r} is not in queries.jsonl", qrels_path, n)
+            items.append((n, {"anchor": queries[qid], "positive_id": cid}))
+        path = qrels_path
+        origin = f"{path.parent.parent.name}/qrels/{qsplit}"
+    elif path.suffix.lower() == ".jsonl":
+        items, origin = list(iter_jsonl(path, max_bytes)), path.name
+    elif path.suffix.lower() == ".csv":
+        items, origin = list(iter_csv(path, max_bytes, ["anchor"])), path.name
+    else:
+        raise InputError("pairs must be a .jsonl or .csv file, or a BEIR folder", path)
+    rows = _pair_rows(store, items, path, split, origin)
+    if limit is not None and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    with store.transaction() as cur:
+        added = Store.insert_ignore(cur, "pairs", rows)
+    return IngestReport(path=str(path), pairs_added=added, pairs_unchanged=len(rows) - added)
+
+
+def read_queries(path: Path, max_bytes: int, split: str | None = None) -> list[tuple[str, str]]:
+    """(query id, text) from a .txt (one per line), .jsonl, .csv (column query/text) or BEIR folder."""
+    if path.is_dir():
+        if not (path / "queries.jsonl").is_file():
+            raise InputError("a folder of queries must be a BEIR folder with queries.jsonl", path)
+        queries = _beir_queries(path, max_bytes)
+        if split:
+            wanted = {qid for _, qid, _, _ in read_qrels(path, split, max_bytes)}
+            queries = {q: t for q, t in queries.items() if q in wanted}
+        return list(queries.items())
+    suffix = path.suffix.lower()
+    out: list[tuple[str, str]] = []
+    if suffix in {".txt", ""}:
+        for line in read_text(path, max_bytes).splitlines():
+            if line.strip():
+                out.append((content_hash(line), line.strip()))
+    elif suffix == ".jsonl":
+        for n, rec in iter_jsonl(path, max_bytes):
+            text = rec.get("text", rec.get("query"))
+            if not isinstance(text, str) or not text.strip():
+                raise InputError("each line needs a non-empty `text` (or `query`) field", path, n)
+            qid = rec.get("_id", rec.get("id"))
+            out.append((str(qid) if qid is not None else content_hash(text), text.strip()))
+    elif suffix == ".csv":
+        text_text = read_text(path, max_bytes)
+        header = next(csv.reader(io.StringIO(text_text)), [])
+        col = "query" if "query" in header else "text"
+        for n, row in iter_csv(path, max_bytes, [col]):
+            if not (row.get(col) or "").strip():
+                raise InputError(f"empty {col!r}", path, n)
+            qid = row.get("id") or row.get("_id")
+            out.append((qid or content_hash(row[col]), row[col].strip()))
+    else:
+        raise InputError("a query log must be .txt (one query a line), .jsonl, .csv or a BEIR folder", path)
+    if not out:
+        raise InputError("no queries in this file", path)
+    return out
+
+
+def import_queries(store: Store, path: str | Path, *, split: str | None = None, max_bytes: int = 200 * 2**20) -> IngestReport:
+    """Import unlabelled queries (a query log). Duplicates are ignored."""
+    path = Path(path)
+    queries = read_queries(path, max_bytes, split)
+    rows = {qid: {"query_id": qid, "text": text, "source": path.name} for qid, text in queries}
+    with store.transaction() as cur:
+        added = Store.insert_ignore(cur, "queries", list(rows.values()))
+    return IngestReport(path=str(path), queries_added=added)

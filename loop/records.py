@@ -1,0 +1,107 @@
+"""Typed records passed between steps. Pydantic where data enters from a user or a file."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PairSource = Literal["seed", "synthetic", "mined", "edited"]
+PairStatus = Literal["candidate", "pending", "accepted", "rejected", "dropped"]
+Split = Literal["train", "eval", "test"]
+
+
+def content_hash(text: str) -> str:
+    """Stable id of a text: the first 16 hex digits of its SHA-256 after whitespace folding."""
+    folded = " ".join(text.split())
+    return hashlib.sha256(folded.encode("utf-8")).hexdigest()[:16]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Document(_Record):
+    doc_id: str = Field(min_length=1)
+    title: str = ""
+    text: str
+    source: str = ""
+
+    @property
+    def full_text(self) -> str:
+        return f"{self.title}\n\n{self.text}" if self.title else self.text
+
+
+class Passage(_Record):
+    passage_id: str
+    text: str
+    n_tokens: int
+
+
+class Query(_Record):
+    query_id: str
+    text: str = Field(min_length=1)
+    source: str = ""
+
+
+class PairIn(_Record):
+    """A labelled pair as it comes from a user's file, before ids are resolved.
+
+    `positive` / `negative` may hold a text or a passage/document id; `positive_id` /
+    `negative_id` name an id explicitly (an unknown explicit id is an error).
+    """
+
+    anchor: str
+    positive: str | None = None
+    positive_id: str | None = None
+    negative: str | None = None
+    negative_id: str | None = None
+    score: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("anchor")
+    @classmethod
+    def _anchor(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("anchor is empty")
+        return v.strip()
+
+
+class Pair(_Record):
+    pair_id: str
+    anchor: str
+    positive_text: str
+    positive_id: str | None = None
+    negative_text: str | None = None
+    negative_id: str | None = None
+    score: float | None = None
+    source: PairSource
+    status: PairStatus
+    split: Split = "train"
+    round: int | None = None
+    query_id: str | None = None
+
+    @staticmethod
+    def make_id(anchor: str, positive_text: str) -> str:
+        return content_hash(f"{anchor}\x00{positive_text}")
+
+
+class SearchHit(_Record):
+    passage_id: str
+    score: float
+    text: str
+    doc_ids: list[str] = []
+
+
+class IngestReport(_Record):
+    """What one file or folder added. Re-importing the same data reports zeros."""
+
+    path: str
+    documents_added: int = 0
+    documents_updated: int = 0
+    documents_unchanged: int = 0
+    passages_added: int = 0
+    queries_added: int = 0
+    pairs_added: int = 0
+    pairs_unchanged: int = 0
+    indexed: int = 0

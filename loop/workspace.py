@@ -1,0 +1,171 @@
+"""The workspace: one owner of its DuckDB file and Chroma index, and the entry point that the
+CLI and the app share. `Workspace.open()` takes the single-writer lock and applies migrations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from loop import indexing
+from loop.config import CONFIG_FILE, Settings, load_settings
+from loop.embed import Embedder, model_hash
+from loop.errors import ConfigError, InputError
+from loop.ingest import Fields, hf_offsets, import_pairs, import_queries, read_documents, store_documents
+from loop.records import Document, IngestReport, SearchHit
+from storage.db import Store
+from storage.index import VectorIndex
+
+_CONFIG_TEMPLATE = """\
+# embedloop workspace settings. Environment variables EMBEDLOOP_<NAME> override these.
+# base_model = "/path/to/a/local/sentence-transformers/model"   # empty: bundled all-MiniLM-L6-v2
+# chroma_url = "http://127.0.0.1:8000"                          # empty: embedded Chroma in ./chroma
+# max_file_mb = 200
+# chunk_tokens = 0          # 0: the model's max sequence length
+# chunk_overlap = 32
+# llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; key from OPENAI_API_KEY
+# llm_model = "gpt-4o-mini"
+"""
+
+
+class Workspace:
+    """Open with `Workspace.open(path)`; close when done (or use as a context manager)."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self._embedders: dict[str, Embedder] = {}
+
+    @classmethod
+    def open(cls, workspace: str | Path | None = None, **overrides: Any) -> Workspace:
+        settings = load_settings(workspace, **overrides)
+        settings.workspace.mkdir(parents=True, exist_ok=True)
+        cfg = settings.workspace / CONFIG_FILE
+        if not cfg.exists():
+            cfg.write_text(_CONFIG_TEMPLATE, encoding="utf-8")
+        ws = cls(settings, Store.open(settings.db_path))
+        try:
+            ws._register_base_model()
+        except Exception:
+            ws.close()
+            raise
+        return ws
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Models ------------------------------------------------------------------------------
+    def _register_base_model(self) -> None:
+        path = self.settings.base_model_path.resolve()
+        if not path.is_dir():
+            raise ConfigError(f"base_model {path} is not a folder; point it at a local sentence-transformers model.")
+        known = self.store.rows("SELECT version FROM model_versions WHERE path = ? AND parent IS NULL", [str(path)])
+        if known:
+            version = known[0]["version"]
+        else:
+            digest = model_hash(path)
+            version = f"base-{digest[:10]}"
+            self.store.execute(
+                "INSERT OR IGNORE INTO model_versions (version, path, sha256, status) VALUES (?, ?, ?, 'base')",
+                [version, str(path), digest],
+            )
+        if not self.store.pointer(indexing.ACTIVE_MODEL):
+            self.store.set_pointer(indexing.ACTIVE_MODEL, version)
+        self.base_version = version
+
+    def embedder(self, version: str | None = None) -> Embedder:
+        """The embedder of a model version (default: the active one), loaded once per process."""
+        version = version or self.active_model
+        if version not in self._embedders:
+            rows = self.store.rows("SELECT path FROM model_versions WHERE version = ?", [version])
+            if not rows:
+                raise ConfigError(f"Unknown model version {version!r}.")
+            self._embedders[version] = Embedder(
+                rows[0]["path"], version, self.settings.device, self.settings.encode_batch_size
+            )
+        return self._embedders[version]
+
+    @property
+    def active_model(self) -> str:
+        return self.store.pointer(indexing.ACTIVE_MODEL) or self.base_version
+
+    @cached_property
+    def index(self) -> VectorIndex:
+        s = self.settings
+        return VectorIndex(url=s.chroma_url) if s.chroma_url else VectorIndex(path=s.chroma_path)
+
+    # Ingestion ---------------------------------------------------------------------------
+    def _chunk_args(self) -> tuple[Any, int, int]:
+        emb = self.embedder()
+        limit = emb.max_seq_length - 2  # room for [CLS] and [SEP]
+        max_tokens = min(self.settings.chunk_tokens or limit, limit)
+        return hf_offsets(emb.tokenizer), max_tokens, self.settings.chunk_overlap
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.settings.max_file_mb * 2**20)
+
+    def add_documents(self, docs: list[Document], label: str, progress: indexing.Progress | None = None) -> IngestReport:
+        tokenize, max_tokens, overlap = self._chunk_args()
+        report, _removed = store_documents(self.store, docs, tokenize, max_tokens, overlap, label)
+        written = indexing.sync(self.store, self.index, self.embedder(), progress)
+        return report.model_copy(update={"indexed": written})
+
+    def ingest(self, paths: Sequence[str | Path], fields: Fields = Fields(),
+               progress: indexing.Progress | None = None) -> list[IngestReport]:
+        """Ingest each path (file, folder or BEIR folder) in its own transaction, then index.
+
+        All paths are read and validated before anything is written, so one bad file leaves
+        the workspace unchanged.
+        """
+        if not paths:
+            raise InputError("nothing to ingest: give at least one file or folder")
+        loaded = [(str(p), read_documents(p, fields, self.max_bytes)) for p in paths]
+        return [self.add_documents(docs, label, progress) for label, docs in loaded]
+
+    def import_pairs(self, path: str | Path, **kw: Any) -> IngestReport:
+        return import_pairs(self.store, path, max_bytes=self.max_bytes, **kw)
+
+    def import_queries(self, path: str | Path, **kw: Any) -> IngestReport:
+        return import_queries(self.store, path, max_bytes=self.max_bytes, **kw)
+
+    def ensure_index(self, progress: indexing.Progress | None = None) -> int:
+        """Bring the active index in line with the corpus (rebuilds a lost Chroma folder)."""
+        return indexing.sync(self.store, self.index, self.embedder(), progress)
+
+    # Queries -----------------------------------------------------------------------------
+    def search(self, query: str, k: int = 10) -> list[SearchHit]:
+        if not query.strip():
+            raise InputError("the query is empty")
+        if not 1 <= k <= 1000:
+            raise InputError("k must be between 1 and 1000")
+        return indexing.search(self.store, self.index, self.embedder(), [query], k)[0]
+
+    def status(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        active_index = self.store.pointer(indexing.ACTIVE_INDEX)
+        index_info: dict[str, Any] | None = None
+        if active_index:
+            row = self.store.rows(
+                "SELECT collection, model_version, status, count FROM index_versions WHERE collection = ?",
+                [active_index],
+            )
+            index_info = row[0] if row else {"collection": active_index}
+        model = self.store.rows(
+            "SELECT version, path, status, parent, round FROM model_versions WHERE version = ?", [self.active_model]
+        )
+        return {
+            "workspace": str(self.settings.workspace.resolve()),
+            **counts,
+            "active_model": model[0] if model else {"version": self.active_model},
+            "active_index": index_info,
+            "chroma": self.settings.chroma_url or str(self.settings.chroma_path),
+        }

@@ -1,0 +1,1 @@
+"""Side effects live here: DuckDB (db.py) and Chroma (index.py). Nothing else imports them."""

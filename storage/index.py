@@ -1,0 +1,144 @@
+"""Chroma: one collection per model version, supplied embeddings only.
+
+Collections are created with `embedding_function=None`, so Chroma can never fall back to its
+default embedding function (which would try to download a model); every write and query passes
+vectors. Each collection records the model version that built it, and `search` refuses a query
+embedded by another version. Which collection is active is DuckDB's business (`loop.indexing`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import chromadb
+import numpy as np
+from chromadb.config import Settings as ChromaSettings
+
+from loop.errors import IndexMismatchError, VectorIndexError
+
+
+def collection_name(model_version: str) -> str:
+    """Chroma-legal collection name for a model version: `passages.<version>`."""
+    safe = re.sub(r"[^a-zA-Z0-9._-]", "-", model_version).strip("-._") or "model"
+    return f"passages.{safe}"[:500]
+
+
+class VectorIndex:
+    """A Chroma client: embedded persistent (`path`) or a server (`url`)."""
+
+    def __init__(self, path: str | Path | None = None, url: str | None = None):
+        settings = ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+        try:
+            if url:
+                u = urlparse(url)
+                self.client = chromadb.HttpClient(
+                    host=u.hostname or "127.0.0.1",
+                    port=u.port or (443 if u.scheme == "https" else 8000),
+                    ssl=u.scheme == "https",
+                    settings=settings,
+                )
+                self.client.heartbeat()
+                self.location = url
+            elif path is not None:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self.client = chromadb.PersistentClient(path=str(path), settings=settings)
+                self.location = str(path)
+            else:
+                self.client = chromadb.EphemeralClient(settings=settings)
+                self.location = ":memory:"
+        except Exception as e:  # chromadb raises many types: connection, corrupt files, versions
+            where = url or path or "memory"
+            raise VectorIndexError(f"Cannot open the Chroma index at {where}: {e}") from e
+        self._max_batch = max(1, min(5000, int(self.client.get_max_batch_size()) - 1))
+
+    # Collections -------------------------------------------------------------------------
+    def collections(self) -> list[str]:
+        return sorted(c.name if hasattr(c, "name") else str(c) for c in self.client.list_collections())
+
+    def _get(self, name: str):
+        try:
+            return self.client.get_collection(name, embedding_function=None)
+        except Exception as e:
+            raise VectorIndexError(f"The Chroma collection {name!r} does not exist at {self.location}.") from e
+
+    def create(self, name: str, model_version: str, dim: int) -> None:
+        """Create an empty collection for `model_version`, replacing a leftover of the same name."""
+        if name in self.collections():
+            self.client.delete_collection(name)
+        self.client.create_collection(
+            name,
+            embedding_function=None,
+            configuration={"hnsw": {"space": "cosine"}},
+            metadata={"model_version": model_version, "dim": dim},
+        )
+
+    def drop(self, name: str) -> None:
+        if name in self.collections():
+            self.client.delete_collection(name)
+
+    def model_version(self, name: str) -> str:
+        return str((self._get(name).metadata or {}).get("model_version", ""))
+
+    def count(self, name: str) -> int:
+        return int(self._get(name).count())
+
+    def ids(self, name: str) -> set[str]:
+        col = self._get(name)
+        out: set[str] = set()
+        offset = 0
+        while True:
+            got = col.get(include=[], limit=self._max_batch, offset=offset)
+            out.update(got["ids"])
+            if len(got["ids"]) < self._max_batch:
+                return out
+            offset += self._max_batch
+
+    # Writes ------------------------------------------------------------------------------
+    def batches(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self._max_batch):
+            yield slice(start, min(n, start + self._max_batch))
+
+    def upsert(self, name: str, ids: Sequence[str], embeddings: np.ndarray, documents: Sequence[str]) -> None:
+        """Write vectors in batches below the server's max batch size."""
+        if len(ids) != len(embeddings) or len(ids) != len(documents):
+            raise ValueError("ids, embeddings and documents must have the same length")
+        col = self._get(name)
+        emb = np.asarray(embeddings, dtype=np.float32)
+        for s in self.batches(len(ids)):
+            col.upsert(ids=list(ids[s]), embeddings=emb[s], documents=list(documents[s]))
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        col = self._get(name)
+        ids = list(ids)
+        for s in self.batches(len(ids)):
+            col.delete(ids=ids[s])
+
+    # Reads -------------------------------------------------------------------------------
+    def search(
+        self, name: str, query_embeddings: np.ndarray, query_model_version: str, k: int = 10
+    ) -> list[list[tuple[str, float, str]]]:
+        """Top-k (passage id, cosine similarity, text) per query.
+
+        Raises:
+            IndexMismatchError: the collection was built by another model version.
+        """
+        built_by = self.model_version(name)
+        if built_by != query_model_version:
+            raise IndexMismatchError(query_model_version, built_by)
+        col = self._get(name)
+        n = col.count()
+        if n == 0:
+            return [[] for _ in range(len(query_embeddings))]
+        res: dict[str, Any] = col.query(
+            query_embeddings=np.asarray(query_embeddings, dtype=np.float32),
+            n_results=min(k, n),
+            include=["distances", "documents"],
+        )
+        return [
+            [(pid, 1.0 - float(d), doc or "") for pid, d, doc in zip(ids, dists, docs, strict=True)]
+            for ids, dists, docs in zip(res["ids"], res["distances"], res["documents"], strict=True)
+        ]
