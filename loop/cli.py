@@ -59,13 +59,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for r in reports:
             print(f"{r.path}: {r.documents_added} documents added, {r.documents_updated} updated, "
                   f"{r.documents_unchanged} unchanged; {r.passages_added} passages added; {r.indexed} vectors indexed")
+            if r.documents_empty:
+                print(f"  {len(r.documents_empty)} documents have no text (kept, without passages): "
+                      f"{', '.join(r.documents_empty[:10])}", file=sys.stderr)
     return 0
 
 
 def cmd_pairs_import(args: argparse.Namespace) -> int:
     with _open(args) as ws:
         r = ws.import_pairs(args.file, split=args.split, limit=args.limit, seed=args.seed)
-        print(f"{r.path}: {r.pairs_added} pairs added ({args.split}), {r.pairs_unchanged} already present")
+        print(f"{r.path}: {r.pairs_added} pairs added ({args.split}), {r.pairs_unchanged} already present"
+              + (f", {r.pairs_skipped} skipped (their document has no text)" if r.pairs_skipped else ""))
     return 0
 
 
@@ -105,6 +109,125 @@ def cmd_search(args: argparse.Namespace) -> int:
     for i, h in enumerate(hits, 1):
         snippet = " ".join(h.text.split())[:160]
         print(f"{i:>2}. {h.score:.3f}  {', '.join(h.doc_ids) or h.passage_id}\n    {snippet}")
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rounds(ws, args: argparse.Namespace):
+    from loop.rounds import LoopConfig, Rounds
+
+    overrides = {}
+    if getattr(args, "review_budget", None) is not None:
+        overrides["review_budget"] = args.review_budget
+    return Rounds(ws, LoopConfig(**overrides), log=_log, llm=ws.llm())
+
+
+def _run_until(args: argparse.Namespace, step: str) -> int:
+    """Run the open round's steps up to and including `step`."""
+    from loop.rounds import STATES
+
+    with _open(args) as ws:
+        rounds = _rounds(ws, args)
+        r = rounds.advance(until=STATES[STATES.index(step) + 1], force=getattr(args, "force", False))
+        print(f"round {r['round']}: state {r['state']}")
+        if r["state"] == "failed":
+            return 1
+    return 0
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    with _open(args) as ws:
+        r = _rounds(ws, args).advance(until=args.until, force=args.force)
+        print(f"round {r['round']}: state {r['state']}")
+        if args.json:
+            _print_json(r)
+    return 1 if r["state"] == "failed" else 0
+
+
+def cmd_review_list(args: argparse.Namespace) -> int:
+    from loop.review import pending
+
+    with _open(args) as ws:
+        cards = pending(ws.store, args.limit)
+    if args.json:
+        _print_json([c.model_dump() for c in cards])
+        return 0
+    for c in cards:
+        print(f"{c.pair_id}  [{c.source}] {c.anchor[:70]!r}  -> {c.positive_id}  ({c.reason})")
+    print(f"{len(cards)} pending", file=sys.stderr)
+    return 0
+
+
+def cmd_review_apply(args: argparse.Namespace) -> int:
+    from loop.review import decide, read_decisions
+
+    with _open(args) as ws:
+        decisions = read_decisions(args.file, ws.max_bytes)
+        applied = 0
+        for n, d in enumerate(decisions, 1):
+            try:
+                decide(ws.store, d)
+            except Exception as e:
+                print(f"embedloop: error: {args.file}, decision {n} ({d.pair_id}): {e}; "
+                      f"{applied} decisions before it were applied.", file=sys.stderr)
+                return 2
+            applied += 1
+        print(f"{applied} decisions applied")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from loop.evaluate import compare, evalset_from_beir, evaluate
+
+    with _open(args) as ws:
+        if args.beir:
+            evalset = evalset_from_beir(args.beir, args.split)
+            reports = {v: evaluate(ws.embedder(v), evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
+        else:
+            rounds = _rounds(ws, args)
+            evalset = rounds.evalset()
+            reports = {v: rounds.report_for(v, evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
+        base = reports[ws.base_version]
+        out = {"evalset": evalset.name, "n_queries": len(evalset.query_ids), "models": {}}
+        for v, rep in reports.items():
+            entry = {"metrics": rep.metrics, "matryoshka": rep.matryoshka}
+            if v != ws.base_version:
+                entry["vs_base"] = compare(base, rep).model_dump()
+            out["models"][v] = entry
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"{out['evalset']}: {out['n_queries']} queries")
+    for v, e in out["models"].items():
+        m = e["metrics"]
+        line = f"{v:<24} NDCG@10 {m['ndcg@10']:.4f}  R@100 {m.get('recall@100', float('nan')):.4f}  MRR@10 {m['mrr@10']:.4f}"
+        if "vs_base" in e:
+            c = e["vs_base"]
+            line += f"  vs base {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+        print(line)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from loop import indexing
+
+    with _open(args) as ws:
+        name = indexing.rollback(ws.store, ws.index)
+        print(f"active index is now {name} (model {ws.active_model})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loop.export import export
+
+    with _open(args) as ws:
+        version = ws.active_model
+        path = ws.store.scalar("SELECT path FROM model_versions WHERE version = ?", [version])
+        info = export(ws.store, version, path, args.directory)
+    print(f"exported model {info['model']} and {info['pairs']} pairs to {info['directory']}")
     return 0
 
 
@@ -148,6 +271,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
+    for step, help_ in [
+        ("generate", "generate synthetic pairs when accepted pairs are scarce"),
+        ("select", "mine the query log, score candidates, fill the review queue"),
+        ("train", "train a candidate model on the accepted pairs (subprocess, resumable)"),
+        ("promote", "evaluate the candidate and promote it if it beats the active model beyond noise"),
+        ("reindex", "re-embed the corpus with the promoted model, verify, switch"),
+    ]:
+        s = sub.add_parser(step, help=f"{help_} (runs the open round up to this step)")
+        s.add_argument("--force", action="store_true", help="train even with cards still pending review")
+        s.add_argument("--review-budget", type=int, default=None)
+        s.set_defaults(func=lambda a, _step=step: _run_until(a, _step))
+
+    s = sub.add_parser("round", help="run the open round (or a new one) until a step")
+    s.add_argument("--until", default="done", choices=["review", "train", "evaluate", "done"])
+    s.add_argument("--force", action="store_true", help="train even with cards still pending review")
+    s.add_argument("--review-budget", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_round)
+
+    review = sub.add_parser("review", help="the review queue").add_subparsers(dest="review_command", required=True)
+    s = review.add_parser("list", help="pending cards, highest expected value first")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_review_list)
+    s = review.add_parser("apply", help="apply JSONL decisions: pair_id, action (accept/reject/edit/pick), "
+                                        "query (edit), passage_id (pick), reviewer")
+    s.add_argument("file", type=Path)
+    s.set_defaults(func=cmd_review_apply)
+
+    s = sub.add_parser("evaluate", help="base and active model on the held-out set (or a BEIR split) with 95%% CIs")
+    s.add_argument("--beir", type=Path, default=None, help="a BEIR folder to evaluate on instead")
+    s.add_argument("--split", default="test")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("rollback", help="switch back to the previous index and model")
+    s.set_defaults(func=cmd_rollback)
+
+    s = sub.add_parser("export", help="the active model (with a model card) and the accepted pairs")
+    s.add_argument("directory", type=Path)
+    s.set_defaults(func=cmd_export)
     return p
 
 

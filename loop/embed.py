@@ -65,7 +65,9 @@ class Embedder:
     @cached_property
     def model(self):
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every CLI call are noise
         if not (self.path / "modules.json").exists() and not (self.path / "config.json").exists():
             raise ConfigError(f"{self.path} does not look like a sentence-transformers model folder.")
         return SentenceTransformer(

@@ -79,7 +79,10 @@ def read_text(path: Path, max_bytes: int) -> str:
 
 def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a malformed line is an InputError."""
-    for n, line in enumerate(read_text(path, max_bytes).splitlines(), start=1):
+    # Split on \n, \r\n and \r only: str.splitlines() also splits on U+2028/U+2029/U+0085, which
+    # JSON strings may hold unescaped (json.dumps(ensure_ascii=False) writes them raw).
+    text = read_text(path, max_bytes).replace("\r\n", "\n").replace("\r", "\n")
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -94,6 +97,8 @@ def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, Any]
 def iter_csv(path: Path, max_bytes: int, required: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) of a CSV with a header row that has every `required` column."""
     text = read_text(path, max_bytes)
+    # A long document in one cell is legitimate: allow fields up to the file size limit.
+    csv.field_size_limit(max(csv.field_size_limit(), min(max_bytes, 2**31 - 1)))
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
@@ -195,27 +200,39 @@ def read_document_file(path: Path, doc_id: str, max_bytes: int) -> Document:
 
 
 def read_table_documents(path: Path, fields: Fields, max_bytes: int) -> list[Document]:
-    """Documents of a .jsonl or .csv file (BEIR corpus.jsonl included)."""
+    """Documents of a .jsonl or .csv file (BEIR corpus.jsonl included).
+
+    A record whose text field is present but blank is kept as a document without passages
+    (real corpora have a few, e.g. Cranfield 471; their judgements must still resolve); a
+    record without the text field is an error."""
     suffix = path.suffix.lower()
-    records = (
-        iter_jsonl(path, max_bytes) if suffix == ".jsonl" else iter_csv(path, max_bytes, [fields.id, fields.text])
-    )
+    if suffix == ".jsonl":
+        records = iter_jsonl(path, max_bytes)
+    else:
+        id_col = fields.id
+        if id_col == "_id":  # accept `id` too, as Fields.id_of does
+            try:
+                header = next(csv.reader(io.StringIO(read_text(path, max_bytes), newline="")), [])
+            except csv.Error:
+                header = []  # iter_csv reports it
+            id_col = "id" if "_id" not in header and "id" in header else "_id"
+        records = iter_csv(path, max_bytes, [id_col, fields.text])
     docs: list[Document] = []
     seen: dict[str, int] = {}
     for n, rec in records:
         doc_id, text = fields.id_of(rec), rec.get(fields.text)
         if doc_id is None or str(doc_id).strip() == "":
             raise InputError(f"missing the id field {fields.id!r}", path, n)
-        if not isinstance(text, str) or not text.strip():
+        title = str(rec.get(fields.title) or "").strip()
+        if not isinstance(text, str):
             raise InputError(f"missing or empty text field {fields.text!r}", path, n)
         doc_id = str(doc_id).strip()
         if doc_id in seen:
             raise InputError(f"duplicate id {doc_id!r} (first on line {seen[doc_id]})", path, n)
         seen[doc_id] = n
-        title = rec.get(fields.title) or ""
-        docs.append(Document(doc_id=doc_id, title=str(title).strip(), text=_clean(text), source=str(path)))
-    if not docs:
-        raise InputError("no records in this file", path)
+        docs.append(Document(doc_id=doc_id, title=title, text=_clean(text), source=str(path)))
+    if not any(d.full_text.strip() for d in docs):
+        raise InputError("no records with text in this file", path)
     return docs
 
 
@@ -354,11 +371,16 @@ def store_documents(
     report = IngestReport(
         path=path, documents_added=len(new_docs), documents_updated=len(changed_docs),
         documents_unchanged=unchanged, passages_added=added,
+        documents_empty=sorted({d.doc_id for d, _ in new_docs + changed_docs} - {m["doc_id"] for m in map_rows}),
     )
     return report, removed
 
 
 # Pairs and queries ---------------------------------------------------------------------------
+class _EmptyDocument(Exception):
+    """A pair names a document that has no text: the pair is skipped and counted."""
+
+
 class _Resolver:
     """Turns a pair field into (passage id or None, text), by passage id, document id or text."""
 
@@ -379,6 +401,8 @@ class _Resolver:
     def resolve(self, value: str | None, explicit_id: str | None, name: str, line: int) -> tuple[str | None, str | None]:
         if explicit_id is not None:
             found = self.lookup(explicit_id.strip())
+            if found is None and self.store.scalar("SELECT count(*) FROM documents WHERE doc_id = ?", [explicit_id.strip()]):
+                raise _EmptyDocument(explicit_id)
             if found is None:
                 raise InputError(
                     f"{name}_id {explicit_id!r} is neither a passage id nor a document id "
@@ -401,9 +425,11 @@ class _Resolver:
 
 def _pair_rows(
     store: Store, items: Iterable[tuple[int, dict[str, Any]]], path: Path, split: str, origin: str
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], int]:
+    """Validated, resolved pair rows, and how many were skipped for naming a document without text."""
     resolver = _Resolver(store, path)
     rows: dict[str, dict[str, Any]] = {}
+    empty = 0
     for line, rec in items:
         rec = {k: (None if v == "" else v) for k, v in rec.items() if k in PairIn.model_fields}
         if "score" in rec and rec["score"] is not None:
@@ -416,10 +442,14 @@ def _pair_rows(
         except ValidationError as e:
             msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors())
             raise InputError(msg, path, line) from None
-        pos_id, pos_text = resolver.resolve(p.positive, p.positive_id, "positive", line)
-        if pos_text is None:
-            raise InputError("missing positive (text or passage id)", path, line)
-        neg_id, neg_text = resolver.resolve(p.negative, p.negative_id, "negative", line)
+        try:
+            pos_id, pos_text = resolver.resolve(p.positive, p.positive_id, "positive", line)
+            if pos_text is None:
+                raise InputError("missing positive (text or passage id)", path, line)
+            neg_id, neg_text = resolver.resolve(p.negative, p.negative_id, "negative", line)
+        except _EmptyDocument:
+            empty += 1
+            continue
         if neg_text is not None and (neg_text == pos_text or (neg_id and neg_id == pos_id)):
             raise InputError("negative is the same passage as positive", path, line)
         pair_id = Pair.make_id(p.anchor, pos_text)
@@ -429,8 +459,8 @@ def _pair_rows(
             "status": "accepted", "split": split, "origin": origin,
         })
     if not rows:
-        raise InputError("no pairs in this file", path)
-    return list(rows.values())
+        raise InputError("no pairs in this file" + (f" ({empty} name documents without text)" if empty else ""), path)
+    return list(rows.values()), empty
 
 
 def _beir_queries(folder: Path, max_bytes: int) -> dict[str, str]:
@@ -483,6 +513,8 @@ def import_pairs(
     path = Path(path)
     if split not in {"train", "eval", "test"}:
         raise InputError(f"split must be train, eval or test, not {split!r}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, not {limit}")
     if path.is_dir():
         if not is_beir(path):
             raise InputError("a folder of pairs must be a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)", path)
@@ -502,12 +534,12 @@ def import_pairs(
         items, origin = list(iter_csv(path, max_bytes, ["anchor"])), path.name
     else:
         raise InputError("pairs must be a .jsonl or .csv file, or a BEIR folder", path)
-    rows = _pair_rows(store, items, path, split, origin)
+    rows, empty = _pair_rows(store, items, path, split, origin)
     if limit is not None and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     with store.transaction() as cur:
         added = Store.insert_ignore(cur, "pairs", rows)
-    return IngestReport(path=str(path), pairs_added=added, pairs_unchanged=len(rows) - added)
+    return IngestReport(path=str(path), pairs_added=added, pairs_unchanged=len(rows) - added, pairs_skipped=empty)
 
 
 def read_queries(path: Path, max_bytes: int, split: str | None = None) -> list[tuple[str, str]]:

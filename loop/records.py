@@ -100,8 +100,10 @@ class IngestReport(_Record):
     documents_added: int = 0
     documents_updated: int = 0
     documents_unchanged: int = 0
+    documents_empty: list[str] = []  # ids of documents without text: kept, but no passages
     passages_added: int = 0
     queries_added: int = 0
     pairs_added: int = 0
     pairs_unchanged: int = 0
+    pairs_skipped: int = 0  # pairs naming a document without text
     indexed: int = 0

@@ -54,6 +54,9 @@ class Workspace:
         return ws
 
     def close(self) -> None:
+        if "index" in self.__dict__:  # opened lazily
+            self.index.close()
+            del self.__dict__["index"]
         self.store.close()
 
     def __enter__(self) -> Workspace:
@@ -140,6 +143,14 @@ class Workspace:
     def ensure_index(self, progress: indexing.Progress | None = None) -> int:
         """Bring the active index in line with the corpus (rebuilds a lost Chroma folder)."""
         return indexing.sync(self.store, self.index, self.embedder(), progress)
+
+    def llm(self):
+        """The LLM client for the configured endpoint, or None (the offline generator is used)."""
+        if not self.settings.llm_configured:
+            return None
+        from loop.llm import LLMCache, LLMClient, LLMSettings
+
+        return LLMClient(LLMSettings.from_settings(self.settings), LLMCache(self.store))
 
     # Queries -----------------------------------------------------------------------------
     def search(self, query: str, k: int = 10) -> list[SearchHit]:

@@ -167,6 +167,22 @@ class Store:
             cur.unregister(name)
         return cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0] - before
 
+    @staticmethod
+    def update_from(cur: duckdb.DuckDBPyConnection, table: str, key: str, records: list[dict[str, Any]],
+                    assignments: str) -> None:
+        """Bulk UPDATE `table` from `records` (exposed as `u`), matching on `key`.
+
+        `assignments` is the SET clause, e.g. "status = u.status, reason = u.reason".
+        """
+        if not records:
+            return
+        name = f"_upd_{table}_{threading.get_ident()}"
+        cur.register(name, pa.Table.from_pylist(records))
+        try:
+            cur.execute(f"UPDATE {table} SET {assignments} FROM {name} u WHERE {table}.{key} = u.{key}")
+        finally:
+            cur.unregister(name)
+
     # Migrations --------------------------------------------------------------------------
     def _migrate(self) -> None:
         cur = self.cursor()

@@ -23,8 +23,11 @@ from loop.errors import IndexMismatchError, VectorIndexError
 
 def collection_name(model_version: str) -> str:
     """Chroma-legal collection name for a model version: `passages.<version>`."""
-    safe = re.sub(r"[^a-zA-Z0-9._-]", "-", model_version).strip("-._") or "model"
-    return f"passages.{safe}"[:500]
+    safe = re.sub(r"[^a-zA-Z0-9._-]", "-", model_version)
+    # Chroma also rejects two consecutive periods, and a name that does not end alphanumeric
+    # (which truncation could leave behind).
+    safe = re.sub(r"\.{2,}", ".", safe).strip("-._") or "model"
+    return f"passages.{safe}"[:500].rstrip("-._")
 
 
 class VectorIndex:
@@ -54,6 +57,12 @@ class VectorIndex:
             where = url or path or "memory"
             raise VectorIndexError(f"Cannot open the Chroma index at {where}: {e}") from e
         self._max_batch = max(1, min(5000, int(self.client.get_max_batch_size()) - 1))
+
+    def close(self) -> None:
+        """Release the client (chromadb keeps one system per folder per process until closed)."""
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
 
     # Collections -------------------------------------------------------------------------
     def collections(self) -> list[str]:

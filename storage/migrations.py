@@ -114,7 +114,23 @@ CREATE TABLE pointers (                        -- active model / index, switched
 );
 """
 
+M002_REVIEW_QUEUE = """
+ALTER TABLE pairs ADD COLUMN priority DOUBLE;            -- expected value of a human label
+ALTER TABLE pairs ADD COLUMN reason VARCHAR;             -- why routed where it is
+ALTER TABLE pairs ADD COLUMN claimed_by VARCHAR;         -- reviewer holding the card
+ALTER TABLE pairs ADD COLUMN claim_expires TIMESTAMP;    -- the card returns to the queue after this
+CREATE TABLE negatives (                                 -- hard negatives for an anchor
+    anchor        VARCHAR NOT NULL,
+    passage_id    VARCHAR NOT NULL,
+    source        VARCHAR NOT NULL,                      -- 'review' (rejected / replaced) or 'mined'
+    round         INTEGER,
+    created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (anchor, passage_id)
+);
+"""
+
 # (number, name, sql). The schema version of a database is the highest number applied.
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "create_tables", M001_CREATE_TABLES),
+    (2, "review_queue", M002_REVIEW_QUEUE),
 ]

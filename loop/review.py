@@ -1,0 +1,281 @@
+"""The review queue: claim a card, decide it, undo. The app and `embedloop review apply` share it.
+
+Every decision is one transaction: the pair's new status, the append-only decision log entry
+and its side effects (a new pair for edit / pick, a hard negative for reject / pick) commit
+together or not at all. Cards are claimed by a reviewer for `claim_seconds`; an abandoned claim
+expires and the card returns to the queue, so several reviewers never get the same card.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from loop.errors import EmbedloopError, InputError, NotFoundError
+from loop.records import Pair
+from storage.db import Store
+
+Action = Literal["accept", "reject", "edit", "pick"]
+CLAIM_SECONDS = 600
+
+
+class ReviewConflict(EmbedloopError):
+    """The card was decided or claimed by someone else meanwhile."""
+
+
+class Card(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    pair_id: str
+    anchor: str
+    positive_id: str | None
+    positive_text: str
+    source: str
+    reason: str | None
+    priority: float | None
+    features: dict[str, Any]
+    generator: str | None
+
+
+class DecisionIn(BaseModel):
+    """One decision as a reviewer (or a JSONL file) gives it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pair_id: str
+    action: Action
+    reviewer: str
+    query: str | None = None
+    passage_id: str | None = None
+
+    @field_validator("reviewer")
+    @classmethod
+    def _reviewer(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("reviewer is empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _needs(self) -> DecisionIn:
+        if self.action == "edit" and not (self.query and self.query.strip()):
+            raise ValueError("an edit needs the new `query` text")
+        if self.action == "pick" and not self.passage_id:
+            raise ValueError("a pick needs the chosen `passage_id`")
+        return self
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# Every reviewer is a thread of the one process that owns the workspace. Without this lock they
+# all race for the same top card: DuckDB's optimistic transactions let one win and abort the
+# rest, and with 20 reviewers a thread can lose 50 times in a row. Serialising the queue's own
+# short transactions removes those conflicts; `_retry` still covers other writers (a round).
+_QUEUE_LOCK = threading.Lock()
+
+
+def _retry(fn, attempts: int = 50):
+    """Run `fn` again when a concurrent transaction touched the same rows (DuckDB is optimistic)."""
+    for i in range(attempts):
+        try:
+            with _QUEUE_LOCK:
+                return fn()
+        except duckdb.TransactionException:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.002 * (i + 1))
+    raise AssertionError("unreachable")
+
+
+def _card(row: dict[str, Any]) -> Card:
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    return Card(
+        pair_id=row["pair_id"], anchor=row["anchor"], positive_id=row["positive_id"],
+        positive_text=row["positive_text"], source=row["source"], reason=row["reason"],
+        priority=row["priority"], features=meta.get("features", {}), generator=meta.get("generator"),
+    )
+
+
+_CARD_COLS = "pair_id, anchor, positive_id, positive_text, source, reason, priority, meta"
+
+
+def claim_next(store: Store, reviewer: str, claim_seconds: int = CLAIM_SECONDS) -> Card | None:
+    """The reviewer's current card, or the highest-priority unclaimed pending card, claimed."""
+
+    def attempt() -> Card | None:
+        now = _now()
+        with store.transaction() as cur:
+            rows = cur.execute(
+                f"SELECT {_CARD_COLS} FROM pairs WHERE status = 'pending' AND claimed_by = ? AND claim_expires > ? "
+                "ORDER BY priority DESC NULLS LAST LIMIT 1",
+                [reviewer, now],
+            ).fetchall()
+            if not rows:
+                rows = cur.execute(
+                    f"SELECT {_CARD_COLS} FROM pairs WHERE status = 'pending' "
+                    "AND (claimed_by IS NULL OR claim_expires <= ?) "
+                    "ORDER BY priority DESC NULLS LAST, pair_id LIMIT 1",
+                    [now],
+                ).fetchall()
+            if not rows:
+                return None
+            row = dict(zip(_CARD_COLS.split(", "), rows[0], strict=True))
+            cur.execute(
+                "UPDATE pairs SET claimed_by = ?, claim_expires = ? WHERE pair_id = ?",
+                [reviewer, now + timedelta(seconds=claim_seconds), row["pair_id"]],
+            )
+            return _card(row)
+
+    return _retry(attempt)
+
+
+def release(store: Store, reviewer: str) -> None:
+    """Give back the reviewer's claims (e.g. on sign-out)."""
+    _retry(lambda: store.execute(
+        "UPDATE pairs SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ? AND status = 'pending'",
+        [reviewer],
+    ))
+
+
+def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
+    """Apply one decision atomically; returns the decision id.
+
+    Raises:
+        NotFoundError: no such pair or passage.
+        ReviewConflict: the pair is not pending, or another reviewer holds an unexpired claim.
+        InputError: the decision is malformed (e.g. pick of the same passage).
+    """
+
+    def attempt() -> int:
+        now = _now()
+        with store.transaction() as cur:
+            rows = cur.execute(
+                "SELECT anchor, positive_id, positive_text, status, claimed_by, claim_expires, query_id "
+                "FROM pairs WHERE pair_id = ?",
+                [d.pair_id],
+            ).fetchall()
+            if not rows:
+                raise NotFoundError(f"No pair with id {d.pair_id!r}.")
+            anchor, pos_id, pos_text, status, claimed_by, expires, query_id = rows[0]
+            if status != "pending":
+                raise ReviewConflict(f"Pair {d.pair_id} was already decided (status {status}).")
+            if claimed_by and claimed_by != d.reviewer and expires and expires > now:
+                raise ReviewConflict(f"Pair {d.pair_id} is being reviewed by {claimed_by}.")
+            if require_claim and claimed_by != d.reviewer:
+                raise ReviewConflict(f"Pair {d.pair_id} is not claimed by {d.reviewer}; fetch the next card again.")
+            payload: dict[str, Any] = {"previous_status": status}
+            new_status = "accepted" if d.action == "accept" else "rejected"
+            new_pair: dict[str, Any] | None = None
+            negative: str | None = None
+            if d.action == "edit":
+                query = " ".join((d.query or "").split())
+                if query == " ".join(anchor.split()):
+                    # The same pair id: its insert would be ignored and the pair end up rejected.
+                    raise InputError("the edited query is the same as the original; use accept instead")
+                new_pair = {"anchor": query, "positive_id": pos_id, "positive_text": pos_text}
+                payload["query"] = query
+            elif d.action == "pick":
+                found = cur.execute("SELECT text FROM passages WHERE passage_id = ?", [d.passage_id]).fetchall()
+                if not found:
+                    raise NotFoundError(f"No passage with id {d.passage_id!r}.")
+                if d.passage_id == pos_id:
+                    raise InputError("a pick must choose a different passage; use accept instead")
+                new_pair = {"anchor": anchor, "positive_id": d.passage_id, "positive_text": found[0][0]}
+                negative = pos_id
+                payload["passage_id"] = d.passage_id
+            elif d.action == "reject":
+                negative = pos_id
+            if new_pair is not None:
+                new_id = Pair.make_id(new_pair["anchor"], new_pair["positive_text"])
+                created = Store.insert_ignore(cur, "pairs", [{
+                    "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": "train",
+                    "query_id": query_id, "origin": f"review:{d.action}",
+                    "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
+                }])
+                payload["created_pair"] = new_id if created else None
+            if negative:
+                added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
+                payload["negative"] = negative if added else None
+            cur.execute(
+                "UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? WHERE pair_id = ?",
+                [new_status, now, d.pair_id],
+            )
+            return store.append_decision(d.pair_id, d.reviewer, d.action, payload, cur)
+
+    return _retry(attempt)
+
+
+def undo_last(store: Store, reviewer: str) -> str | None:
+    """Revert the reviewer's most recent decision that is not yet undone; returns its pair id.
+
+    The log stays append-only: the undo is itself a decision (action 'undo').
+    """
+
+    def attempt() -> str | None:
+        with store.transaction() as cur:
+            rows = cur.execute(
+                "SELECT decision_id, pair_id, action, payload FROM decisions d WHERE reviewer = ? AND action <> 'undo' "
+                "AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.action = 'undo' "
+                "AND CAST(json_extract(u.payload, '$.undid') AS BIGINT) = d.decision_id) "
+                "ORDER BY decision_id DESC LIMIT 1",
+                [reviewer],
+            ).fetchall()
+            if not rows:
+                return None
+            decision_id, pair_id, _action, payload = rows[0]
+            p = json.loads(payload or "{}")
+            if p.get("created_pair"):
+                cur.execute("DELETE FROM pairs WHERE pair_id = ?", [p["created_pair"]])
+            if p.get("negative"):
+                anchor = cur.execute("SELECT anchor FROM pairs WHERE pair_id = ?", [pair_id]).fetchall()[0][0]
+                cur.execute("DELETE FROM negatives WHERE anchor = ? AND passage_id = ?", [anchor, p["negative"]])
+            cur.execute(
+                "UPDATE pairs SET status = 'pending', claimed_by = ?, claim_expires = ? WHERE pair_id = ?",
+                [reviewer, _now() + timedelta(seconds=CLAIM_SECONDS), pair_id],
+            )
+            store.append_decision(pair_id, reviewer, "undo", {"undid": decision_id}, cur)
+            return pair_id
+
+    return _retry(attempt)
+
+
+def queue_counts(store: Store) -> dict[str, int]:
+    rows = store.execute(
+        "SELECT count(*) FILTER (status = 'pending'), "
+        "count(*) FILTER (status = 'pending' AND claimed_by IS NOT NULL AND claim_expires > ?), "
+        "count(*) FILTER (status IN ('accepted', 'rejected') AND source <> 'edited' AND round IS NOT NULL) "
+        "FROM pairs",
+        [_now()],
+    ).fetchall()[0]
+    return {"pending": rows[0], "claimed": rows[1], "decided_this_far": rows[2]}
+
+
+def pending(store: Store, limit: int | None = None) -> list[Card]:
+    sql = f"SELECT {_CARD_COLS} FROM pairs WHERE status = 'pending' ORDER BY priority DESC NULLS LAST, pair_id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return [_card(dict(zip(_CARD_COLS.split(", "), r, strict=True))) for r in store.execute(sql).fetchall()]
+
+
+def read_decisions(path: str | Path, max_bytes: int) -> list[DecisionIn]:
+    """Decisions from a JSONL file (pair_id, action, reviewer, query?, passage_id?)."""
+    from loop.ingest import iter_jsonl
+
+    out = []
+    for n, rec in iter_jsonl(Path(path), max_bytes):
+        try:
+            out.append(DecisionIn(**rec))
+        except ValidationError as e:
+            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors())
+            raise InputError(msg, path, n) from None
+    if not out:
+        raise InputError("no decisions in this file", path)
+    return out

@@ -1,0 +1,494 @@
+"""The round state machine: generate -> select -> review -> train -> evaluate -> promote -> reindex -> done.
+
+A round is a row in `rounds` whose `state` names the next step to run. Each step is idempotent:
+it records its result in the round's manifest and advances the state in one place, so a crash
+or a rerun picks up where the round stopped and never repeats paid or finished work. Training
+runs in a subprocess on a snapshot of files (this process stays the only DuckDB writer); a
+restarted train step resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from loop import indexing, train
+from loop.decide import promotion_gate
+from loop.embed import Embedder, model_hash
+from loop.errors import EmbedloopError, InputError
+from loop.evaluate import EvalReport, EvalSet, compare, evaluate, evalset_from_store
+from loop.generate import needs_generation, run_generation
+from loop.negatives import MiningPolicy, select_negatives
+from loop.records import Pair
+from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, route
+from loop.workspace import Workspace
+from storage.index import collection_name
+
+STATES = ["generate", "select", "review", "train", "evaluate", "promote", "reindex", "done"]
+Log = Callable[[str], None]
+
+
+class RoundError(EmbedloopError):
+    """A round cannot advance (e.g. pending reviews, a failed training run)."""
+
+
+class LeakageError(RoundError):
+    """Training data contains a held-out query or one of its (query, positive) pairs."""
+
+
+class LoopConfig(BaseModel):
+    """Knobs of a round. Defaults suit a team starting from a few hundred pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    review_budget: int = Field(200, ge=0, description="cards queued for review per round")
+    k: int = Field(20, ge=2, description="top-k used to score candidates")
+    generate_threshold: int = Field(1000, ge=0, description="generate while accepted train pairs are fewer")
+    generate_max: int = Field(300, ge=0, description="synthetic pairs generated per round at most")
+    domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of human-verified pairs held out, once")
+    eval_max: int = Field(200, ge=1)
+    routing: RoutingPolicy = RoutingPolicy()
+    mining: MiningPolicy = MiningPolicy()
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides")
+    promote_min_delta: float = 0.0
+    seed: int = 0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Rounds:
+    """Runs rounds of one workspace. `log` receives one line per thing a user would want to see."""
+
+    def __init__(self, ws: Workspace, config: LoopConfig | None = None, log: Log | None = None,
+                 llm: Any = None, train_env: dict[str, str] | None = None, cancel: threading.Event | None = None):
+        self.ws = ws
+        self.cancel = cancel or threading.Event()
+        self.store = ws.store
+        self.config = config or LoopConfig()
+        self.log = log or (lambda _msg: None)
+        self.llm = llm
+        self.train_env = train_env or {}
+
+    # Round records ---------------------------------------------------------------------------
+    def current(self) -> dict[str, Any] | None:
+        """The open round (not done, not failed), if any."""
+        rows = self.store.rows(
+            "SELECT round, state, error, manifest FROM rounds WHERE state NOT IN ('done', 'failed') ORDER BY round DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        r["manifest"] = json.loads(r["manifest"] or "{}")
+        return r
+
+    def open(self) -> dict[str, Any]:
+        """The open round, or a new one."""
+        r = self.current()
+        if r:
+            return r
+        n = int(self.store.scalar("SELECT coalesce(max(round), 0) FROM rounds")) + 1
+        manifest = {"round": n, "started": _now(), "config": self.config.model_dump(mode="json"),
+                    "base_model": self._base_info(), "steps": {}}
+        self.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (?, 'generate', ?)",
+                           [n, json.dumps(manifest)])
+        self.log(f"Round {n} opened.")
+        return self.current()  # type: ignore[return-value]
+
+    def _base_info(self) -> dict[str, Any]:
+        row = self.store.rows("SELECT version, path, sha256 FROM model_versions WHERE version = ?", [self.ws.base_version])
+        return row[0] if row else {"version": self.ws.base_version}
+
+    def _save(self, r: dict[str, Any], state: str | None = None, error: str | None = None) -> None:
+        if state:
+            r["state"] = state
+        self.store.execute(
+            "UPDATE rounds SET state = ?, error = ?, manifest = ?, updated_at = current_timestamp WHERE round = ?",
+            [r["state"], error, json.dumps(r["manifest"], default=str), r["round"]],
+        )
+
+    def _step_done(self, r: dict[str, Any], step: str, result: dict[str, Any], t0: float) -> None:
+        result["seconds"] = round(time.monotonic() - t0, 2)
+        r["manifest"]["steps"][step] = result
+        nxt = STATES[STATES.index(step) + 1]
+        self._save(r, nxt)
+
+    def fail(self, r: dict[str, Any], reason: str) -> None:
+        r["manifest"]["failure"] = reason
+        self._save(r, "failed", reason)
+        self.log(f"Round {r['round']} failed: {reason}")
+
+    # Driver -------------------------------------------------------------------------------
+    def advance(self, until: str = "done", force: bool = False) -> dict[str, Any]:
+        """Run steps of the open round (opening one if needed) until `until` is reached.
+
+        `until="review"` stops once the review queue is filled. The review step passes only
+        when this round's queue is empty (or `force`: pending cards stay for a later round).
+        """
+        if until not in STATES:
+            raise InputError(f"until must be one of {', '.join(STATES)}")
+        r = self.open()
+        steps: dict[str, Callable[[dict[str, Any]], None]] = {
+            "generate": self.generate, "select": self.select, "review": lambda rr: self.review_gate(rr, force),
+            "train": self.train, "evaluate": self.evaluate, "promote": self.promote, "reindex": self.reindex,
+        }
+        while r["state"] not in ("done", "failed"):
+            if STATES.index(r["state"]) >= STATES.index(until) or self.cancel.is_set():
+                break
+            steps[r["state"]](r)
+        return r
+
+    # Steps --------------------------------------------------------------------------------
+    def _search_ids(self, queries: list[str], k: int) -> list[list[str]]:
+        return [[h.passage_id for h in hits] for hits in indexing.search(
+            self.store, self.ws.index, self.ws.embedder(), queries, k)]
+
+    def _eval_anchors(self) -> set[str]:
+        rows = self.store.execute("SELECT DISTINCT anchor FROM pairs WHERE split IN ('eval', 'test')").fetchall()
+        return {" ".join(a.lower().split()) for (a,) in rows}
+
+    def generate(self, r: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        accepted = int(self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split = 'train'"))
+        wanted = min(needs_generation(accepted, self.config.generate_threshold), self.config.generate_max)
+        if wanted == 0:
+            self.log(f"Generation skipped: {accepted} accepted training pairs (threshold {self.config.generate_threshold}).")
+            self._step_done(r, "generate", {"skipped": True, "accepted_pairs": accepted}, t0)
+            return
+        who = f"LLM {self.llm.model}" if self.llm else "the offline generator (no LLM endpoint configured)"
+        self.log(f"Generating up to {wanted} pairs with {who} ({accepted} accepted pairs so far)...")
+        report = run_generation(
+            self.store, lambda qs: self._search_ids(qs, self.config.k), llm=self.llm, domain=self.config.domain,
+            round=r["round"], n=wanted, seed=self.config.seed + r["round"],
+        )
+        self.log(f"Generated {report.generated}, kept {report.kept}, wrote {report.written} candidates.")
+        self._step_done(r, "generate", report.model_dump(mode="json"), t0)
+
+    def _mine_query_log(self, r: dict[str, Any]) -> int:
+        """Unlabelled queries + the current model's top passage become 'mined' candidates."""
+        held_out = self._eval_anchors()
+        rows = self.store.execute(
+            "SELECT query_id, text FROM queries q WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.query_id = q.query_id) "
+            "AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.anchor = q.text) ORDER BY query_id"
+        ).fetchall()
+        rows = [(qid, text) for qid, text in rows if " ".join(text.lower().split()) not in held_out]
+        if not rows:
+            return 0
+        top = self._search_ids([t for _, t in rows], 1)
+        texts = self.store.passages(sorted({ids[0] for ids in top if ids}))
+        new = [
+            {"pair_id": Pair.make_id(text, texts[ids[0]]), "anchor": text, "positive_id": ids[0],
+             "positive_text": texts[ids[0]], "source": "mined", "status": "candidate", "split": "train",
+             "round": r["round"], "query_id": qid, "origin": "query log + top-1",
+             "meta": json.dumps({"generator": "mined:top1"})}
+            for (qid, text), ids in zip(rows, top, strict=True) if ids
+        ]
+        with self.store.transaction() as cur:
+            return self.store.insert_ignore(cur, "pairs", new)
+
+    def _siblings(self, passage_ids: list[str]) -> dict[str, set[str]]:
+        """Passage -> every passage of the same documents (chunks of one document are not negatives)."""
+        rows = self.store.execute(
+            "SELECT a.passage_id, list(DISTINCT b.passage_id) FROM doc_passages a JOIN doc_passages b USING (doc_id) "
+            "WHERE a.passage_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY a.passage_id",
+            [sorted(set(passage_ids))],
+        ).fetchall()
+        out = {pid: set(sib) for pid, sib in rows}
+        return {pid: out.get(pid, {pid}) for pid in passage_ids}
+
+    def _topk(self, embedder: Embedder, collection: str, q_emb: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        hits = self.ws.index.search(collection, q_emb, embedder.version, k=k)
+        ids = [[h[0] for h in row] for row in hits]
+        scores = np.array([[h[1] for h in row] + [-1.0] * (k - len(row)) for row in hits], dtype=np.float32)
+        return ids, scores
+
+    def select(self, r: dict[str, Any]) -> None:
+        """Score every open candidate with the current model and route it."""
+        t0 = time.monotonic()
+        mined = self._mine_query_log(r)
+        cands = self.store.rows(
+            "SELECT pair_id, anchor, positive_id, positive_text, meta FROM pairs WHERE status = 'candidate' ORDER BY pair_id"
+        )
+        if not cands:
+            self.log("No candidates to route.")
+            self._step_done(r, "select", {"mined": mined, "candidates": 0}, t0)
+            return
+        self.log(f"Scoring {len(cands)} candidates ({mined} mined from the query log) with {self.ws.active_model}...")
+        emb = self.ws.embedder()
+        k = self.config.k
+        q_emb = emb.encode([c["anchor"] for c in cands])
+        p_emb = emb.encode([c["positive_text"] for c in cands])
+        pos_score = np.einsum("ij,ij->i", q_emb, p_emb)
+        active = self.store.pointer(indexing.ACTIVE_INDEX)
+        topk_ids, topk_scores = self._topk(emb, active, q_emb, k)
+        sib = self._siblings([c["positive_id"] for c in cands if c["positive_id"]])
+        positives = [sib.get(c["positive_id"], {c["positive_id"]}) if c["positive_id"] else set() for c in cands]
+        base_topk = None
+        base_coll = collection_name(self.ws.base_version)
+        if self.ws.active_model != self.ws.base_version and base_coll in self.ws.index.collections():
+            base = self.ws.embedder(self.ws.base_version)
+            base_topk, _ = self._topk(base, base_coll, base.encode([c["anchor"] for c in cands]), k)
+        f = features(pos_score, topk_ids, topk_scores, positives, base_topk)
+        flagged = np.array([bool(json.loads(c["meta"] or "{}").get("flags")) for c in cands])
+        policy = self.config.routing.model_copy(update={"seed": self.config.seed + r["round"]})
+        routing = route(f, policy, flagged)
+
+        # The review budget: the random control slice first, then the highest expected value.
+        review = [i for i in range(len(cands)) if routing.route[i] == REVIEW]
+        control = [i for i in review if routing.control[i]]
+        rest = sorted((i for i in review if not routing.control[i]), key=lambda i: -routing.priority[i])
+        n_control = min(len(control), max(0, math.ceil(self.config.review_budget * policy.random_fraction)))
+        queued = set(control[:n_control] + rest[: max(0, self.config.review_budget - n_control)])
+        counts = {"auto": 0, "review": 0, "drop": 0, "waiting": 0, "control": 0}
+        updates = []
+        for i, c in enumerate(cands):
+            meta = json.loads(c["meta"] or "{}")
+            meta["features"] = f.row(i)
+            meta["control"] = bool(routing.control[i])
+            meta["scored_by"] = emb.version
+            rt = routing.route[i]
+            if rt == AUTO:
+                status = "accepted"
+            elif rt == DROP:
+                status = "dropped"
+            elif i in queued:
+                status = "pending"
+                counts["control"] += int(routing.control[i])
+            else:
+                status, rt = "candidate", "waiting"
+            counts[rt if rt in counts else "review"] += 1
+            reason = routing.reason[i] if rt != "waiting" else f"over this round's review budget ({routing.reason[i]})"
+            updates.append({"pair_id": c["pair_id"], "status": status, "reason": reason,
+                            "priority": float(routing.priority[i]), "meta": json.dumps(meta), "round": r["round"]})
+        with self.store.transaction() as cur:
+            self.store.update_from(
+                cur, "pairs", "pair_id", updates,
+                "status = u.status, reason = u.reason, priority = u.priority, meta = u.meta, "
+                "round = coalesce(pairs.round, u.round), updated_at = current_timestamp",
+            )
+        self.log(
+            f"Routed: {counts['auto']} auto-accepted, {counts['review']} to review "
+            f"({counts['control']} random control), {counts['drop']} dropped, {counts['waiting']} waiting."
+        )
+        self._step_done(r, "select", {"mined": mined, "candidates": len(cands), **counts}, t0)
+
+    def review_gate(self, r: dict[str, Any], force: bool = False) -> None:
+        pending = int(self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'pending'"))
+        if pending and not force:
+            raise RoundError(
+                f"{pending} cards are waiting for review. Review them in the app or with "
+                f"`embedloop review apply FILE`, or pass --force to train without them."
+            )
+        decided = self.store.rows(
+            "SELECT action, count(*) AS n FROM decisions d JOIN pairs p USING (pair_id) WHERE p.round = ? GROUP BY action",
+            [r["round"]],
+        )
+        self._step_done(r, "review", {"pending_left": pending, "decisions": {d["action"]: d["n"] for d in decided}},
+                        time.monotonic())
+
+    # Held-out set and baseline --------------------------------------------------------------
+    def ensure_eval_split(self) -> int:
+        """Fix the held-out set once: a seeded share of human-verified pairs, by anchor.
+
+        Nothing moves when an eval or test split exists already (e.g. an imported BEIR test).
+        """
+        if self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split IN ('eval', 'test')"):
+            return 0
+        anchors = [a for (a,) in self.store.execute(
+            "SELECT DISTINCT anchor FROM pairs WHERE status = 'accepted' AND split = 'train' AND positive_id IS NOT NULL "
+            "AND (source IN ('seed', 'edited') OR pair_id IN (SELECT pair_id FROM decisions WHERE action = 'accept')) "
+            "ORDER BY anchor"
+        ).fetchall()]
+        if len(anchors) < 10:
+            raise RoundError(
+                f"Only {len(anchors)} human-verified queries exist; at least 10 are needed to hold out an evaluation "
+                f"set. Import labelled pairs (`embedloop pairs import`) or review more cards."
+            )
+        n = min(self.config.eval_max, max(5, round(len(anchors) * self.config.eval_fraction)))
+        chosen = random.Random(self.config.seed).sample(anchors, n)
+        self.store.execute(
+            "UPDATE pairs SET split = 'eval' WHERE status = 'accepted' AND anchor IN (SELECT unnest(?::VARCHAR[]))", [chosen]
+        )
+        self.log(f"Held out {n} human-verified queries as the fixed evaluation set.")
+        return n
+
+    def evalset(self) -> EvalSet:
+        return evalset_from_store(self.store)
+
+    def report_for(self, version: str, evalset: EvalSet) -> EvalReport:
+        """The stored report of `version` on this eval set, or a fresh evaluation (then stored)."""
+        row = self.store.rows("SELECT metrics FROM model_versions WHERE version = ?", [version])
+        cached = json.loads(row[0]["metrics"]) if row and row[0]["metrics"] else {}
+        if cached.get("evalset_fingerprint") == evalset.fingerprint:
+            return EvalReport.model_validate(cached)
+        self.log(f"Evaluating {version} on {len(evalset.query_ids)} held-out queries...")
+        report = evaluate(self.ws.embedder(version), evalset)
+        self.store.execute("UPDATE model_versions SET metrics = ? WHERE version = ?",
+                           [report.model_dump_json(), version])
+        return report
+
+    def baseline(self) -> EvalReport:
+        """The off-the-shelf model on the held-out set (measured once, before any training)."""
+        return self.report_for(self.ws.base_version, self.evalset())
+
+    # Training -----------------------------------------------------------------------------
+    def training_rows(self) -> list[dict[str, str]]:
+        """Accepted train pairs with one hard negative each (a reviewer's first, else mined)."""
+        pairs = self.store.rows(
+            "SELECT anchor, positive_id, positive_text, negative_text FROM pairs "
+            "WHERE status = 'accepted' AND split = 'train' ORDER BY pair_id"
+        )
+        held_out = self._eval_anchors()
+        leaks = [p["anchor"] for p in pairs if " ".join(p["anchor"].lower().split()) in held_out]
+        if leaks:
+            raise LeakageError(
+                f"{len(leaks)} training pairs use a held-out query (e.g. {leaks[0][:80]!r}); "
+                f"refusing to train on evaluation data."
+            )
+        reviewed = {}
+        for a, pid, text in self.store.execute(
+            "SELECT n.anchor, n.passage_id, p.text FROM negatives n JOIN passages p USING (passage_id) ORDER BY n.created_at"
+        ).fetchall():
+            reviewed.setdefault(a, text)
+        need = [i for i, p in enumerate(pairs) if not p["negative_text"] and p["anchor"] not in reviewed]
+        mined: dict[int, str] = {}
+        if need:
+            emb = self.ws.embedder()
+            policy = self.config.mining
+            q_emb = emb.encode([pairs[i]["anchor"] for i in need])
+            p_emb = emb.encode([pairs[i]["positive_text"] for i in need])
+            ids, scores = self._topk(emb, self.store.pointer(indexing.ACTIVE_INDEX), q_emb, policy.range_max)
+            sib = self._siblings([pairs[i]["positive_id"] for i in need if pairs[i]["positive_id"]])
+            excluded = [sib.get(pairs[i]["positive_id"], set()) | {pairs[i]["positive_id"]} for i in need]
+            chosen = select_negatives(ids, scores, np.einsum("ij,ij->i", q_emb, p_emb), excluded, policy)
+            texts = self.store.passages(sorted({c[0] for c in chosen if c}))
+            mined = {i: texts[c[0]] for i, c in zip(need, chosen, strict=True) if c}
+        rows = []
+        for i, p in enumerate(pairs):
+            row = {"anchor": p["anchor"], "positive": p["positive_text"]}
+            neg = p["negative_text"] or reviewed.get(p["anchor"]) or mined.get(i)
+            if neg and neg != p["positive_text"]:
+                row["negative"] = neg
+            rows.append(row)
+        return rows
+
+    def run_dir(self, r: dict[str, Any]) -> Path:
+        return self.ws.settings.runs_dir / f"round-{r['round']:03d}"
+
+    def train(self, r: dict[str, Any], wait: bool = True, poll_s: float = 2.0) -> None:
+        t0 = time.monotonic()
+        run = self.run_dir(r)
+        result = train.read_result(run)
+        if result is None or result.get("status") != "ok":
+            self.ensure_eval_split()
+            self.baseline()  # benchmark first, always: stored before any training
+            if not (run / train.CONFIG_FILE).exists():
+                rows = self.training_rows()
+                cfg = {"base_model": str(self.ws.settings.base_model_path), **self.config.train}
+                digest = train.write_snapshot(run, rows, None, cfg)
+                r["manifest"]["data_snapshot"] = digest
+                r["manifest"]["train_config"] = json.loads((run / train.CONFIG_FILE).read_text())
+                self._save(r)
+                self.log(f"Training on {len(rows)} pairs (snapshot {digest[:12]}) in {run}...")
+            else:
+                self.log(f"Resuming training in {run} from its last checkpoint...")
+            proc = train.start(run, env=self.train_env)
+            job_id = f"train-{r['round']}"
+            self.store.execute(
+                "INSERT OR REPLACE INTO jobs (job_id, kind, status, pid, args) VALUES (?, 'train', 'running', ?, ?)",
+                [job_id, proc.pid, json.dumps({"run_dir": str(run)})],
+            )
+            if not wait:
+                return
+            last = 0
+            stop_sent = False
+            while proc.poll() is None:
+                time.sleep(poll_s)
+                if self.cancel.is_set() and not stop_sent:
+                    train.request_stop(run)  # the trainer keeps its best checkpoint and exits
+                    stop_sent = True
+                events = train.read_progress(run)
+                for ev in events[last:]:
+                    if ev.get("loss") is not None and ev.get("event") == "log":
+                        self.log(f"  step {ev.get('step')}/{ev.get('max_steps')} loss {ev['loss']:.4f} "
+                                 f"eta {ev.get('eta_seconds', 0):.0f}s")
+                last = len(events)
+            result = train.read_result(run) or {"status": "failed", "reason": f"the trainer exited with code {proc.returncode} without a result; see {run / train.LOG_FILE}"}
+            self.store.execute("UPDATE jobs SET status = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
+                               [result["status"], result.get("reason"), job_id])
+        if result["status"] != "ok":
+            self.fail(r, f"training {result['status']}: {result.get('reason')}")
+            return
+        model_dir = Path(result["model_dir"])
+        digest = model_hash(model_dir)
+        version = f"r{r['round']}-{digest[:10]}"
+        self.store.execute(
+            "INSERT OR IGNORE INTO model_versions (version, path, parent, sha256, round, status) "
+            "VALUES (?, ?, ?, ?, ?, 'candidate')",
+            [version, str(model_dir), self.ws.base_version, digest, r["round"]],
+        )
+        r["manifest"]["model"] = {"version": version, "path": str(model_dir), "sha256": digest}
+        self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
+        self._step_done(r, "train", {k: result.get(k) for k in ("status", "steps", "train_seconds", "best_eval_loss",
+                                                                "pairs_per_second")}, t0)
+
+    # Evaluation and promotion ----------------------------------------------------------------
+    def evaluate(self, r: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        evalset = self.evalset()
+        version = r["manifest"]["model"]["version"]
+        base = self.report_for(self.ws.base_version, evalset)
+        active = self.report_for(self.ws.active_model, evalset)
+        cand = self.report_for(version, evalset)
+        vs_base = compare(base, cand)
+        vs_active = compare(active, cand)
+        r["manifest"]["metrics"] = {"base": base.metrics, "active": active.metrics, "candidate": cand.metrics,
+                                    "matryoshka": cand.matryoshka, "n_queries": cand.n_queries}
+        r["manifest"]["vs_base"] = vs_base.model_dump()
+        r["manifest"]["vs_active"] = vs_active.model_dump()
+        self.log(f"NDCG@10: base {base.metrics['ndcg@10']:.4f}, active {active.metrics['ndcg@10']:.4f}, "
+                 f"candidate {cand.metrics['ndcg@10']:.4f} (vs base {vs_base.delta:+.4f}, "
+                 f"95% CI {vs_base.ci_low:+.4f}..{vs_base.ci_high:+.4f})")
+        self._step_done(r, "evaluate", {"candidate": version}, t0)
+
+    def promote(self, r: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        evalset = self.evalset()
+        version = r["manifest"]["model"]["version"]
+        ok, reasons = promotion_gate(self.report_for(version, evalset), self.report_for(self.ws.active_model, evalset),
+                                     min_delta=self.config.promote_min_delta)
+        r["manifest"]["promotion"] = {"promote": ok, "reasons": reasons}
+        for line in reasons:
+            self.log(line)
+        self._step_done(r, "promote", {"promoted": ok}, t0)
+        if not ok:  # the candidate stays a candidate; nothing is re-indexed
+            r["manifest"]["finished"] = _now()
+            self._save(r, "done")
+
+    def reindex(self, r: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        version = r["manifest"]["model"]["version"]
+        emb = self.ws.embedder(version)
+        self.log(f"Re-indexing the corpus with {version}...")
+        name = indexing.build(self.store, self.ws.index, emb)
+        old = self.ws.active_model
+        indexing.activate(self.store, name)
+        self.store.execute("UPDATE model_versions SET status = 'active' WHERE version = ?", [version])
+        if old != self.ws.base_version:
+            self.store.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [old])
+        r["manifest"]["collection"] = name
+        r["manifest"]["finished"] = _now()
+        self.log(f"Index {name} verified and active; {collection_name(old)} kept for rollback.")
+        self._step_done(r, "reindex", {"collection": name, "previous_model": old}, t0)

@@ -1,0 +1,296 @@
+"""loop.indexing: build / verify / activate / rollback / sync, over a real workspace with fakes."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from loop import indexing
+from loop.errors import IndexMismatchError, VectorIndexError
+from storage.index import collection_name
+from tests.fakes import FakeEmbedder
+
+DOCS = {
+    "contracts.txt": "Indemnification clauses allocate losses between the parties.",
+    "lease.txt": "The tenant pays rent to the landlord on the first day of every month.",
+    "weather.txt": "Force majeure excuses performance when floods or storms strike.",
+    "law.txt": "This agreement is governed by the law of the state of Delaware.",
+}
+
+
+def _ingest(ws, tmp_path, docs=DOCS):
+    src = tmp_path / "docs"
+    src.mkdir(exist_ok=True)
+    paths = []
+    for name, text in docs.items():
+        (src / name).write_text(text + "\n", encoding="utf-8")
+        paths.append(src / name)
+    return ws.ingest(paths)
+
+
+def _register(ws, version: str, tmp_path) -> FakeEmbedder:
+    """A second model version, as a fine-tuning round would register it."""
+    path = tmp_path / "models" / version
+    path.mkdir(parents=True, exist_ok=True)
+    ws.store.execute(
+        "INSERT INTO model_versions (version, path, parent, sha256, status) VALUES (?, ?, ?, ?, 'candidate')",
+        [version, str(path), ws.base_version, "0" * 64],
+    )
+    emb = FakeEmbedder(version)
+    ws._embedders[version] = emb
+    return emb
+
+
+def _status(ws) -> dict[str, str]:
+    return dict(ws.store.execute("SELECT collection, status FROM index_versions").fetchall())
+
+
+@pytest.fixture
+def ingested(workspace, tmp_path):
+    _ingest(workspace, tmp_path)
+    return workspace
+
+
+def test_ingest_activates_the_base_index(ingested):
+    ws = ingested
+    base = collection_name(ws.base_version)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
+    assert ws.store.pointer(indexing.ACTIVE_MODEL) == ws.base_version
+    assert _status(ws) == {base: "active"}
+    n = ws.store.scalar("SELECT count(*) FROM passages")
+    assert n == len(DOCS)
+    assert ws.index.count(base) == n
+    assert ws.index.ids(base) == set(ws.store.passage_ids())
+    assert ws.store.scalar("SELECT count FROM index_versions WHERE collection = ?", [base]) == n
+
+
+def test_build_activate_rollback(ingested, tmp_path):
+    ws = ingested
+    base = collection_name(ws.base_version)
+    v2 = _register(ws, "ft-r1", tmp_path)
+    written: list[tuple[int, int]] = []
+
+    name = indexing.build(ws.store, ws.index, v2, progress=lambda done, total: written.append((done, total)))
+    assert name == collection_name("ft-r1") != base
+    assert written and written[-1] == (len(DOCS), len(DOCS))
+    # Built and verified, but nothing switched yet.
+    assert _status(ws) == {base: "active", name: "verified"}
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
+    assert ws.store.pointer(indexing.ACTIVE_MODEL) == ws.base_version
+    assert ws.index.count(name) == len(DOCS)
+    assert ws.index.model_version(name) == "ft-r1"
+    assert ws.search("tenant rent", k=1)[0].doc_ids == ["lease.txt"]  # still served by the base
+
+    indexing.activate(ws.store, name)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == name
+    assert ws.store.pointer(indexing.ACTIVE_MODEL) == "ft-r1"
+    assert ws.active_model == "ft-r1"
+    assert _status(ws) == {base: "retired", name: "active"}
+    assert base in ws.index.collections()  # kept for rollback
+    assert ws.index.count(base) == len(DOCS)
+    calls = v2.calls
+    assert ws.search("floods storms", k=1)[0].doc_ids == ["weather.txt"]
+    assert v2.calls == calls + 1  # the query went through the new model
+
+    assert indexing.rollback(ws.store, ws.index) == base
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
+    assert ws.store.pointer(indexing.ACTIVE_MODEL) == ws.base_version
+    assert _status(ws) == {base: "active", name: "retired"}
+    assert ws.search("Delaware law", k=1)[0].doc_ids == ["law.txt"]
+
+    # And forward again: the most recently retired collection comes back.
+    assert indexing.rollback(ws.store, ws.index) == name
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == name
+
+
+def test_build_refuses_the_active_collection(ingested):
+    ws = ingested
+    with pytest.raises(VectorIndexError, match="active index"):
+        indexing.build(ws.store, ws.index, ws.embedder())
+    assert _status(ws) == {collection_name(ws.base_version): "active"}
+
+
+def test_activate_refuses_unverified(ingested, tmp_path):
+    ws = ingested
+    with pytest.raises(VectorIndexError, match="not verified"):
+        indexing.activate(ws.store, "passages.never-built")
+    ws.store.execute(
+        "INSERT INTO index_versions (collection, model_version, status) VALUES ('passages.half', 'x', 'building')"
+    )
+    with pytest.raises(VectorIndexError, match="not verified"):
+        indexing.activate(ws.store, "passages.half")
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name(ws.base_version)
+
+
+def test_rollback_without_a_retired_collection(ingested, tmp_path):
+    ws = ingested
+    with pytest.raises(VectorIndexError, match="Nothing to roll back"):
+        indexing.rollback(ws.store, ws.index)
+    # A retired collection that Chroma lost is skipped too.
+    v2 = _register(ws, "ft-r1", tmp_path)
+    indexing.activate(ws.store, indexing.build(ws.store, ws.index, v2))
+    ws.index.drop(collection_name(ws.base_version))
+    with pytest.raises(VectorIndexError, match="Nothing to roll back"):
+        indexing.rollback(ws.store, ws.index)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name("ft-r1")
+
+
+def test_verify_fails_when_count_differs(ingested):
+    ws = ingested
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    emb = ws.embedder()
+    indexing.verify(ws.store, ws.index, name, emb)  # healthy
+    victim = ws.store.passage_ids()[0]
+    ws.index.delete(name, [victim])
+    with pytest.raises(VectorIndexError, match=f"holds {len(DOCS) - 1} vectors but the corpus has {len(DOCS)}"):
+        indexing.verify(ws.store, ws.index, name, emb)
+    # An extra vector is as wrong as a missing one.
+    ws.index.upsert(name, [victim, "stray"], emb.encode(["a", "b"]), ["a", "b"])
+    with pytest.raises(VectorIndexError, match="holds"):
+        indexing.verify(ws.store, ws.index, name, emb)
+
+
+def test_verify_fails_canary_on_wrong_vectors(ingested):
+    ws = ingested
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    emb = ws.embedder()
+    ids = ws.store.passage_ids()
+    texts = ws.store.passages(ids)
+    # Right count, right vectors, wrong ids: each passage holds its neighbour's vector.
+    rolled = np.roll(emb.encode([texts[i] for i in ids]), 1, axis=0)
+    ws.index.upsert(name, ids, rolled, [texts[i] for i in ids])
+    assert ws.index.count(name) == len(ids)
+    with pytest.raises(VectorIndexError, match="canary"):
+        indexing.verify(ws.store, ws.index, name, emb)
+
+
+def test_verify_allows_ties_between_identical_vectors(workspace, tmp_path):
+    # Same words in another order: the bag-of-words fake gives both passages the same vector.
+    ws = workspace
+    _ingest(ws, tmp_path, {"a.txt": "alpha beta gamma", "b.txt": "gamma beta alpha"})
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    indexing.verify(ws.store, ws.index, name, ws.embedder())
+    assert ws.index.count(name) == 2
+
+
+def test_failed_build_is_recorded_and_not_activatable(ingested, tmp_path, monkeypatch):
+    ws = ingested
+    v2 = _register(ws, "ft-broken", tmp_path)
+    real_upsert = ws.index.upsert
+
+    def misattached(name, ids, embeddings, documents):  # a writer that shifts vectors by one
+        real_upsert(name, ids, np.roll(np.asarray(embeddings), 1, axis=0), documents)
+
+    monkeypatch.setattr(ws.index, "upsert", misattached)
+    with pytest.raises(VectorIndexError, match="canary"):
+        indexing.build(ws.store, ws.index, v2)
+    name = collection_name("ft-broken")
+    row = ws.store.rows("SELECT status, detail FROM index_versions WHERE collection = ?", [name])[0]
+    assert row["status"] == "failed" and "canary" in row["detail"]
+    with pytest.raises(VectorIndexError, match="not verified"):
+        indexing.activate(ws.store, name)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name(ws.base_version)
+
+
+def test_failed_build_on_missing_vectors(ingested, tmp_path, monkeypatch):
+    ws = ingested
+    v2 = _register(ws, "ft-short", tmp_path)
+    real_upsert = ws.index.upsert
+    monkeypatch.setattr(ws.index, "upsert", lambda n, i, e, d: real_upsert(n, i[1:], e[1:], d[1:]))
+    with pytest.raises(VectorIndexError, match="holds"):
+        indexing.build(ws.store, ws.index, v2)
+    assert _status(ws)[collection_name("ft-short")] == "failed"
+
+
+def test_search_with_another_model_version_raises(ingested):
+    ws = ingested
+    other = FakeEmbedder("someone-else")
+    with pytest.raises(IndexMismatchError) as info:
+        indexing.search(ws.store, ws.index, other, ["tenant rent"], k=3)
+    assert info.value.index_model == ws.base_version and info.value.query_model == "someone-else"
+    hits = indexing.search(ws.store, ws.index, ws.embedder(), ["tenant rent"], k=3)[0]
+    assert len(hits) == 3 and hits[0].doc_ids == ["lease.txt"]
+
+
+def test_search_without_an_active_index(workspace):
+    with pytest.raises(VectorIndexError, match="no active index"):
+        indexing.search(workspace.store, workspace.index, workspace.embedder(), ["x"])
+
+
+def test_lost_chroma_folder_is_rebuilt_from_duckdb(workspace, tmp_path):
+    from loop.workspace import Workspace
+
+    ws = workspace
+    _ingest(ws, tmp_path)
+    base = collection_name(ws.base_version)
+    n = ws.index.count(base)
+    assert n == len(DOCS)
+    ids = ws.index.ids(base)
+    ws_path, chroma_dir = ws.settings.workspace, ws.settings.chroma_path
+    ws.close()  # releases the Chroma client too, so the reopen below sees the folder as it is
+    shutil.rmtree(chroma_dir)
+
+    ws2 = Workspace.open(ws_path)
+    try:
+        ws2._embedders[ws2.active_model] = FakeEmbedder(ws2.active_model)
+        assert base not in ws2.index.collections()
+        assert ws2.ensure_index() == n  # every passage re-embedded
+        assert ws2.index.count(base) == n
+        assert ws2.index.ids(base) == ids
+        assert ws2.store.pointer(indexing.ACTIVE_INDEX) == base
+        # The rebuilt collection is still the *active* one in DuckDB's records.
+        assert _status(ws2) == {base: "active"}
+        assert ws2.search("Delaware law", k=1)[0].doc_ids == ["law.txt"]
+        assert ws2.ensure_index() == 0  # nothing left to do
+    finally:
+        ws2.close()
+
+
+def test_rebuilt_active_index_can_still_be_retired_and_rolled_back(workspace, tmp_path):
+    """A rebuild must not lose the 'active' status, or the next switch cannot retire it."""
+    ws = workspace
+    _ingest(ws, tmp_path)
+    base = collection_name(ws.base_version)
+    ws.index.drop(base)  # lost
+    assert ws.ensure_index() == len(DOCS)
+    v2 = _register(ws, "ft-r1", tmp_path)
+    indexing.activate(ws.store, indexing.build(ws.store, ws.index, v2))
+    assert _status(ws) == {base: "retired", collection_name("ft-r1"): "active"}
+    assert indexing.rollback(ws.store, ws.index) == base
+
+
+def test_changed_document_replaces_its_passages(ingested, tmp_path):
+    ws = ingested
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    old_ids = set(ws.store.passage_ids())
+    old_lease = ws.store.first_passage_of_docs(["lease.txt"])["lease.txt"]
+    keep = {d: p for d, p in ws.store.first_passage_of_docs(list(DOCS)).items() if d != "lease.txt"}
+
+    [report] = _ingest(ws, tmp_path, {"lease.txt": "Subletting the apartment requires written consent of the owner."})
+    assert (report.documents_added, report.documents_updated) == (0, 1)
+    new_lease = ws.store.first_passage_of_docs(["lease.txt"])["lease.txt"]
+    assert new_lease != old_lease
+    now = set(ws.store.passage_ids())
+    assert old_lease not in now and new_lease in now
+    assert now == (old_ids - {old_lease}) | {new_lease}
+    assert ws.store.passages([old_lease]) == {}
+    # The index holds exactly the corpus: the orphan is gone from Chroma as well.
+    assert ws.index.ids(name) == now
+    assert ws.index.count(name) == len(DOCS)
+    assert ws.store.scalar("SELECT count(*) FROM doc_passages WHERE doc_id = 'lease.txt'") == 1
+    # Unchanged documents keep their passages.
+    assert {d: p for d, p in ws.store.first_passage_of_docs(list(DOCS)).items() if d != "lease.txt"} == keep
+    hits = ws.search("subletting written consent", k=1)
+    assert hits[0].passage_id == new_lease and hits[0].doc_ids == ["lease.txt"]
+    assert all(h.passage_id != old_lease for h in ws.search("tenant pays rent landlord", k=len(DOCS)))
+
+
+def test_sync_refuses_a_collection_built_by_another_model(ingested):
+    ws = ingested
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    impostor = FakeEmbedder(ws.active_model)
+    ws.index.create(name, "other-model", impostor.dim)
+    with pytest.raises(VectorIndexError, match="another model"):
+        indexing.sync(ws.store, ws.index, impostor)

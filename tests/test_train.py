@@ -1,0 +1,411 @@
+"""loop.train: config and snapshot (fast); real training runs with the bundled MiniLM (slow).
+
+Slow runs are as small as a real run can be (8-16 pairs, batch 8, max_seq_length 32) so that
+each takes seconds of compute; most run `main` in-process to pay the import cost once, and the
+ones about process life (start, kill -9 + resume, torchrun) run real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loop import train
+from loop.errors import ConfigError, EmbedloopError, InputError
+from loop.records import Pair
+
+SMALL = {"batch_size": 8, "max_seq_length": 32, "learning_rate": 5e-5}
+# One CPU thread: on a shared, oversubscribed box OpenMP threads spin-wait each other and a
+# 0.75 s step takes 2-15 s with two threads. Correctness does not depend on it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread(request):
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_pairs(n: int) -> list[dict]:
+    """Real text: anchor = a Python doc topic + the first sentence of a paragraph, positive = the next paragraph."""
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for name, text in sorted(topics.items()):
+        paras = [" ".join(p.split()) for p in text.split("\n\n")]
+        paras = [p for p in paras if len(p) > 80]
+        for i in range(1, min(3, len(paras))):
+            pairs.append({"anchor": f"{name}: {paras[i - 1].split('. ')[0][:200]}", "positive": paras[i][:400]})
+    assert len(pairs) >= n
+    return pairs[:n]
+
+
+def snapshot(run_dir: Path, base_model, n_train: int, n_eval: int = 8, **cfg) -> str:
+    pairs = make_pairs(n_train + n_eval)
+    return train.write_snapshot(
+        run_dir, pairs[:n_train], pairs[n_train:], {"base_model": str(base_model), **SMALL, **cfg}
+    )
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_log(run_dir: Path) -> str:
+    p = run_dir / train.LOG_FILE
+    return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+
+
+# --- fast -----------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_dims(minilm_path):
+    cfg = train.TrainConfig(base_model=str(minilm_path), matryoshka_dims=[64, 256, 64])
+    assert (cfg.loss, cfg.epochs, cfg.batch_size, cfg.save_total_limit, cfg.dataloader_num_workers) == (
+        "mnrl", 3, 32, 3, 0)
+    assert cfg.matryoshka_dims == [256, 64]
+    assert train.TrainConfig.from_dict(cfg.model_dump()) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, expected_error",
+    [
+        ({"lr": 1e-5}, "lr: unknown setting (known: base_model"),
+        ({"loss": "triplet"}, "loss: Input should be 'mnrl', 'cached_mnrl' or 'gist'"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"matryoshka_dims": [128, 0]}, "matryoshka_dims"),
+        ({"precision": "fp8"}, "precision"),
+        ({"base_model": ""}, "base_model"),
+    ],
+)
+def test_config_errors_say_what_is_wrong(overrides, expected_error):
+    with pytest.raises(ConfigError) as e:
+        train.TrainConfig.from_dict({"base_model": "/m", **overrides})
+    assert expected_error in str(e.value)
+    assert str(e.value).startswith("Invalid training config:")
+
+
+def test_config_file_missing_or_bad(tmp_path):
+    with pytest.raises(ConfigError, match="write_snapshot"):
+        train.TrainConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        train.TrainConfig.from_file(tmp_path / "config.json")
+
+
+def test_snapshot_hash_is_stable_and_tracks_data(tmp_path, minilm_path):
+    h1 = snapshot(tmp_path / "a", minilm_path, 16)
+    h2 = snapshot(tmp_path / "b", minilm_path, 16, learning_rate=1e-5)  # hyper-parameters are not data
+    h3 = snapshot(tmp_path / "c", minilm_path, 15)
+    assert h1 == h2 != h3 and len(h1) == 64
+    run = tmp_path / "a"
+    assert (run / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+    assert len((run / "train.jsonl").read_text().splitlines()) == 16
+    assert json.loads((run / "snapshot.json").read_text())["data_hash"] == h1
+    assert train.TrainConfig.from_file(run / "config.json").batch_size == 8
+
+
+def test_snapshot_splits_eval_and_fills_negatives(tmp_path, minilm_path):
+    pairs = make_pairs(20)
+    pairs[0]["negative"] = pairs[5]["positive"]
+    cfg = {"base_model": str(minilm_path), "eval_fraction": 0.2}
+    h = train.write_snapshot(tmp_path / "r", pairs, None, cfg)
+    assert h == train.write_snapshot(tmp_path / "s", pairs, [], cfg)  # same seeded split
+    tr = [json.loads(x) for x in (tmp_path / "r" / "train.jsonl").read_text().splitlines()]
+    ev = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
+    assert (len(tr), len(ev)) == (16, 4)
+    assert all(set(r) == {"anchor", "positive", "negative"} for r in tr + ev)
+    assert all(r["negative"] != r["positive"] for r in tr + ev)
+    assert json.loads((tmp_path / "r" / "snapshot.json").read_text())["filled_negatives"] == 19
+
+
+def test_snapshot_accepts_pair_records(tmp_path, minilm_path):
+    recs = [
+        Pair(pair_id=str(i), anchor=p["anchor"], positive_text=p["positive"], source="seed", status="accepted")
+        for i, p in enumerate(make_pairs(6))
+    ]
+    train.write_snapshot(tmp_path, recs[:4], recs[4:], {"base_model": str(minilm_path)})
+    first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    assert first == {"anchor": recs[0].anchor, "positive": recs[0].positive_text}
+
+
+@pytest.mark.parametrize(
+    "train_rows, base, expected_error",
+    [
+        ([{"anchor": " ", "positive": "p"}] * 4, None, (InputError, "train row 1: anchor is empty")),
+        ([{"anchor": "a", "positive": ""}] * 4, None, (InputError, "positive is empty")),
+        ([{"anchor": "a", "positive": "p"}], None, (InputError, "Too few pairs")),
+        ([{"anchor": "a", "positive": "p"}] * 4, "/no/such/model", (ConfigError, "not a local folder")),
+    ],
+)
+def test_snapshot_rejects_bad_input(tmp_path, minilm_path, train_rows, base, expected_error):
+    exc, text = expected_error
+    with pytest.raises(exc, match=text):
+        train.write_snapshot(tmp_path, train_rows, None, {"base_model": base or str(minilm_path)})
+
+
+def test_read_progress_tolerates_a_torn_last_line(tmp_path):
+    assert train.read_progress(tmp_path) == []
+    good = json.dumps({"event": "step", "step": 1}) + "\n"
+    (tmp_path / "progress.jsonl").write_text(good + '{"event": "step", "st')
+    assert train.read_progress(tmp_path) == [{"event": "step", "step": 1}]
+    # A resumed writer ends the torn line first, so its own events parse.
+    train._Progress(tmp_path / "progress.jsonl", enabled=True).emit("start", step=5, loss=float("nan"))
+    events = train.read_progress(tmp_path)
+    assert [e["event"] for e in events] == ["step", "start"]
+    assert events[1]["loss"] is None and events[1]["step"] == 5  # NaN is not JSON: written as null
+
+
+def test_result_stop_and_command(tmp_path):
+    assert train.read_result(tmp_path) is None
+    (tmp_path / "result.json").write_text('{"status": "ok"')  # never happens (atomic write), still tolerated
+    assert train.read_result(tmp_path) is None
+    train.request_stop(tmp_path)
+    assert (tmp_path / "STOP").exists()
+    assert train.command(tmp_path, 1)[1:3] == ["-m", "loop.train"]
+    multi = train.command(tmp_path, 2)
+    assert multi[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in multi
+    assert multi[-3:] == ["-m", "loop.train", str(tmp_path.resolve())]
+    with pytest.raises(ConfigError, match="write_snapshot"):
+        train.start(tmp_path / "empty")
+
+
+def test_faults_parse():
+    f = train.Faults.parse("nan_at_step=3, sleep_per_step=0.5")
+    assert (f.nan_at_step, f.sleep_per_step, f.oom_at_step) == (3, 0.5, None)
+    with pytest.raises(ConfigError, match="nan_at_step"):
+        train.Faults.parse("explode=1")
+
+
+def test_is_running_checks_liveness_and_identity(tmp_path):
+    assert not train.is_running(0) and not train.is_running(2**22 + 12345)
+    # Only a training process counts: a reused pid of another program does not.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loop.train"])
+    try:
+        assert not train.is_running(other.pid)
+        assert train.is_running(ours.pid)
+        ours.send_signal(signal.SIGKILL)
+        wait_for(lambda: not train.is_running(ours.pid), 5, what="zombie counted as dead")
+    finally:
+        for p in (other, ours):
+            p.kill()
+            p.wait()
+
+
+def test_start_refuses_a_second_trainer_on_a_live_run(tmp_path, minilm_path):
+    run = (tmp_path / "run").resolve()
+    snapshot(run, minilm_path, 8)
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loop.train", str(run)])
+    try:
+        train._Progress(run / "progress.jsonl", enabled=True).emit("start", pid=fake.pid)
+        assert train.running_pid(run) == fake.pid
+        assert train.running_pid(tmp_path) is None
+        with pytest.raises(EmbedloopError, match=f"pid {fake.pid}\\) is already running"):
+            train.start(run)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert train.running_pid(run) is None
+
+
+def test_snapshot_refuses_to_replace_a_started_run(tmp_path, minilm_path):
+    h = snapshot(tmp_path, minilm_path, 8)
+    (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    assert snapshot(tmp_path, minilm_path, 8) == h  # the same inputs again: idempotent
+    with pytest.raises(ConfigError, match="new run directory"):
+        snapshot(tmp_path, minilm_path, 9)
+    with pytest.raises(ConfigError, match="new run directory"):
+        snapshot(tmp_path, minilm_path, 8, epochs=5)
+
+
+def test_main_without_a_run_dir_exits_2(tmp_path):
+    assert train.main(tmp_path / "missing") == 2
+
+
+def test_main_without_a_snapshot_leaves_a_failed_result(tmp_path):
+    assert train.main(tmp_path) == 1
+    res = train.read_result(tmp_path)
+    assert res["status"] == "failed" and "call write_snapshot" in res["reason"]
+    assert [e["event"] for e in train.read_progress(tmp_path)] == ["start", "end"]
+
+
+def test_last_complete_checkpoint_skips_and_removes_torn_ones(tmp_path):
+    for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"global_st')):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    assert train._last_complete_checkpoint(tmp_path, cleanup=False).name == "checkpoint-4"
+    assert (tmp_path / "checkpoint-6").exists()
+    assert train._last_complete_checkpoint(tmp_path, cleanup=True).name == "checkpoint-4"
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
+    assert train._last_complete_checkpoint(tmp_path / "none", cleanup=True) is None
+
+
+# --- slow: real training ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_in_subprocess_finishes_ok(tmp_path, minilm_path):
+    run = tmp_path / "run"
+    snapshot(run, minilm_path, 8, epochs=4)  # 1 step per epoch: 4 checkpoints made, 3 kept
+    proc = train.start(run, env=ONE_THREAD)
+    assert proc.wait(timeout=300) == 0, run_log(run)
+    res = train.read_result(run)
+    assert res["status"] == "ok", res
+    assert res["steps"] == 4 and res["train_seconds"] > 0 and res["pairs_per_second"] > 0
+    assert res["model_dir"] == str(run / "model")
+    assert Path(res["best_checkpoint"]).is_dir() and res["best_eval_loss"] > 0
+    assert len(checkpoints(run)) == 3, checkpoints(run)
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(res["model_dir"], device="cpu", local_files_only=True)
+    assert model.encode(["hello", "world"]).shape == (2, 384)
+
+    events = train.read_progress(run)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert {"train_begin", "step", "log", "eval", "epoch", "checkpoint"} <= set(kinds)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(e["max_steps"] == 4 and e["loss"] > 0 and e["learning_rate"] >= 0 for e in steps)
+    assert steps[0]["learning_rate"] == 0 < steps[1]["learning_rate"]  # warmup, then the peak rate
+    assert steps[0]["eta_seconds"] > 0 and steps[-1]["eta_seconds"] == 0
+    assert sum(1 for k in kinds if k == "eval") == 4
+    assert not train.is_running(proc.pid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"loss": "cached_mnrl", "mini_batch_size": 4},
+        {"loss": "gist"},
+        {"loss": "mnrl", "matryoshka_dims": [256, 64]},
+    ],
+    ids=["cached_mnrl", "gist", "matryoshka"],
+)
+def test_loss_variants_train(tmp_path, minilm_path, variant):
+    snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, **variant)
+    assert train.main(tmp_path) == 0
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["steps"] == 2, res
+    losses = [e["loss"] for e in train.read_progress(tmp_path) if e["event"] == "step"]
+    assert len(losses) == 2 and all(x > 0 for x in losses)
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeypatch):
+    snapshot(tmp_path, minilm_path, 16, epochs=2)  # 2 steps per epoch
+    monkeypatch.setenv(train.FAULT_ENV, "nan_at_step=3")
+    assert train.main(tmp_path) == 1
+    res = train.read_result(tmp_path)
+    assert res["status"] == "failed"
+    assert res["reason"].startswith("loss became NaN at step 3")
+    assert res["steps"] == 3 and res["model_dir"] is None
+    assert res["best_checkpoint"] == str(tmp_path / "checkpoints" / "checkpoint-2")
+    assert checkpoints(tmp_path) == ["checkpoint-2"]  # the NaN weights were never saved
+    last_step = [e for e in train.read_progress(tmp_path) if e["event"] == "step"][-1]
+    assert last_step["step"] == 3 and last_step["loss"] is None
+
+
+@pytest.mark.slow
+def test_stop_file_stops_and_keeps_best(tmp_path, minilm_path, monkeypatch):
+    snapshot(tmp_path, minilm_path, 16, epochs=3)  # 6 steps
+    monkeypatch.setenv(train.FAULT_ENV, "sleep_per_step=1")
+
+    def stop_after_first_checkpoint():
+        wait_for(lambda: any(e["event"] == "checkpoint" for e in train.read_progress(tmp_path)), 120,
+                 what="first checkpoint")
+        train.request_stop(tmp_path)
+
+    t = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
+    t.start()
+    assert train.main(tmp_path) == 0
+    t.join(timeout=1)
+    res = train.read_result(tmp_path)
+    assert res["status"] == "stopped", res
+    assert 2 < res["steps"] < 6
+    assert Path(res["best_checkpoint"]).is_dir()
+    assert (tmp_path / "model" / "model.safetensors").exists() and res["model_dir"] == str(tmp_path / "model")
+
+
+@pytest.mark.slow
+def test_oom_and_disk_full_fail_with_a_fix(tmp_path, minilm_path, monkeypatch):
+    snapshot(tmp_path / "oom", minilm_path, 16, epochs=1)
+    monkeypatch.setenv(train.FAULT_ENV, "oom_at_step=1")
+    assert train.main(tmp_path / "oom") == 1
+    reason = train.read_result(tmp_path / "oom")["reason"]
+    assert reason.startswith("Out of GPU memory at step 1 (batch_size=8): lower batch_size"), reason
+
+    snapshot(tmp_path / "disk", minilm_path, 8, epochs=1)
+    monkeypatch.setenv(train.FAULT_ENV, "disk_full_at_step=1")
+    assert train.main(tmp_path / "disk") == 1
+    res = train.read_result(tmp_path / "disk")
+    assert res["status"] == "failed" and res["reason"].startswith("Disk full while saving at step 1"), res
+    assert "restart the run" in res["reason"]
+    assert train.read_progress(tmp_path / "disk")[-1]["event"] == "end"
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path, minilm_path):
+    run = tmp_path / "run"
+    snapshot(run, minilm_path, 8, epochs=3)  # 1 step per epoch
+    proc = train.start(run, env={train.FAULT_ENV: "sleep_per_step=2", **ONE_THREAD})
+    # The checkpoint event is written after the save (state file included) is complete.
+    wait_for(lambda: any(e["event"] == "checkpoint" for e in train.read_progress(run)), 240, proc,
+             "the first checkpoint")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert train.read_result(run) is None  # died without a result: the owner sees a crash
+
+    proc = train.start(run, env=ONE_THREAD)
+    assert proc.wait(timeout=300) == 0, run_log(run)
+    res = train.read_result(run)
+    assert res["status"] == "ok" and res["steps"] == 3, res
+    assert res["resumed_from"] == str(run / "checkpoints" / "checkpoint-1")
+    begins = [e for e in train.read_progress(run) if e["event"] == "train_begin"]
+    assert [e["resumed_from_step"] for e in begins] == [0, 1]
+    second_run_steps = [e["step"] for e in train.read_progress(run) if e["event"] == "step"][-2:]
+    assert second_run_steps == [2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path, minilm_path):
+    run = tmp_path / "run"
+    snapshot(run, minilm_path, 16, epochs=1)  # 2 ranks x batch 8: one step
+    proc = train.start(run, nproc=2)
+    assert proc.wait(timeout=300) == 0, run_log(run)
+    res = train.read_result(run)
+    assert res["status"] == "ok" and res["world_size"] == 2 and res["steps"] == 1, res
+    assert (run / "model" / "model.safetensors").exists()
+    # Only rank 0 writes progress: a single start event.
+    assert sum(1 for e in train.read_progress(run) if e["event"] == "start") == 1
