@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loop.errors import EmbedloopError
+from loop.errors import EmbedloopError, InputError
 
 
 def _print_json(obj: Any) -> None:
@@ -46,7 +46,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from loop.ingest import Fields
 
     if not args.paths and not args.demo:
-        raise SystemExit("embedloop ingest: give one or more PATHs, or --demo")
+        raise InputError("nothing to ingest: give one or more PATHs, or --demo")
     with _open(args) as ws:
         reports = []
         if args.demo:

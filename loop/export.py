@@ -8,21 +8,27 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loop.errors import InputError
+from loop.errors import InputError, NotFoundError
 from storage.db import Store
 
 
-def _target(directory: str | Path) -> Path:
-    """The export folder: new or empty, never a file, never inside a model or system folder."""
+def _target(directory: str | Path, model_path: str | Path) -> Path:
+    """The export folder: new or empty, never a file, never inside the model folder it copies."""
     out = Path(directory).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError("the export folder must be new or empty", out)
+    if out.is_relative_to(Path(model_path).expanduser().resolve()):
+        # copytree would copy the export into itself until the path is too deep
+        raise InputError("the export folder must not be inside the model folder it exports", out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def model_card(store: Store, version: str) -> str:
-    model = store.rows("SELECT version, path, parent, sha256, round FROM model_versions WHERE version = ?", [version])[0]
+    rows = store.rows("SELECT version, path, parent, sha256, round FROM model_versions WHERE version = ?", [version])
+    if not rows:
+        raise NotFoundError(f"No model version {version!r}.")
+    model = rows[0]
     rounds = store.rows("SELECT round, state, manifest FROM rounds ORDER BY round")
     counts = store.counts()
     lines = [
@@ -65,15 +71,23 @@ def accepted_pairs(store: Store) -> list[dict[str, Any]]:
 
 def export(store: Store, version: str, model_path: str | Path, directory: str | Path) -> dict[str, Any]:
     """Write model/, pairs.jsonl and dataset/ under `directory` (which must be new or empty)."""
-    out = _target(directory)
+    card = model_card(store, version)  # fails (unknown version) before anything is written
+    out = _target(directory, model_path)
     model_out = out / "model"
     shutil.copytree(model_path, model_out, ignore=shutil.ignore_patterns("checkpoint-*", "optimizer.pt"))
-    (model_out / "README.md").write_text(model_card(store, version), encoding="utf-8")
+    (model_out / "README.md").write_text(card, encoding="utf-8")
     pairs = accepted_pairs(store)
     with (out / "pairs.jsonl").open("w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps({k: v for k, v in p.items() if v is not None}, ensure_ascii=False) + "\n")
-    from datasets import Dataset
+    from datasets import Dataset, Features, Value
 
-    Dataset.from_list([{**p, "negative": p["negative"] or ""} for p in pairs]).save_to_disk(str(out / "dataset"))
+    # Explicit features and one shard: with no accepted pairs, `from_list` can't infer a schema and
+    # `save_to_disk` would write zero shards, which `load_from_disk` can't read back.
+    cols = ["anchor", "positive", "negative", "source", "split"]
+    ds = Dataset.from_dict(
+        {c: [(p[c] or "") if c == "negative" else p[c] for p in pairs] for c in cols},
+        features=Features({c: Value("string") for c in cols}),
+    )
+    ds.save_to_disk(str(out / "dataset"), num_shards=1 if not pairs else None)
     return {"directory": str(out), "model": version, "pairs": len(pairs)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import numpy as np
+
 
 from loop.embed import Embedder
 from loop.errors import VectorIndexError
@@ -56,8 +58,16 @@ def verify(store: Store, index: VectorIndex, name: str, embedder: Embedder, cana
             raise VectorIndexError(f"Index {name} failed its canary check: passage {pid} is not its own top hit.")
 
 
-def build(store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None) -> str:
-    """Embed every passage into a fresh collection for `embedder.version`, verified. Not yet active."""
+def build(
+    store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None,
+    precomputed: dict[str, np.ndarray] | None = None,
+) -> str:
+    """Embed every passage into a fresh collection for `embedder.version`, verified. Not yet active.
+
+    Args:
+        precomputed: passage id -> vector by this same model (e.g. from its evaluation), so
+            the corpus is not encoded twice in a round; passages not in it are encoded.
+    """
     name = collection_name(embedder.version)
     if name == store.pointer(ACTIVE_INDEX):
         raise VectorIndexError(f"{name} is the active index; use sync() to refresh it in place.")
@@ -67,8 +77,14 @@ def build(store: Store, index: VectorIndex, embedder: Embedder, progress: Progre
     )
     index.create(name, embedder.version, embedder.dim)
     rows = store.execute("SELECT passage_id, text FROM passages ORDER BY length(text)").fetchall()
+    known = precomputed or {}
     try:
-        _embed_and_write(index, name, embedder, [r[0] for r in rows], [r[1] for r in rows], progress)
+        have = [r for r in rows if r[0] in known]
+        if have:
+            ids = [r[0] for r in have]
+            index.upsert(name, ids, np.stack([known[i] for i in ids]), [r[1] for r in have])
+        todo = [r for r in rows if r[0] not in known]
+        _embed_and_write(index, name, embedder, [r[0] for r in todo], [r[1] for r in todo], progress)
         verify(store, index, name, embedder)
     except Exception as e:
         store.execute("UPDATE index_versions SET status = 'failed', detail = ? WHERE collection = ?", [str(e), name])

@@ -193,7 +193,9 @@ def read_document_file(path: Path, doc_id: str, max_bytes: int) -> Document:
         if suffix in {".md", ".markdown"}:
             first = next((ln for ln in raw.splitlines() if ln.strip()), "")
             if first.startswith("# "):
+                # The heading becomes the title; keep it out of the text, or passages repeat it.
                 title = first[2:].strip()
+                text = _clean(raw.replace(first, "", 1))
     if not text:
         raise InputError("no text in this document", path)
     return Document(doc_id=doc_id, title=title, text=text, source=str(path))

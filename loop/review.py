@@ -158,13 +158,13 @@ def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
         now = _now()
         with store.transaction() as cur:
             rows = cur.execute(
-                "SELECT anchor, positive_id, positive_text, status, claimed_by, claim_expires, query_id "
+                "SELECT anchor, positive_id, positive_text, status, claimed_by, claim_expires, query_id, split "
                 "FROM pairs WHERE pair_id = ?",
                 [d.pair_id],
             ).fetchall()
             if not rows:
                 raise NotFoundError(f"No pair with id {d.pair_id!r}.")
-            anchor, pos_id, pos_text, status, claimed_by, expires, query_id = rows[0]
+            anchor, pos_id, pos_text, status, claimed_by, expires, query_id, split = rows[0]
             if status != "pending":
                 raise ReviewConflict(f"Pair {d.pair_id} was already decided (status {status}).")
             if claimed_by and claimed_by != d.reviewer and expires and expires > now:
@@ -196,7 +196,7 @@ def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
             if new_pair is not None:
                 new_id = Pair.make_id(new_pair["anchor"], new_pair["positive_text"])
                 created = Store.insert_ignore(cur, "pairs", [{
-                    "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": "train",
+                    "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": split,
                     "query_id": query_id, "origin": f"review:{d.action}",
                     "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
                 }])

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from loop import indexing, train
 from loop.decide import promotion_gate
 from loop.embed import Embedder, model_hash
-from loop.errors import EmbedloopError, InputError
-from loop.evaluate import EvalReport, EvalSet, compare, evaluate, evalset_from_store
+from loop.errors import EmbedloopError, InputError, VectorIndexError
+from loop.evaluate import CorpusEmbeddings, EvalReport, EvalSet, compare, evaluate, evalset_from_store
 from loop.generate import needs_generation, run_generation
 from loop.negatives import MiningPolicy, select_negatives
 from loop.records import Pair
@@ -76,6 +76,7 @@ class Rounds:
                  llm: Any = None, train_env: dict[str, str] | None = None, cancel: threading.Event | None = None):
         self.ws = ws
         self.cancel = cancel or threading.Event()
+        self._corpus_cache: dict[str, dict[str, np.ndarray]] = {}  # version -> passage vectors
         self.store = ws.store
         self.config = config or LoopConfig()
         self.log = log or (lambda _msg: None)
@@ -334,10 +335,23 @@ class Rounds:
         if cached.get("evalset_fingerprint") == evalset.fingerprint:
             return EvalReport.model_validate(cached)
         self.log(f"Evaluating {version} on {len(evalset.query_ids)} held-out queries...")
-        report = evaluate(self.ws.embedder(version), evalset)
+        report = evaluate(self.ws.embedder(version), evalset, corpus_emb=self._indexed_corpus(version, evalset))
+        if report.corpus_embeddings is not None:
+            self._corpus_cache[version] = dict(zip(evalset.passage_ids, report.corpus_embeddings.emb, strict=True))
         self.store.execute("UPDATE model_versions SET metrics = ? WHERE version = ?",
                            [report.model_dump_json(), version])
         return report
+
+    def _indexed_corpus(self, version: str, evalset: EvalSet) -> CorpusEmbeddings | None:
+        """The corpus vectors of `version` from its index, when it has one: no re-encoding."""
+        name = collection_name(version)
+        if name not in self.ws.index.collections() or self.ws.index.count(name) != len(evalset.passage_ids):
+            return None
+        try:
+            emb = self.ws.index.embeddings(name, evalset.passage_ids)
+        except VectorIndexError:
+            return None
+        return CorpusEmbeddings(version, evalset.corpus_fingerprint, emb)
 
     def baseline(self) -> EvalReport:
         """The off-the-shelf model on the held-out set (measured once, before any training)."""
@@ -482,7 +496,7 @@ class Rounds:
         version = r["manifest"]["model"]["version"]
         emb = self.ws.embedder(version)
         self.log(f"Re-indexing the corpus with {version}...")
-        name = indexing.build(self.store, self.ws.index, emb)
+        name = indexing.build(self.store, self.ws.index, emb, precomputed=self._corpus_cache.get(version))
         old = self.ws.active_model
         indexing.activate(self.store, name)
         self.store.execute("UPDATE model_versions SET status = 'active' WHERE version = ?", [version])

@@ -106,6 +106,23 @@ class VectorIndex:
                 return out
             offset += self._max_batch
 
+    def embeddings(self, name: str, ids: Sequence[str]) -> np.ndarray:
+        """The stored vectors of `ids`, in that order.
+
+        Raises:
+            VectorIndexError: some ids are not in the collection.
+        """
+        col = self._get(name)
+        ids = list(ids)
+        found: dict[str, np.ndarray] = {}
+        for s in self.batches(len(ids)):
+            got = col.get(ids=ids[s], include=["embeddings"])
+            found.update(zip(got["ids"], np.asarray(got["embeddings"], dtype=np.float32), strict=True))
+        missing = len(ids) - len(found)
+        if missing:
+            raise VectorIndexError(f"{missing} of {len(ids)} passages have no vector in {name}.")
+        return np.stack([found[i] for i in ids]) if ids else np.zeros((0, 0), dtype=np.float32)
+
     # Writes ------------------------------------------------------------------------------
     def batches(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self._max_batch):

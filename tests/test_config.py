@@ -1,0 +1,164 @@
+"""Settings: defaults < workspace config file < environment < explicit arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from loop.config import CONFIG_FILE, Settings, load_settings
+from loop.errors import ConfigError
+
+SECRET = "sk-test-DO-NOT-LEAK-4f9a2c"
+
+
+def write_config(ws: Path, text: str | bytes) -> Path:
+    ws.mkdir(parents=True, exist_ok=True)
+    cfg = ws / CONFIG_FILE
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return cfg
+
+
+def test_defaults(tmp_path):
+    s = load_settings(tmp_path / "ws")
+    assert s.workspace == tmp_path / "ws"
+    assert (s.base_model, s.chroma_url, s.device) == ("", "", "auto")
+    assert (s.max_file_mb, s.chunk_tokens, s.chunk_overlap, s.encode_batch_size) == (200.0, 0, 32, 64)
+    assert (s.llm_base_url, s.llm_model, s.llm_api_key, s.llm_configured) == ("", "gpt-4o-mini", None, False)
+    assert s.db_path == tmp_path / "ws" / "embedloop.duckdb"
+    assert s.chroma_path == tmp_path / "ws" / "chroma"
+    assert s.base_model_path.is_dir()  # the bundled MiniLM
+    assert not (tmp_path / "ws").exists()  # loading settings creates nothing
+
+
+def test_workspace_from_environment_or_default(tmp_path, monkeypatch):
+    assert load_settings().workspace == Path("workspace")  # relative to the cwd (tmp_path here)
+    monkeypatch.setenv("EMBEDLOOP_WORKSPACE", str(tmp_path / "envws"))
+    assert load_settings().workspace == tmp_path / "envws"
+    assert load_settings(tmp_path / "explicit").workspace == tmp_path / "explicit"
+
+
+def test_config_file_values(tmp_path):
+    ws = tmp_path / "ws"
+    write_config(ws, """
+base_model = "/models/mine"
+chroma_url = "http://127.0.0.1:8000/"
+max_file_mb = 5
+chunk_tokens = 128
+chunk_overlap = 16
+device = "cpu"
+llm_base_url = "http://127.0.0.1:8080/v1"
+llm_model = "local-llm"
+""")
+    s = load_settings(ws)
+    assert s.base_model == "/models/mine" and s.base_model_path == Path("/models/mine")
+    assert s.chroma_url == "http://127.0.0.1:8000"  # trailing slash dropped
+    assert (s.max_file_mb, s.chunk_tokens, s.chunk_overlap, s.device) == (5.0, 128, 16, "cpu")
+    assert (s.llm_base_url, s.llm_model, s.llm_configured) == ("http://127.0.0.1:8080/v1", "local-llm", True)
+
+
+def test_the_template_written_by_a_new_workspace_loads_as_defaults(tmp_path):
+    from loop.workspace import _CONFIG_TEMPLATE
+
+    ws = tmp_path / "ws"
+    write_config(ws, _CONFIG_TEMPLATE)
+    assert load_settings(ws).model_dump() == load_settings(tmp_path / "other").model_dump() | {"workspace": ws}
+
+
+def test_environment_overrides_the_file_and_arguments_override_both(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    write_config(ws, 'chunk_overlap = 10\nchunk_tokens = 100\nllm_base_url = "http://file/v1"\n')
+    monkeypatch.setenv("EMBEDLOOP_CHUNK_OVERLAP", "5")
+    monkeypatch.setenv("EMBEDLOOP_DEVICE", "cpu")  # not in the file
+    monkeypatch.setenv("EMBEDLOOP_LLM_BASE_URL", "http://env/v1")
+    s = load_settings(ws)
+    assert (s.chunk_overlap, s.chunk_tokens, s.device, s.llm_base_url) == (5, 100, "cpu", "http://env/v1")
+    s = load_settings(ws, chunk_overlap=7, chunk_tokens=None, max_file_mb=1)
+    assert (s.chunk_overlap, s.chunk_tokens, s.max_file_mb) == (7, 100, 1.0)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    cfg = write_config(tmp_path / "ws", "chunk_size = 256\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(tmp_path / "ws")
+    assert "chunk_size" in str(ei.value) and "not permitted" in str(ei.value)
+    assert str(cfg) in str(ei.value)
+
+
+def test_unknown_table_is_an_error_naming_it(tmp_path):
+    write_config(tmp_path / "ws", "[llm]\nmodel = 'x'\n")
+    with pytest.raises(ConfigError, match="llm"):
+        load_settings(tmp_path / "ws")
+
+
+@pytest.mark.parametrize("line, key", [
+    pytest.param('chunk_tokens = "many"', "chunk_tokens", id="str-for-int"),
+    pytest.param("max_file_mb = 0", "max_file_mb", id="not-positive"),
+    pytest.param("chunk_overlap = -1", "chunk_overlap", id="negative"),
+    pytest.param('device = "tpu"', "device", id="bad-device"),
+    pytest.param('chroma_url = "localhost:8000"', "chroma_url", id="url-without-scheme"),
+    pytest.param("llm_model = 3", "llm_model", id="int-for-str"),
+    pytest.param("encode_batch_size = [64]", "encode_batch_size", id="list-for-int"),
+])
+def test_wrong_type_or_value_is_a_config_error(tmp_path, line, key):
+    write_config(tmp_path / "ws", line + "\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(tmp_path / "ws")
+    assert key in str(ei.value)
+
+
+def test_wrong_type_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDLOOP_CHUNK_TOKENS", "lots")
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        load_settings(tmp_path / "ws")
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param("chunk_tokens = \n", id="missing-value"),
+    pytest.param("[unclosed\n", id="unclosed-table"),
+    pytest.param('device = "cpu"\ndevice = "cuda"\n', id="duplicate-key"),
+    pytest.param(b"device = \"\xff\xfe\"\n", id="not-utf8"),
+])
+def test_invalid_toml_is_a_config_error(tmp_path, content):
+    cfg = write_config(tmp_path / "ws", content)
+    with pytest.raises(ConfigError) as ei:
+        load_settings(tmp_path / "ws")
+    assert str(cfg) in str(ei.value) and "not valid TOML" in str(ei.value)
+
+
+def test_workspace_cannot_be_set_in_its_own_config(tmp_path):
+    write_config(tmp_path / "ws", 'workspace = "/elsewhere"\n')
+    with pytest.raises(ConfigError, match="workspace"):
+        load_settings(tmp_path / "ws")
+
+
+def _assert_hidden(s: Settings) -> None:
+    assert isinstance(s.llm_api_key, SecretStr)
+    assert s.llm_api_key.get_secret_value() == SECRET
+    assert s.llm_configured
+    dumped = s.model_dump()
+    assert "llm_api_key" not in dumped and SECRET not in str(dumped)
+    assert SECRET not in s.model_dump_json()
+    assert SECRET not in json.dumps(s.model_dump(mode="json"))
+    assert SECRET not in repr(s) and SECRET not in str(s) and SECRET not in f"{s!r} {s}"
+    assert SECRET not in repr(s.llm_api_key) and SECRET not in str(s.llm_api_key)
+
+
+def test_openai_api_key_is_a_secret_never_dumped(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    _assert_hidden(load_settings(tmp_path / "ws"))
+
+
+def test_embedloop_llm_api_key_alias_is_a_secret_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDLOOP_LLM_API_KEY", SECRET)
+    _assert_hidden(load_settings(tmp_path / "ws"))
+
+
+def test_config_errors_do_not_echo_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    write_config(tmp_path / "ws", 'chunk_tokens = "many"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_settings(tmp_path / "ws")
+    assert SECRET not in str(ei.value) and SECRET not in repr(ei.value.__cause__)
