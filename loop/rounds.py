@@ -148,7 +148,10 @@ class Rounds:
         while r["state"] not in ("done", "failed"):
             if STATES.index(r["state"]) >= STATES.index(until) or self.cancel.is_set():
                 break
-            steps[r["state"]](r)
+            before = r["state"]
+            steps[before](r)
+            if r["state"] == before:  # the step could not finish now (e.g. training stopped)
+                break
         return r
 
     # Steps --------------------------------------------------------------------------------
@@ -418,30 +421,26 @@ class Rounds:
                 self.log(f"Training on {len(rows)} pairs (snapshot {digest[:12]}) in {run}...")
             else:
                 self.log(f"Resuming training in {run} from its last checkpoint...")
-            proc = train.start(run, env=self.train_env)
+            proc = None
+            pid = train.running_pid(run)
+            if pid:  # a trainer outlived the process that started it: follow it, don't start another
+                self.log(f"Following the training process {pid} that is still running on {run}...")
+            else:
+                proc = train.start(run, env=self.train_env)
+                pid = proc.pid
             job_id = f"train-{r['round']}"
             self.store.execute(
                 "INSERT OR REPLACE INTO jobs (job_id, kind, status, pid, args) VALUES (?, 'train', 'running', ?, ?)",
-                [job_id, proc.pid, json.dumps({"run_dir": str(run)})],
+                [job_id, pid, json.dumps({"run_dir": str(run)})],
             )
             if not wait:
                 return
-            last = 0
-            stop_sent = False
-            while proc.poll() is None:
-                time.sleep(poll_s)
-                if self.cancel.is_set() and not stop_sent:
-                    train.request_stop(run)  # the trainer keeps its best checkpoint and exits
-                    stop_sent = True
-                events = train.read_progress(run)
-                for ev in events[last:]:
-                    if ev.get("loss") is not None and ev.get("event") == "log":
-                        self.log(f"  step {ev.get('step')}/{ev.get('max_steps')} loss {ev['loss']:.4f} "
-                                 f"eta {ev.get('eta_seconds', 0):.0f}s")
-                last = len(events)
-            result = train.read_result(run) or {"status": "failed", "reason": f"the trainer exited with code {proc.returncode} without a result; see {run / train.LOG_FILE}"}
+            result = self._follow(run, proc, pid, poll_s)
             self.store.execute("UPDATE jobs SET status = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
                                [result["status"], result.get("reason"), job_id])
+        if result["status"] == "stopped":
+            self.log("Training stopped on request; its best checkpoint is kept. Run the round again to resume.")
+            return
         if result["status"] != "ok":
             self.fail(r, f"training {result['status']}: {result.get('reason')}")
             return
@@ -457,6 +456,31 @@ class Rounds:
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
         self._step_done(r, "train", {k: result.get(k) for k in ("status", "steps", "train_seconds", "best_eval_loss",
                                                                 "pairs_per_second")}, t0)
+
+    def _follow(self, run: Path, proc: Any, pid: int, poll_s: float) -> dict[str, Any]:
+        """Wait for the trainer, relaying its progress and a cancel request; return its result."""
+        last = 0
+        stop_sent = False
+
+        def alive() -> bool:
+            return proc.poll() is None if proc is not None else train.is_running(pid)
+
+        while alive():
+            time.sleep(poll_s)
+            if self.cancel.is_set() and not stop_sent:
+                train.request_stop(run)  # the trainer keeps its best checkpoint and exits
+                stop_sent = True
+            events = train.read_progress(run)
+            for ev in events[last:]:
+                if ev.get("loss") is not None and ev.get("event") == "log":
+                    self.log(f"  step {ev.get('step')}/{ev.get('max_steps')} loss {ev['loss']:.4f} "
+                             f"eta {ev.get('eta_seconds', 0):.0f}s")
+            last = len(events)
+        code = proc.returncode if proc is not None else "unknown"
+        return train.read_result(run) or {
+            "status": "failed",
+            "reason": f"the trainer exited (code {code}) without a result; see {run / train.LOG_FILE}",
+        }
 
     # Evaluation and promotion ----------------------------------------------------------------
     def evaluate(self, r: dict[str, Any]) -> None:
