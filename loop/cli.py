@@ -197,6 +197,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if v != ws.base_version:
                 entry["vs_base"] = compare(base, rep).model_dump()
             out["models"][v] = entry
+        if args.target is not None:
+            out["recommendation"] = _rounds(ws, args).recommend(args.target).model_dump()
     if args.json:
         _print_json(out)
         return 0
@@ -208,6 +210,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             c = e["vs_base"]
             line += f"  vs base {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
         print(line)
+    if "recommendation" in out:
+        rec = out["recommendation"]
+        verdict = "fine-tune" if rec["finetune"] else "generate pairs first" if rec["generate_first"] else "keep the model"
+        print(f"\nRecommendation: {verdict}")
+        for reason in rec["reasons"]:
+            print(f"  - {reason}")
     return 0
 
 
@@ -303,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="base and active model on the held-out set (or a BEIR split) with 95%% CIs")
     s.add_argument("--beir", type=Path, default=None, help="a BEIR folder to evaluate on instead")
     s.add_argument("--split", default="test")
+    s.add_argument("--target", type=float, default=None,
+                   help="the NDCG@10 you need: adds the should-I-fine-tune recommendation")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -25,6 +26,7 @@ from storage.db import Store
 
 DOC_SUFFIXES = {".txt", ".md", ".markdown", ".html", ".htm", ".pdf"}
 TABLE_SUFFIXES = {".jsonl", ".csv"}
+_SPLIT_NAME = re.compile(r"[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,9 @@ def _beir_queries(folder: Path, max_bytes: int) -> dict[str, str]:
 
 def read_qrels(folder: Path, split: str, max_bytes: int) -> list[tuple[int, str, str, float]]:
     """(line, query id, corpus id, score) of `qrels/<split>.tsv` with score > 0."""
+    if not _SPLIT_NAME.fullmatch(split) or set(split) == {"."}:
+        # The split names a file inside qrels/: `../../x` would read outside the BEIR folder.
+        raise InputError(f"split {split!r} is not a plain name like train, dev or test", folder)
     qrels = folder / "qrels" / f"{split}.tsv"
     if not qrels.is_file():
         have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []

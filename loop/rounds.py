@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from loop import indexing, train
-from loop.decide import promotion_gate
+from loop.decide import Recommendation, promotion_gate, should_finetune
 from loop.embed import Embedder, model_hash
 from loop.errors import EmbedloopError, InputError, VectorIndexError
 from loop.evaluate import CorpusEmbeddings, EvalReport, EvalSet, compare, evaluate, evalset_from_store
@@ -115,6 +115,7 @@ class Rounds:
     def _save(self, r: dict[str, Any], state: str | None = None, error: str | None = None) -> None:
         if state:
             r["state"] = state
+        r["error"] = error  # the caller's record says what the stored one says
         self.store.execute(
             "UPDATE rounds SET state = ?, error = ?, manifest = ?, updated_at = current_timestamp WHERE round = ?",
             [r["state"], error, json.dumps(r["manifest"], default=str), r["round"]],
@@ -359,6 +360,20 @@ class Rounds:
     def baseline(self) -> EvalReport:
         """The off-the-shelf model on the held-out set (measured once, before any training)."""
         return self.report_for(self.ws.base_version, self.evalset())
+
+    def recommend(self, target_ndcg: float) -> Recommendation:
+        """`should_finetune` on this workspace: baseline, accepted pairs, measured encode speed."""
+        base = self.baseline()
+        accepted = int(self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split = 'train'"))
+        n_passages = int(self.store.scalar("SELECT count(*) FROM passages"))
+        ci = None
+        per_query = np.asarray(base.per_query["ndcg@10"])
+        if len(per_query) > 1:  # the baseline's own 95% interval, by bootstrap over queries
+            rng = np.random.default_rng(self.config.seed)
+            means = per_query[rng.integers(0, len(per_query), size=(2000, len(per_query)))].mean(axis=1)
+            ci = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+        return should_finetune(base.metrics["ndcg@10"], target_ndcg, accepted, n_passages,
+                               self.ws.encode_speed(), ci=ci)
 
     # Training -----------------------------------------------------------------------------
     def training_rows(self) -> list[dict[str, str]]:

@@ -70,6 +70,7 @@ LOG_FILE = "train.log"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 FAULT_ENV = "EMBEDLOOP_TRAIN_FAULT"
+_SECRET_ENV = frozenset({"OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY"})
 
 Status = Literal["ok", "failed", "stopped"]
 
@@ -343,7 +344,9 @@ def start(run_dir: str | Path, *, env: Mapping[str, str] | None = None, nproc: i
     for name in (STOP_FILE, RESULT_FILE):
         (run / name).unlink(missing_ok=True)
     n = nproc if nproc is not None else _cuda_device_count()
-    child_env = dict(os.environ)
+    # The trainer never calls the LLM: it does not inherit the key (least privilege; a crash
+    # report or a library that dumps its environment cannot leak what it never had).
+    child_env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
     child_env.update(env or {})
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")

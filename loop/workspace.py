@@ -4,6 +4,7 @@ CLI and the app share. `Workspace.open()` takes the single-writer lock and appli
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,8 @@ from loop.ingest import Fields, hf_offsets, import_pairs, import_queries, read_d
 from loop.records import Document, IngestReport, SearchHit
 from storage.db import Store
 from storage.index import VectorIndex
+
+log = logging.getLogger("embedloop.workspace")
 
 _CONFIG_TEMPLATE = """\
 # embedloop workspace settings. Environment variables EMBEDLOOP_<NAME> override these.
@@ -37,6 +40,7 @@ class Workspace:
         self.settings = settings
         self.store = store
         self._embedders: dict[str, Embedder] = {}
+        self.index_recovery: str | None = None  # set when a damaged Chroma folder was rebuilt
 
     @classmethod
     def open(cls, workspace: str | Path | None = None, **overrides: Any) -> Workspace:
@@ -102,8 +106,26 @@ class Workspace:
 
     @cached_property
     def index(self) -> VectorIndex:
+        """The Chroma index, opened on first use. A damaged embedded index is detected here, moved
+        aside (`chroma.corrupt-<timestamp>`) and rebuilt from DuckDB for the active model."""
         s = self.settings
-        return VectorIndex(url=s.chroma_url) if s.chroma_url else VectorIndex(path=s.chroma_path)
+        if s.chroma_url:
+            return VectorIndex(url=s.chroma_url)
+        index, moved, problem = VectorIndex.open_embedded(s.chroma_path)
+        if moved is not None:
+            self.index_recovery = (
+                f"{problem}. It was moved to {moved} and the index is being rebuilt from DuckDB for "
+                f"model {self.active_model}; earlier index versions are not kept for rollback."
+            )
+            log.warning("%s", self.index_recovery)
+            self.__dict__["index"] = index  # so the rebuild (and anything it calls) sees this one
+            try:
+                indexing.sync(self.store, index, self.embedder())
+            except BaseException:
+                del self.__dict__["index"]
+                index.close()
+                raise
+        return index
 
     # Ingestion ---------------------------------------------------------------------------
     def _chunk_args(self) -> tuple[Any, int, int]:
@@ -151,6 +173,21 @@ class Workspace:
         from loop.llm import LLMCache, LLMClient, LLMSettings
 
         return LLMClient(LLMSettings.from_settings(self.settings), LLMCache(self.store))
+
+    def encode_speed(self, sample: int = 64) -> float:
+        """Passages per second the active model encodes here, measured on a sample of the corpus."""
+        import time
+
+        texts = [t for (t,) in self.store.execute(
+            f"SELECT text FROM passages USING SAMPLE reservoir({int(sample)} ROWS) REPEATABLE (0)"
+        ).fetchall()]
+        if not texts:
+            return float("nan")
+        emb = self.embedder()
+        emb.encode(texts[:2])  # load and warm up outside the timing
+        t0 = time.perf_counter()
+        emb.encode(texts)
+        return len(texts) / max(time.perf_counter() - t0, 1e-9)
 
     # Queries -----------------------------------------------------------------------------
     def search(self, query: str, k: int = 10) -> list[SearchHit]:

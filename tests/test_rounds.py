@@ -165,3 +165,14 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
             assert status["active_model"]["version"] == ws.base_version
         # The baseline was stored before training.
         assert json.loads(ws.store.scalar("SELECT metrics FROM model_versions WHERE version = ?", [ws.base_version]))
+
+
+def test_recommendation_uses_baseline_pairs_and_speed(workspace, tmp_path):
+    _seed(workspace, tmp_path)
+    rounds, _ = _rounds(workspace)
+    rounds.ensure_eval_split()
+    rec = rounds.recommend(target_ndcg=1.0)
+    assert rec.pairs_available == 5  # 10 seeds, 5 held out
+    assert rec.generate_first and not rec.finetune  # far below 1,000 pairs
+    assert rec.reindex_seconds > 0 and any("Re-indexing" in r for r in rec.reasons)
+    assert 0 <= rec.baseline <= 1
