@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loop.errors import EmbedloopError
+from loop.train import pid_alive
 from storage.db import Store
 
 
@@ -73,7 +74,7 @@ class JobRunner:
         resumes from its last checkpoint.
         """
         rows = self.store.rows("SELECT job_id, pid FROM jobs WHERE status = 'running'")
-        stale = [r["job_id"] for r in rows if r["pid"] != os.getpid() and not _alive(r["pid"])]
+        stale = [r["job_id"] for r in rows if r["pid"] != os.getpid() and not pid_alive(r["pid"])]
         for job_id in stale:
             self.store.execute(
                 "UPDATE jobs SET status = 'interrupted', error = 'the process running it stopped', "
@@ -151,15 +152,3 @@ class JobRunner:
         if entry is not None:
             entry[0].join(timeout)
         return self.status(job_id)
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

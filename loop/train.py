@@ -410,9 +410,9 @@ def running_pid(run_dir: str | Path) -> int | None:
     return pid if run.encode() in cmdline else None
 
 
-def is_running(pid: int) -> bool:
-    """Whether `pid` is a live training process (not a zombie, not a reused pid of another program)."""
-    if pid <= 0:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    if not pid or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -420,15 +420,24 @@ def is_running(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    proc = Path(f"/proc/{pid}")
-    if not proc.exists():  # not Linux: signal 0 is all we can ask
-        return True
     try:
-        stat = (proc / "stat").read_text()
-        if stat[stat.rindex(")") + 2 :].startswith(("Z", "X")):
-            return False
-        return b"loop.train" in (proc / "cmdline").read_bytes()
-    except (OSError, ValueError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return Path("/proc/self").exists() is False  # not Linux: signal 0 is all we can ask
+    except OSError:
+        return True
+    return not stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a live training process (not a zombie, not a reused pid of another program)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        return b"loop.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # not Linux: trust the liveness check
+    except OSError:
         return False
 
 
