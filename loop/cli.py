@@ -92,10 +92,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"passages       {st['passages']}")
     print(f"queries        {st['queries']}")
     for source, by_status in st["pairs"].items():
-        print(f"pairs {source:<9}{', '.join(f'{k} {v}' for k, v in by_status.items())}")
+        print(f"pairs {source + ':':<10}{', '.join(f'{k} {v}' for k, v in by_status.items())}")
     print(f"decisions      {st['decisions']}")
     print(f"active model   {st['active_model']['version']}")
     print(f"active index   {idx.get('collection', '(none)')} ({idx.get('count', 0)} vectors)")
+    for r in st["rounds"]:
+        line = f"round {r['round']:<9}{r['state']}"
+        if r.get("ndcg@10"):
+            n = r["ndcg@10"]
+            line += f"; NDCG@10 base {n['base']:.4f} -> candidate {n['candidate']:.4f}"
+            line += f" ({'promoted' if r.get('promoted') else 'not promoted'})"
+        if r.get("error"):
+            line += f"; {r['error']}"
+        print(line)
     return 0
 
 

@@ -55,6 +55,7 @@ class LoopConfig(BaseModel):
     k: int = Field(20, ge=2, description="top-k used to score candidates")
     generate_threshold: int = Field(1000, ge=0, description="generate while accepted train pairs are fewer")
     generate_max: int = Field(300, ge=0, description="synthetic pairs generated per round at most")
+    mine_top: int = Field(1, ge=1, le=20, description="passages of the active index proposed per logged query")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of human-verified pairs held out, once")
     eval_max: int = Field(200, ge=1)
@@ -191,14 +192,16 @@ class Rounds:
         rows = [(qid, text) for qid, text in rows if " ".join(text.lower().split()) not in held_out]
         if not rows:
             return 0
-        top = self._search_ids([t for _, t in rows], 1)
-        texts = self.store.passages(sorted({ids[0] for ids in top if ids}))
+        # Each logged query proposes its top `mine_top` passages: a query usually has several
+        # relevant documents, and one review per passage labels more of them than top-1 alone.
+        top = self._search_ids([t for _, t in rows], self.config.mine_top)
+        texts = self.store.passages(sorted({pid for ids in top for pid in ids}))
         new = [
-            {"pair_id": Pair.make_id(text, texts[ids[0]]), "anchor": text, "positive_id": ids[0],
-             "positive_text": texts[ids[0]], "source": "mined", "status": "candidate", "split": "train",
-             "round": r["round"], "query_id": qid, "origin": "query log + top-1",
-             "meta": json.dumps({"generator": "mined:top1"})}
-            for (qid, text), ids in zip(rows, top, strict=True) if ids
+            {"pair_id": Pair.make_id(text, texts[pid]), "anchor": text, "positive_id": pid,
+             "positive_text": texts[pid], "source": "mined", "status": "candidate", "split": "train",
+             "round": r["round"], "query_id": qid, "origin": f"query log + top-{rank + 1}",
+             "meta": json.dumps({"generator": f"mined:top{rank + 1}"})}
+            for (qid, text), ids in zip(rows, top, strict=True) for rank, pid in enumerate(ids)
         ]
         with self.store.transaction() as cur:
             return self.store.insert_ignore(cur, "pairs", new)

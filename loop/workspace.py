@@ -5,6 +5,7 @@ CLI and the app share. `Workspace.open()` takes the single-writer lock and appli
 from __future__ import annotations
 
 import logging
+import json
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -210,10 +211,23 @@ class Workspace:
         model = self.store.rows(
             "SELECT version, path, status, parent, round FROM model_versions WHERE version = ?", [self.active_model]
         )
+        rounds = []
+        for r in self.store.rows("SELECT round, state, error, manifest FROM rounds ORDER BY round"):
+            m = json.loads(r["manifest"] or "{}")
+            entry: dict[str, Any] = {"round": r["round"], "state": r["state"], "error": r["error"]}
+            if "metrics" in m:
+                entry["ndcg@10"] = {k: m["metrics"][k]["ndcg@10"] for k in ("base", "active", "candidate")}
+                entry["vs_base"] = {k: m["vs_base"][k] for k in ("delta", "ci_low", "ci_high")}
+            if "promotion" in m:
+                entry["promoted"] = m["promotion"]["promote"]
+            if "model" in m:
+                entry["model"] = m["model"]["version"]
+            rounds.append(entry)
         return {
             "workspace": str(self.settings.workspace.resolve()),
             **counts,
             "active_model": model[0] if model else {"version": self.active_model},
             "active_index": index_info,
             "chroma": self.settings.chroma_url or str(self.settings.chroma_path),
+            "rounds": rounds,
         }
