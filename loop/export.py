@@ -34,8 +34,8 @@ def model_card(store: Store, version: str) -> str:
     lines = [
         "---", "library_name: sentence-transformers", "tags: [sentence-transformers, embedloop]", "---", "",
         f"# {version}", "",
-        f"Fine-tuned with embedloop from base model `{model['parent'] or model['version']}`"
-        f" (sha256 `{model['sha256'][:16]}`).", "",
+        f"Fine-tuned with embedloop from base model `{model['parent'] or model['version']}`; "
+        f"this model's sha256 is `{model['sha256'][:16]}…`.", "",
         "## Data", "",
         f"- corpus: {counts['documents']:,} documents, {counts['passages']:,} passages",
         f"- pairs by source and status: `{json.dumps(counts['pairs'])}`",
@@ -74,13 +74,15 @@ def export(store: Store, version: str, model_path: str | Path, directory: str | 
     card = model_card(store, version)  # fails (unknown version) before anything is written
     out = _target(directory, model_path)
     model_out = out / "model"
-    shutil.copytree(model_path, model_out, ignore=shutil.ignore_patterns("checkpoint-*", "optimizer.pt"))
+    shutil.copytree(model_path, model_out, ignore=shutil.ignore_patterns("checkpoint-*", "optimizer.pt", "training_args.bin"))
     (model_out / "README.md").write_text(card, encoding="utf-8")
     pairs = accepted_pairs(store)
     with (out / "pairs.jsonl").open("w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps({k: v for k, v in p.items() if v is not None}, ensure_ascii=False) + "\n")
-    from datasets import Dataset, Features, Value
+    from datasets import Dataset, Features, Value, disable_progress_bars
+
+    disable_progress_bars()
 
     # Explicit features and one shard: with no accepted pairs, `from_list` can't infer a schema and
     # `save_to_disk` would write zero shards, which `load_from_disk` can't read back.
