@@ -126,12 +126,10 @@ def _log(msg: str) -> None:
 
 
 def _rounds(ws, args: argparse.Namespace):
-    from loop.rounds import LoopConfig, Rounds
+    from loop.rounds import Rounds, loop_config
 
-    overrides = {}
-    if getattr(args, "review_budget", None) is not None:
-        overrides["review_budget"] = args.review_budget
-    return Rounds(ws, LoopConfig(**overrides), log=_log, llm=ws.llm())
+    config = loop_config(ws.settings.loop, review_budget=getattr(args, "review_budget", None))
+    return Rounds(ws, config, log=_log, llm=ws.llm())
 
 
 def _run_until(args: argparse.Namespace, step: str) -> int:

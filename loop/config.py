@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY", "llm_api_key"),
     )
 
+    loop: dict[str, Any] = Field(
+        default_factory=dict,
+        description="[loop] table: round settings (review_budget, k, domain, train = {...}, ...); see loop.rounds.LoopConfig",
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -66,6 +66,19 @@ class LoopConfig(BaseModel):
     seed: int = 0
 
 
+def loop_config(settings_table: dict[str, Any], **overrides: Any) -> LoopConfig:
+    """LoopConfig from the workspace's `[loop]` table plus overrides; a clear error on bad keys."""
+    from pydantic import ValidationError
+
+    from loop.errors import ConfigError
+
+    try:
+        return LoopConfig(**{**settings_table, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValidationError as e:
+        problems = "; ".join(f"loop.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"Invalid [loop] settings: {problems}") from e
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -79,7 +92,7 @@ class Rounds:
         self.cancel = cancel or threading.Event()
         self._corpus_cache: dict[str, dict[str, np.ndarray]] = {}  # version -> passage vectors
         self.store = ws.store
-        self.config = config or LoopConfig()
+        self.config = config or loop_config(ws.settings.loop)
         self.log = log or (lambda _msg: None)
         self.llm = llm
         self.train_env = train_env or {}

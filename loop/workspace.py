@@ -31,6 +31,12 @@ _CONFIG_TEMPLATE = """\
 # chunk_overlap = 32
 # llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; key from OPENAI_API_KEY
 # llm_model = "gpt-4o-mini"
+#
+# [loop]                    # round settings (loop.rounds.LoopConfig)
+# review_budget = 200       # cards queued for review per round
+# domain = "contracts read by in-house lawyers"   # for the LLM prompt
+# [loop.train]              # training overrides (loop.train.TrainConfig)
+# epochs = 3
 """
 
 
