@@ -634,3 +634,22 @@ def run_generation(
         usage=usage, round=round,
     )
 
+
+def recent_pairs(store: Store, limit: int = 200, flags: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The newest synthetic pairs with their generator and filter flags; with `flags`, only
+    those carrying one of them."""
+    rows = store.rows(
+        "SELECT anchor, positive_text, status, round, origin, meta FROM pairs WHERE source = 'synthetic' "
+        "ORDER BY created_at DESC, pair_id"
+    )
+    out = []
+    for r in rows:
+        meta = json.loads(r.pop("meta") or "{}")
+        r["generator"] = meta.get("generator") or r["origin"]
+        r["flags"] = list(meta.get("flags") or [])
+        if flags and not set(flags) & set(r["flags"]):
+            continue
+        out.append(r)
+        if len(out) >= limit:
+            break
+    return out

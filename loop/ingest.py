@@ -596,3 +596,15 @@ def import_queries(store: Store, path: str | Path, *, split: str | None = None, 
     with store.transaction() as cur:
         added = Store.insert_ignore(cur, "queries", list(rows.values()))
     return IngestReport(path=str(path), queries_added=added)
+
+
+def corpus_stats(store: Store) -> dict[str, Any]:
+    """Documents and characters per source, and passage lengths in tokens."""
+    sources = store.rows(
+        "SELECT source, count(*) AS documents, sum(n_chars) AS characters FROM documents GROUP BY source ORDER BY source"
+    )
+    lengths = store.rows(
+        "SELECT count(*) AS passages, min(n_tokens) AS min, avg(n_tokens) AS mean, "
+        "quantile_cont(n_tokens, 0.5) AS median, max(n_tokens) AS max FROM passages"
+    )[0]
+    return {"sources": sources, "tokens": lengths}

@@ -248,14 +248,16 @@ def undo_last(store: Store, reviewer: str) -> str | None:
 
 
 def queue_counts(store: Store) -> dict[str, int]:
-    rows = store.execute(
+    """Cards pending and claimed now, and human decisions that stand (undone ones excluded)."""
+    pending, claimed = store.execute(
         "SELECT count(*) FILTER (status = 'pending'), "
-        "count(*) FILTER (status = 'pending' AND claimed_by IS NOT NULL AND claim_expires > ?), "
-        "count(*) FILTER (status IN ('accepted', 'rejected') AND source <> 'edited' AND round IS NOT NULL) "
-        "FROM pairs",
+        "count(*) FILTER (status = 'pending' AND claimed_by IS NOT NULL AND claim_expires > ?) FROM pairs",
         [_now()],
     ).fetchall()[0]
-    return {"pending": rows[0], "claimed": rows[1], "decided_this_far": rows[2]}
+    decided, undone = store.execute(
+        "SELECT count(*) FILTER (action <> 'undo'), count(*) FILTER (action = 'undo') FROM decisions"
+    ).fetchall()[0]
+    return {"pending": pending, "claimed": claimed, "reviewed": decided - undone}
 
 
 def pending(store: Store, limit: int | None = None) -> list[Card]:

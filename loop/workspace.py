@@ -5,7 +5,7 @@ CLI and the app share. `Workspace.open()` takes the single-writer lock and appli
 from __future__ import annotations
 
 import logging
-import json
+import threading
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +47,7 @@ class Workspace:
         self.settings = settings
         self.store = store
         self._embedders: dict[str, Embedder] = {}
+        self._embedders_lock = threading.Lock()  # a job and a page may ask at once
         self.index_recovery: str | None = None  # set when a damaged Chroma folder was rebuilt
 
     @classmethod
@@ -98,6 +99,10 @@ class Workspace:
     def embedder(self, version: str | None = None) -> Embedder:
         """The embedder of a model version (default: the active one), loaded once per process."""
         version = version or self.active_model
+        with self._embedders_lock:
+            return self._embedder(version)
+
+    def _embedder(self, version: str) -> Embedder:
         if version not in self._embedders:
             rows = self.store.rows("SELECT path FROM model_versions WHERE version = ?", [version])
             if not rows:
@@ -118,7 +123,8 @@ class Workspace:
         s = self.settings
         if s.chroma_url:
             return VectorIndex(url=s.chroma_url)
-        index, moved, problem = VectorIndex.open_embedded(s.chroma_path)
+        active = self.store.pointer(indexing.ACTIVE_INDEX)
+        index, moved, problem = VectorIndex.open_embedded(s.chroma_path, probe=[active] if active else [])
         if moved is not None:
             self.index_recovery = (
                 f"{problem}. It was moved to {moved} and the index is being rebuilt from DuckDB for "
@@ -218,8 +224,8 @@ class Workspace:
             "SELECT version, path, status, parent, round FROM model_versions WHERE version = ?", [self.active_model]
         )
         rounds = []
-        for r in self.store.rows("SELECT round, state, error, manifest FROM rounds ORDER BY round"):
-            m = json.loads(r["manifest"] or "{}")
+        for r in self.store.rounds():
+            m = r["manifest"]
             entry: dict[str, Any] = {"round": r["round"], "state": r["state"], "error": r["error"]}
             if "metrics" in m:
                 entry["ndcg@10"] = {k: m["metrics"][k]["ndcg@10"] for k in ("base", "active", "candidate")}

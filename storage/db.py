@@ -256,6 +256,14 @@ class Store:
         ).fetchall()
         return int(row[0][0])
 
+    # Rounds ------------------------------------------------------------------------------
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every round, oldest first, with its manifest parsed."""
+        rows = self.rows("SELECT round, state, error, manifest, started_at, updated_at FROM rounds ORDER BY round")
+        for r in rows:
+            r["manifest"] = json.loads(r["manifest"] or "{}")
+        return rows
+
     # Status ------------------------------------------------------------------------------
     def counts(self) -> dict[str, Any]:
         pairs: dict[str, dict[str, int]] = {}

@@ -1,0 +1,486 @@
+"""The Streamlit app, page by page, with AppTest: a real workspace (DuckDB + Chroma in a temp
+dir) whose model is the FakeEmbedder, injected through session state (ui.deps.WORKSPACE_KEY)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from loop.records import Document
+from loop.rounds import Rounds
+from storage.db import Store
+from tests.fakes import FakeEmbedder
+from tests.openai_server import MODEL, openai_server  # noqa: F401 - fixture
+from ui import deps
+from ui.deps import REVIEWER_KEY, WORKSPACE_KEY
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)> **not bold** [link](javascript:alert(1))'
+
+TOPICS = {
+    "files": "To open a file use the open function with a mode such as read or write and close the file after use.",
+    "loops": "A for loop iterates over the items of a sequence; a while loop repeats while its condition holds.",
+    "classes": "A class statement defines a new type with methods and attributes; instances are created by calling it.",
+    "exceptions": "The try statement catches exceptions raised in its body; finally clauses always run at the end.",
+    "imports": "The import statement loads a module and binds its name; packages are folders of modules.",
+    "strings": "Strings are immutable sequences of characters; methods such as split and join transform them.",
+    "dicts": "A dictionary maps hashable keys to values; lookups by key are fast and keys are unique.",
+    "lambdas": "A lambda expression creates a small anonymous function from a single expression.",
+    "context": "The with statement wraps a block with the enter and exit methods of a context manager.",
+    "generators": "A generator function uses yield to produce a sequence of values lazily, one at a time.",
+    "evil": "Untrusted markup follows: " + EVIL,
+}
+
+
+def pair_id(anchor: str) -> str:
+    return "pair-" + anchor.replace(" ", "-")
+
+
+def _pair(anchor: str, pid: str, text: str, priority: float, **extra) -> dict:
+    return {"pair_id": pair_id(anchor), "anchor": anchor, "positive_id": pid,
+            "positive_text": text, "source": "synthetic", "status": "pending", "priority": priority,
+            "reason": "uncertain: the positive ranks 3rd", "round": 1,
+            "meta": json.dumps({"features": {"pos_score": 0.41, "rank": 2, "margin": -0.03}, "generator": "offline:title"}),
+            **extra}
+
+
+@pytest.fixture
+def ws(tmp_path):
+    """A workspace with 11 one-passage documents and 4 pending review cards (one with markup)."""
+    from loop.workspace import Workspace
+
+    w = Workspace.open(tmp_path / "ws")
+    w._embedders[w.active_model] = FakeEmbedder(w.active_model)
+    w.add_documents([Document(doc_id=k, title=k, text=v) for k, v in TOPICS.items()], "tests")
+    pid = {doc: w.store.first_passage_of_docs([doc])[doc] for doc in TOPICS}
+    text = w.store.passages(list(pid.values()))
+    pairs = [
+        _pair("how do I open a file", pid["files"], text[pid["files"]], 0.9),
+        _pair("iterate over a sequence", pid["loops"], text[pid["loops"]], 0.8),
+        _pair("catch an error", pid["dicts"], text[pid["dicts"]], 0.7),  # wrong positive: pick fixes it
+        _pair("untrusted markup", pid["evil"], text[pid["evil"]], 0.6),
+    ]
+    with w.store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", pairs)
+    w.pids = pid  # for the tests
+    yield w
+    deps._jobs.pop(w, None)
+    w.close()
+
+
+def app(ws, page: str = "ui/overview.py", reviewer: str | None = "ann") -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.session_state[WORKSPACE_KEY] = ws
+    if reviewer:
+        at.session_state[REVIEWER_KEY] = reviewer
+    at.switch_page(page)
+    return at.run()
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_job(ws, kind: str, timeout: float = 60) -> dict:
+    j = deps.jobs(ws)
+    state = j.runner.wait(j.latest[kind], timeout)
+    assert state["status"] != "running", f"{kind} job still running after {timeout}s"
+    return state
+
+
+def decisions(ws) -> list[dict]:
+    return ws.store.rows("SELECT pair_id, reviewer, action, payload FROM decisions ORDER BY decision_id")
+
+
+def html_bodies(at: AppTest) -> str:
+    return "\n".join(h.proto.body for h in at.html)
+
+
+# Every page ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page, title", [
+    ("ui/overview.py", "embedloop"), ("ui/data.py", "Data"), ("ui/generate.py", "Generate"),
+    ("ui/review.py", "Review"), ("ui/train.py", "Train"), ("ui/evaluate.py", "Evaluate"),
+    ("ui/search.py", "Search"), ("ui/export.py", "Export"),
+])
+def test_every_page_renders(ws, page, title):
+    at = ok(app(ws, page))
+    assert at.title[0].value == title
+    assert not at.error, [e.value for e in at.error]
+
+
+# Review ----------------------------------------------------------------------------------------
+def test_accept_commits_the_decision_and_shows_the_next_card(ws):
+    at = ok(app(ws, "ui/review.py"))
+    assert "how do I open a file" in html_bodies(at)
+    at.button(key="review_accept").click().run()
+    ok(at)
+    assert [(d["pair_id"], d["reviewer"], d["action"]) for d in decisions(ws)] == [
+        ("pair-how-do-I-open-a-file", "ann", "accept")]
+    assert ws.store.scalar("SELECT status FROM pairs WHERE pair_id = 'pair-how-do-I-open-a-file'") == "accepted"
+    body = html_bodies(at)
+    assert "iterate over a sequence" in body and "how do I open a file" not in body
+    assert "3 cards left to review" in at.get("progress")[0].proto.text
+
+
+def test_reject_edit_pick_and_undo(ws):
+    at = ok(app(ws, "ui/review.py"))
+    at.button(key="review_reject").click().run()  # card 1: files
+    at.button(key="review_edit").click().run()    # card 2: loops, open the edit form
+    ok(at)
+    at.text_input(key=f"review_edit_query_{pair_id('iterate over a sequence')}").set_value("loop over a list")
+    at.button[[b.label for b in at.button].index("Save the edited query")].click().run()
+    ok(at)
+    assert "catch an error" in html_bodies(at)  # card 3: its positive is the dicts passage
+    picks = [b for b in at.button if b.key and b.key.startswith("review_pick_")]
+    assert 1 <= len(picks) <= 9
+    # The exceptions passage is among the model's top 9 for "catch an error"? Pick it by its text.
+    target = ws.pids["exceptions"]
+    options = at.session_state["review.topk"]["pair-catch-an-error"]
+    i = [h.passage_id for h in options].index(target) + 1
+    at.button(key=f"review_pick_{i}").click().run()
+    ok(at)
+    log = decisions(ws)
+    assert [d["action"] for d in log] == ["reject", "edit", "pick"]
+    assert json.loads(log[1]["payload"])["query"] == "loop over a list"
+    assert json.loads(log[2]["payload"])["passage_id"] == target
+    # the rejected / replaced passages became hard negatives
+    negs = set(ws.store.execute("SELECT anchor, passage_id FROM negatives").fetchall())
+    assert negs == {("how do I open a file", ws.pids["files"]), ("catch an error", ws.pids["dicts"])}
+    assert ws.store.scalar("SELECT count(*) FROM pairs WHERE anchor = 'catch an error' AND positive_id = ? "
+                           "AND status = 'accepted'", [target]) == 1
+    at.button(key="review_undo").click().run()  # undo the pick: its card comes back
+    ok(at)
+    assert "catch an error" in html_bodies(at)
+    assert ws.store.scalar("SELECT status FROM pairs WHERE pair_id = 'pair-catch-an-error'") == "pending"
+    assert decisions(ws)[-1]["action"] == "undo"
+
+
+def test_markup_in_a_passage_is_shown_as_text(ws):
+    at = app(ws, "ui/review.py")
+    for _ in range(3):
+        at.button(key="review_accept").click().run()
+    ok(at)
+    body = html_bodies(at)
+    assert "<mark>Untrusted</mark> <mark>markup</mark> follows" in body  # the query's words are highlighted ...
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in body  # ... and the user's markup is escaped
+    assert "<script>alert" not in body and "<img src=x" not in body
+    assert all(not md.proto.allow_html for md in at.markdown)
+
+
+def test_two_reviewers_get_different_cards(ws):
+    ann = ok(app(ws, "ui/review.py", reviewer="ann"))
+    bob = ok(app(ws, "ui/review.py", reviewer="bob"))
+    assert "how do I open a file" in html_bodies(ann)
+    assert "how do I open a file" not in html_bodies(bob) and "iterate over a sequence" in html_bodies(bob)
+
+
+def test_single_user_mode_asks_for_a_name(ws):
+    at = ok(app(ws, "ui/review.py", reviewer=None))
+    assert any("Single-user mode" in c.value for c in at.caption)
+    assert "review_accept" not in [b.key for b in at.button]
+    at.text_input(key="reviewer_name_input").input("Cy").run()
+    ok(at)
+    at.button(key="review_accept").click().run()
+    assert decisions(ws)[-1]["reviewer"] == "Cy"
+
+
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "s3cret", "client_id": "id",
+        "client_secret": "secret", "server_metadata_url": "https://id.example.com/.well-known/openid-configuration"}
+
+
+def test_with_auth_reviewers_sign_in_and_decisions_record_the_user(ws):
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.session_state[WORKSPACE_KEY] = ws
+    at.secrets["auth"] = AUTH
+    at.user = {"is_logged_in": False}
+    at.switch_page("ui/review.py").run()
+    ok(at)
+    assert [b.label for b in at.button] == ["Sign in"] and not at.html  # no card before sign-in
+    at.user = {"is_logged_in": True, "email": "ann@example.com", "name": "Ann"}
+    at.run()
+    ok(at)
+    at.button(key="review_accept").click().run()
+    assert decisions(ws)[-1]["reviewer"] == "ann@example.com"
+    assert not any("Single-user" in c.value for c in at.caption)
+
+
+# Data ------------------------------------------------------------------------------------------
+def test_uploaded_pairs_are_imported_by_a_job(ws):
+    at = ok(app(ws, "ui/data.py"))
+    rows = [{"anchor": f"question {i} about dictionaries", "positive_id": ws.pids["dicts"]} for i in range(3)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    at.file_uploader(key="upload-pairs").upload("pairs.jsonl", data, "application/json")
+    at.button(key="import-pairs").click().run()
+    wait_job(ws, "import")
+    at.run()
+    ok(at)
+    assert ws.store.scalar("SELECT count(*) FROM pairs WHERE source = 'seed' AND status = 'accepted'") == 3
+    assert any("finished" in s.value for s in at.success)
+
+
+def test_a_bad_upload_gives_a_clear_error_and_imports_nothing(ws):
+    at = app(ws, "ui/data.py")
+    at.file_uploader(key="upload-pairs").upload("pairs.jsonl", b'{"anchor": "q", "positive_id": "nope"}\n{oops\n')
+    at.button(key="import-pairs").click().run()
+    assert wait_job(ws, "import")["status"] == "failed"
+    at.run()
+    errors = " ".join(e.value for e in at.error).replace("\\", "")  # messages are Markdown-escaped
+    assert "pairs.jsonl, line 2: malformed JSON" in errors
+    assert ws.store.scalar("SELECT count(*) FROM pairs WHERE source = 'seed'") == 0
+
+
+def test_a_zip_with_an_unsafe_path_is_refused(ws):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../evil/corpus.jsonl", '{"_id": "x", "text": "y"}\n')
+    at = app(ws, "ui/data.py")
+    at.file_uploader(key="upload-beir").upload("beir.zip", buf.getvalue(), "application/zip")
+    at.button(key="import-beir").click().run()
+    assert wait_job(ws, "import")["status"] == "failed"
+    at.run()
+    assert any("unsafe path" in e.value.replace("\\", "") for e in at.error)
+    assert not (ws.settings.workspace.parent / "evil").exists()
+
+
+def test_a_beir_zip_is_ingested_with_its_qrels(ws):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("mini/corpus.jsonl", '{"_id": "b1", "title": "Bees", "text": "Bees make honey in hives."}\n'
+                                        '{"_id": "b2", "title": "Ants", "text": "Ants build colonies underground."}\n')
+        z.writestr("mini/queries.jsonl", '{"_id": "q1", "text": "who makes honey"}\n')
+        z.writestr("mini/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\tb1\t1\n")
+    at = app(ws, "ui/data.py")
+    at.file_uploader(key="upload-beir").upload("mini.zip", buf.getvalue(), "application/zip")
+    at.button(key="import-beir").click().run()
+    assert wait_job(ws, "import")["status"] == "done"
+    assert ws.store.scalar("SELECT count(*) FROM documents WHERE doc_id IN ('b1', 'b2')") == 2
+    assert ws.store.scalar("SELECT split FROM pairs WHERE anchor = 'who makes honey'") == "test"
+
+
+def test_passage_browser_and_search(ws):
+    at = ok(app(ws, "ui/data.py"))
+    assert len(at.html) >= 10  # the first page of passages, as escaped text
+    at.text_input(key="browse-query").input("context manager enter exit").run()
+    ok(at)
+    assert "<mark>context</mark> <mark>manager</mark>" in at.html[0].proto.body
+
+
+# Generate --------------------------------------------------------------------------------------
+def test_offline_generation_runs_as_a_job_and_shows_its_pairs(ws):
+    at = ok(app(ws, "ui/generate.py"))
+    assert any("offline generator is used" in i.value for i in at.info)
+    at.number_input[0].set_value(12)
+    at.button[[b.label for b in at.button].index("Generate")].click().run()
+    assert wait_job(ws, "generate")["status"] == "done"
+    at.run()
+    ok(at)
+    assert ws.store.scalar("SELECT count(*) FROM pairs WHERE source = 'synthetic' AND status = 'candidate'") > 0
+    assert [m.label for m in at.metric][:3] == ["Generated", "Kept", "New candidates"]
+    assert "offline:" in at.dataframe[-1].value["generator"].iloc[0]
+
+
+def test_llm_key_is_never_shown(ws, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-very-secret-key")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.session_state[WORKSPACE_KEY] = ws
+    ws.settings.llm_api_key = __import__("pydantic").SecretStr("sk-very-secret-key")
+    at.switch_page("ui/generate.py").run()
+    ok(at)
+    shown = " ".join(str(e.value) for kind in (at.caption, at.markdown, at.text_input, at.code, at.info) for e in kind)
+    assert "sk-very-secret-key" not in shown and "API key: **set, from the environment" in shown
+
+
+# Overview, Train, Evaluate ------------------------------------------------------------------------
+def _seed_verified_pairs(ws, n: int = 12, split: str = "train") -> None:
+    rows = []
+    for i, doc in enumerate(list(TOPICS)[: n] * 2):
+        pid = ws.pids[doc]
+        text = ws.store.passages([pid])[pid]
+        anchor = f"{doc} question {i}"
+        rows.append({"pair_id": f"seed-{i}", "anchor": anchor, "positive_id": pid, "positive_text": text,
+                     "source": "seed", "status": "accepted", "split": split})
+    with ws.store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", rows[:n])
+
+
+def test_overview_measures_the_baseline_and_recommends(ws):
+    _seed_verified_pairs(ws)
+    at = ok(app(ws))
+    assert "Review the 4 pending cards" in " ".join(m.value for m in at.markdown)
+    at.button[[b.label for b in at.button].index("Measure the baseline")].click().run()
+    assert wait_job(ws, "baseline")["status"] == "done"
+    at.run()
+    ok(at)
+    assert any(m.label == "Baseline NDCG@10" for m in at.metric)
+    reasons = " ".join(m.value for m in at.markdown)
+    assert "your target is" in reasons and "Re-indexing" in reasons
+
+
+def test_a_fixed_held_out_set_is_measured_without_asking(ws):
+    _seed_verified_pairs(ws, split="eval")
+    ok(app(ws))
+    assert wait_job(ws, "baseline")["status"] == "done"
+    at = ok(app(ws, "ui/evaluate.py"))
+    assert any("Off-the-shelf baseline" in m.value for m in at.markdown)
+
+
+def test_train_page_shows_live_training_progress(ws):
+    r = Rounds(ws).open()
+    run = Rounds(ws).run_dir(r)
+    run.mkdir(parents=True)
+    events = [{"event": "log", "step": s, "max_steps": 20, "loss": 2.0 / s, "eta_seconds": 20 - s,
+               "learning_rate": 3e-5} for s in range(1, 11)]
+    (run / "progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    at = ok(app(ws, "ui/train.py"))
+    assert any("Round **1**" in m.value for m in at.markdown)
+    bar = at.get("progress")[0].proto
+    assert bar.value == 50 and "step 10/20" in bar.text
+    assert at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
+
+
+def test_train_page_fills_the_review_queue_with_a_job(ws):
+    ws.store.execute("UPDATE pairs SET status = 'accepted'")  # an empty queue
+    at = ok(app(ws, "ui/train.py"))
+    at.button[[b.label for b in at.button].index("Generate and fill the review queue")].click().run()
+    assert wait_job(ws, "round", timeout=90)["status"] == "done", deps.jobs(ws).status("round")
+    at.run()
+    ok(at)
+    assert Rounds(ws).current()["state"] == "review"
+
+
+def _fake_round(ws) -> None:
+    manifest = {
+        "round": 1, "model": {"version": "r1-abc"},
+        "metrics": {"base": {"ndcg@10": 0.50}, "active": {"ndcg@10": 0.50}, "candidate": {"ndcg@10": 0.58},
+                    "matryoshka": {"64": 0.52, "128": 0.56, "384": 0.58}, "n_queries": 40},
+        "vs_base": {"delta": 0.08, "ci_low": 0.03, "ci_high": 0.12},
+        "promotion": {"promote": True, "reasons": ["Candidate r1-abc scores NDCG@10 0.5800 against 0.5000.",
+                                                   "The whole interval is above zero: the gain is beyond noise."]},
+    }
+    ws.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (1, 'done', ?)", [json.dumps(manifest)])
+
+
+def test_evaluate_page_shows_rounds_promotion_and_rollback(ws):
+    _fake_round(ws)
+    at = ok(app(ws, "ui/evaluate.py"))
+    table = at.dataframe[0].value
+    assert list(table["round"]) == [1] and table["Δ vs base"].iloc[0] == pytest.approx(0.08)
+    assert table["95% CI low"].iloc[0] == pytest.approx(0.03)
+    assert any("promoted" in s.value for s in at.success)
+    assert any("beyond noise" in m.value for m in at.markdown)
+    at.button(key="rollback").click().run()
+    assert any("Nothing to roll back" in e.value.replace("\\", "") for e in at.error)
+
+
+def test_overview_charts_rounds(ws):
+    _fake_round(ws)
+    at = ok(app(ws))
+    assert any("95% bootstrap interval" in c.value for c in at.caption)
+
+
+# Search, Export, first start ------------------------------------------------------------------------
+def test_search_shows_one_column_when_the_active_model_is_the_base(ws):
+    at = app(ws, "ui/search.py")
+    at.text_input[0].input("open a file")
+    at.button[0].click().run()
+    ok(at)
+    assert any("The active model is the base model" in c.value for c in at.caption)
+    assert "<mark>open</mark> a <mark>file</mark>" in at.html[0].proto.body
+
+
+def test_export_page_offers_downloads(ws):
+    at = ok(app(ws, "ui/export.py"))
+    assert [d.label for d in at.get("download_button")] == ["Accepted pairs (JSONL)", "Model card (README.md)"]
+
+
+def test_first_start_ingests_the_demo_corpus_as_a_job(tmp_path):
+    from loop.workspace import Workspace
+
+    w = Workspace.open(tmp_path / "empty")
+    w._embedders[w.active_model] = FakeEmbedder(w.active_model)
+    try:
+        at = ok(app(w))
+        assert any("First start" in i.value for i in at.info)
+        state = wait_job(w, deps.DEMO_JOB, timeout=120)
+        assert state["status"] == "done", state
+        assert w.status()["documents"] > 50
+        at.run()  # a rerun does not ingest again
+        assert deps.jobs(w).latest[deps.DEMO_JOB] == state["job_id"]
+        assert not deps.jobs(w).running(deps.DEMO_JOB)
+    finally:
+        deps._jobs.pop(w, None)
+        w.close()
+
+
+def test_search_shows_base_and_active_side_by_side(ws):
+    from loop import indexing
+
+    fine = FakeEmbedder("r1-fake", dim=32)  # another "model": its own collection, its own vectors
+    ws.store.execute("INSERT INTO model_versions (version, path, sha256, status) VALUES ('r1-fake', '/nowhere', 'x', "
+                     "'candidate')")
+    ws._embedders["r1-fake"] = fine
+    indexing.activate(ws.store, indexing.build(ws.store, ws.index, fine))
+    at = app(ws, "ui/search.py")
+    at.text_input[0].input("open a file")
+    at.button[0].click().run()
+    ok(at)
+    assert [h.value for h in at.subheader] == ["Base model", "Active model"]
+    assert len(at.html) == 20  # ten hits in each column
+
+
+def test_a_lost_index_is_rebuilt_as_a_job_on_start(ws):
+    ws.index.drop(ws.store.pointer("active_index"))
+    at = ok(app(ws, "ui/search.py"))
+    assert any("being rebuilt" in i.value for i in at.info)
+    assert wait_job(ws, deps.INDEX_JOB)["status"] == "done"
+    assert ws.store.pointer("active_index") in ws.index.collections()
+    at.run()
+    assert not any("being rebuilt" in i.value for i in at.info)
+
+
+def test_a_running_job_can_be_stopped_from_its_panel(ws):
+    def long_job(ctx):
+        while True:
+            ctx.check()  # raises Cancelled once Stop was pressed
+            ctx.progress(1, 2, "Working")
+            __import__("time").sleep(0.01)
+
+    j = deps.jobs(ws)
+    j.submit("round", long_job)
+    at = ok(app(ws, "ui/train.py"))
+    assert at.get("progress")[0].proto.text.startswith("Working")
+    at.button(key="stop-round").click().run()
+    assert wait_job(ws, "round", timeout=10)["status"] == "cancelled"
+
+
+def test_an_empty_queue_says_so(ws):
+    ws.store.execute("UPDATE pairs SET status = 'accepted'")
+    at = ok(app(ws, "ui/review.py"))
+    assert any("Nothing to review" in s.value for s in at.success)
+    assert not at.html
+
+
+def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
+    at = ok(app(ws, "ui/generate.py"))
+    at.text_input[0].input(openai_server.base_url)
+    at.text_input[1].input(MODEL)
+    at.button[[b.label for b in at.button].index("Test connection")].click().run()
+    ok(at)
+    assert any("Connected" in s.value and MODEL in s.value.replace("\\", "") for s in at.success)
+    assert deps.jobs(ws).llm is None  # testing does not switch the app to that endpoint
+    at.button[[b.label for b in at.button].index("Use these settings")].click().run()
+    assert deps.jobs(ws).llm == {"base_url": openai_server.base_url, "model": MODEL}
+    at.number_input[0].set_value(6)
+    at.button[[b.label for b in at.button].index("Generate")].click().run()
+    assert wait_job(ws, "generate")["status"] == "done", deps.jobs(ws).status("generate")
+    at.run()
+    ok(at)
+    assert openai_server.count >= 1
+    assert not any("offline generator is used" in i.value for i in at.info)
+    assert f"llm:{MODEL}" in set(at.dataframe[-1].value["generator"])

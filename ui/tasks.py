@@ -1,0 +1,277 @@
+"""The bodies of the app's jobs: each is `fn(ctx) -> value`, run by `JobRunner` in a thread.
+
+They only chain engine calls and report progress; nothing here runs in a script thread.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import uuid
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from loop import train
+from loop.errors import InputError
+from loop.evaluate import paired_bootstrap, score_distributions
+from loop.jobs import Cancelled, JobContext
+from loop.workspace import Workspace
+
+UPLOAD_TYPES = {
+    "documents": ["txt", "md", "markdown", "html", "htm", "pdf", "jsonl", "csv"],
+    "pairs": ["jsonl", "csv"],
+    "queries": ["txt", "jsonl", "csv"],
+    "beir": ["zip"],
+}
+_ZIP_MAX_MEMBERS = 10_000
+_ZIP_MAX_RATIO = 200  # uncompressed / compressed: beyond this a member is a zip bomb
+
+
+def _safe_name(name: str) -> str:
+    base = PurePosixPath(name.replace("\\", "/")).name
+    base = re.sub(r"[^\w.\- ]", "_", base).strip(" .") or "upload"
+    return base[:120]
+
+
+def save_uploads(ws: Workspace, files: Sequence[tuple[str, bytes]]) -> list[Path]:
+    """Write uploaded files into a fresh folder under <workspace>/uploads; returns their paths."""
+    folder = ws.settings.workspace / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in files:
+        if len(data) > ws.max_bytes:
+            raise InputError(f"the file is larger than max_file_mb ({ws.settings.max_file_mb:g} MiB)", name)
+        path = folder / _safe_name(name)
+        n = 1
+        while path.exists():
+            path = folder / f"{path.stem}-{n}{path.suffix}"
+            n += 1
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def extract_beir_zip(ws: Workspace, zip_path: Path) -> Path:
+    """Unpack a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv) from a zip, safely.
+
+    Refuses members with absolute paths or `..`, links, more than 10,000 members, a member over
+    max_file_mb, or an implausible compression ratio. Returns the folder holding corpus.jsonl.
+    """
+    dest = zip_path.with_suffix("")
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise InputError("not a zip file", zip_path.name) from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > _ZIP_MAX_MEMBERS:
+            raise InputError(f"the zip holds {len(members):,} files; a BEIR folder has a handful", zip_path.name)
+        for m in members:
+            p = PurePosixPath(m.filename)
+            if p.is_absolute() or ".." in p.parts or m.filename.startswith(("/", "\\")):
+                raise InputError(f"unsafe path {m.filename!r} in the zip", zip_path.name)
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise InputError(f"the zip contains a link ({m.filename}); links are not accepted", zip_path.name)
+            if m.file_size > ws.max_bytes:
+                raise InputError(f"{m.filename} is larger than max_file_mb ({ws.settings.max_file_mb:g} MiB)",
+                                 zip_path.name)
+            if m.compress_size and m.file_size / m.compress_size > _ZIP_MAX_RATIO and m.file_size > 2**20:
+                raise InputError(f"{m.filename} expands {m.file_size / m.compress_size:.0f}-fold; refusing a "
+                                 f"possible zip bomb", zip_path.name)
+        zf.extractall(dest)
+    found = sorted(p.parent for p in dest.rglob("corpus.jsonl") if "__MACOSX" not in p.parts)
+    if not found:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise InputError("no corpus.jsonl in the zip: a BEIR folder holds corpus.jsonl, queries.jsonl and "
+                         "qrels/<split>.tsv", zip_path.name)
+    return found[0]
+
+
+def import_uploads(ws: Workspace, kind: str, files: Sequence[tuple[str, bytes]], options: dict[str, Any]):
+    """The job for an upload of `kind` (documents, pairs, queries, beir); returns the reports."""
+
+    def run(ctx: JobContext) -> list[Any]:
+        ctx.progress(0, 0, f"Saving {len(files)} uploaded file(s)")
+        paths = save_uploads(ws, files)
+
+        def progress(done: int, total: int) -> None:
+            ctx.progress(done, total, "Indexing passages")
+
+        reports: list[Any] = []
+        if kind == "documents":
+            reports = ws.ingest(paths, progress=progress)
+        elif kind == "pairs":
+            reports = [ws.import_pairs(p, split=options.get("split", "train")) for p in paths]
+        elif kind == "queries":
+            reports = [ws.import_queries(p) for p in paths]
+        elif kind == "beir":
+            for p in paths:
+                folder = extract_beir_zip(ws, p)
+                ctx.log(f"{p.name}: BEIR folder {folder.name}")
+                reports += ws.ingest([folder], progress=progress)
+                split = options.get("qrels_split")
+                qrels_file = {"train": "train", "eval": "dev", "test": "test"}.get(split or "", "")
+                if split and (folder / "qrels" / f"{qrels_file}.tsv").is_file():
+                    reports.append(ws.import_pairs(folder, split=split))
+                elif split:
+                    ctx.log(f"No qrels/{qrels_file}.tsv in {folder.name}: no labelled pairs imported.")
+                if options.get("queries") and (folder / "queries.jsonl").is_file():
+                    reports.append(ws.import_queries(folder))
+        else:
+            raise InputError(f"unknown upload kind {kind!r}")
+        for r in reports:
+            ctx.log(describe_report(r))
+        return reports
+
+    return run
+
+
+def describe_report(r: Any) -> str:
+    parts = []
+    for field, label in (("documents_added", "documents added"), ("documents_updated", "updated"),
+                         ("documents_unchanged", "unchanged"), ("passages_added", "passages added"),
+                         ("indexed", "vectors indexed"), ("pairs_added", "pairs added"),
+                         ("pairs_unchanged", "pairs already present"), ("pairs_skipped", "pairs skipped"),
+                         ("queries_added", "queries added")):
+        v = getattr(r, field, 0)
+        if v:
+            parts.append(f"{v:,} {label}")
+    return f"{Path(r.path).name}: {', '.join(parts) or 'nothing new'}"
+
+
+def measure_baseline(ws: Workspace):
+    """The off-the-shelf model on the held-out set (held out once, here if not yet), its 95%
+    interval, and the model's encoding speed on this machine (for the re-index estimate)."""
+    from loop.rounds import Rounds
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        rounds = Rounds(ws, log=ctx.log, cancel=ctx.cancel_requested)
+        rounds.ensure_eval_split()
+        evalset = rounds.evalset()
+        ctx.progress(0, 0, f"Evaluating the base model on {len(evalset.query_ids)} held-out queries")
+        report = rounds.report_for(ws.base_version, evalset)
+        per_query = np.asarray(report.per_query["ndcg@10"], dtype=np.float64)
+        _, lo, hi = paired_bootstrap(np.zeros_like(per_query), per_query)
+        ids = ws.store.passage_ids()[:64]
+        texts = list(ws.store.passages(ids).values()) or ["a"]
+        t0 = time.perf_counter()
+        ws.embedder(ws.base_version).encode(texts)
+        speed = len(texts) / max(time.perf_counter() - t0, 1e-6)
+        ctx.log(f"Baseline NDCG@10 {report.metrics['ndcg@10']:.4f} (95% interval {lo:.4f} to {hi:.4f}) on "
+                f"{report.n_queries} queries; encoding {speed:,.0f} passages/s.")
+        return {"report": report, "ci": (lo, hi), "speed": speed, "model": ws.base_version}
+
+    return run
+
+
+def generation(ws: Workspace, llm: Any, n: int, domain: str, seed: int = 0):
+    """Synthetic pairs written as candidates (the next round scores and routes them)."""
+    from loop import indexing
+    from loop.generate import run_generation
+
+    def search_ids(queries: list[str]) -> list[list[str]]:
+        hits = indexing.search(ws.store, ws.index, ws.embedder(), queries, 10)
+        return [[h.passage_id for h in row] for row in hits]
+
+    def run(ctx: JobContext):
+        who = f"the LLM {llm.model} at {llm.endpoint}" if llm else "the offline generator"
+        ctx.log(f"Generating up to {n} pairs with {who}…")
+
+        def progress(done: int, total: int) -> None:
+            ctx.check()
+            ctx.progress(done, total, "Generating")
+
+        report = run_generation(ws.store, search_ids, llm=llm, domain=domain, n=n, seed=seed, progress=progress)
+        u = report.usage
+        ctx.log(f"Generated {report.generated}, kept {report.kept}, wrote {report.written} new candidates; "
+                f"tokens: {u.prompt_tokens:,} prompt + {u.completion_tokens:,} completion "
+                f"({u.requests} requests, {u.cached} cached).")
+        return report
+
+    return run
+
+
+def run_round(ws: Workspace, config: Any, until: str, force: bool, llm: Any):
+    """Advance the open round (or a new one) until `until`; Stop asks training to stop."""
+    from loop.rounds import Rounds
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        def log(line: str) -> None:
+            ctx.log(line)
+            ctx.progress(0, 0, line.strip()[:160])  # the newest line doubles as the status text
+
+        rounds = Rounds(ws, config, log=log, llm=llm, cancel=ctx.cancel_requested)
+        r = rounds.open()
+        run_dir = rounds.run_dir(r)
+
+        def stop_training() -> None:
+            if run_dir.is_dir():
+                train.request_stop(run_dir)  # the trainer keeps its best checkpoint and exits
+
+        ctx.on_cancel.append(stop_training)
+        ctx.progress(0, 0, f"Round {r['round']}: {r['state']}")
+        r = rounds.advance(until=until, force=force)
+        if ctx.cancel_requested.is_set():  # advance() returns early on a stop: say so
+            raise Cancelled(f"Stopped by the user; round {r['round']} is at step {r['state']}.")
+        ctx.log(f"Round {r['round']} is at step {r['state']}.")
+        return {"round": r["round"], "state": r["state"]}
+
+    return run
+
+
+def distributions(ws: Workspace, versions: dict[str, str], max_queries: int = 300):
+    """Cosine of each held-out query with its positive and with its hardest negative (the
+    active model's top 10 outside the relevant documents), for each model in `versions`
+    (label -> version). The same triplets for every model, so the charts compare."""
+    from loop.rounds import Rounds
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        evalset = Rounds(ws).evalset()
+        passages_of: dict[str, list[int]] = {}
+        for i, pid in enumerate(evalset.passage_ids):
+            for d in (evalset.passage_docs or {}).get(pid, [pid]):
+                passages_of.setdefault(d, []).append(i)
+        anchors, positives, negatives = [], [], []
+        qids = evalset.query_ids[:max_queries]
+        ctx.progress(0, len(qids), "Finding hard negatives")
+        for n, (qid, query) in enumerate(zip(qids, evalset.queries, strict=False), 1):
+            relevant = set(evalset.qrels[qid])
+            first = next((passages_of[d][0] for d in sorted(relevant) if d in passages_of), None)
+            if first is None:
+                continue
+            hits = ws.search(query, 10)
+            negs = [h.text for h in hits if not relevant & set(h.doc_ids or [h.passage_id])]
+            anchors.append(query)
+            positives.append(evalset.passages[first])
+            negatives.append(negs or None)
+            ctx.progress(n, len(qids), "Finding hard negatives")
+        out = {}
+        for label, version in versions.items():
+            ctx.check()
+            ctx.progress(0, 0, f"Scoring with {version}")
+            out[label] = score_distributions(ws.embedder(version), anchors, positives, negatives)
+        ctx.log(f"Scored {len(anchors)} held-out queries with {', '.join(versions.values())}.")
+        return out
+
+    return run
+
+
+def export_model(ws: Workspace, version: str, model_path: str, directory: Path):
+    """loop.export.export (model + card, pairs.jsonl, HF dataset), plus a zip of it all for download."""
+    from loop.export import export
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.progress(0, 0, f"Exporting {version} to {directory}")
+        info = export(ws.store, version, model_path, directory)
+        ctx.progress(0, 0, "Zipping the export for download")
+        out = Path(info["directory"])
+        info["zip"] = shutil.make_archive(str(out), "zip", out)  # <dir>.zip, beside the folder
+        ctx.log(f"Exported model {info['model']} and {info['pairs']:,} pairs to {info['directory']}.")
+        return info
+
+    return run
