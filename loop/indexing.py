@@ -162,7 +162,15 @@ def search(store: Store, index: VectorIndex, embedder: Embedder, queries: list[s
     name = store.pointer(ACTIVE_INDEX)
     if not name:
         raise VectorIndexError("There is no active index yet: ingest documents first (`embedloop ingest PATH`).")
-    hits = index.search(name, embedder.encode(queries), embedder.version, k=k)
+    try:
+        hits = index.search(name, embedder.encode(queries), embedder.version, k=k)
+    except VectorIndexError as e:
+        if name in index.collections():
+            raise
+        raise VectorIndexError(
+            f"The active index {name} is missing from the Chroma index at {index.location} (a lost or reset "
+            f"folder?). Rebuild it from DuckDB with `embedloop init` (Workspace.ensure_index())."
+        ) from e
     docs = store.docs_of_passages(sorted({pid for h in hits for pid, _, _ in h}))
     return [
         [SearchHit(passage_id=pid, score=round(float(s), 6), text=t, doc_ids=docs.get(pid, [])) for pid, s, t in h]

@@ -8,7 +8,9 @@ embedded by another version. Which collection is active is DuckDB's business (`l
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import numpy as np
 from chromadb.config import Settings as ChromaSettings
 
 from loop.errors import IndexMismatchError, VectorIndexError
+
+log = logging.getLogger("embedloop.index")
 
 
 def collection_name(model_version: str) -> str:
@@ -63,6 +67,62 @@ class VectorIndex:
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
+
+    def check(self, names: Sequence[str] | None = None) -> None:
+        """List the collections and read one record of each of `names` (default: all).
+
+        Raises:
+            VectorIndexError: Chroma's files are damaged (chromadb opens a folder whose segment
+                files are garbage without complaint, and fails on the first read).
+        """
+        try:
+            present = self.collections()
+            for name in present if names is None else [n for n in names if n in present]:
+                col = self.client.get_collection(name, embedding_function=None)
+                col.count()
+                col.get(limit=1, include=[])  # loads the vector segment: a damaged one fails here
+        except Exception as e:  # chromadb's InternalError and friends, from the Rust bindings
+            raise VectorIndexError(f"The Chroma index at {self.location} cannot be read: {e}") from e
+
+    @classmethod
+    def open_embedded(cls, path: str | Path, probe: Sequence[str] | None = None
+                      ) -> tuple[VectorIndex, Path | None, str | None]:
+        """Open the embedded index at `path`; a damaged folder is moved aside, a fresh one opened.
+
+        `probe` names the collections to read once at open (default: all of them; reading one
+        loads its vectors, so a caller with large kept-for-rollback collections names the active).
+
+        Nothing is deleted: the damaged folder is renamed `<name>.corrupt-<timestamp>` next to it.
+        The caller rebuilds the collections it needs from its own records (DuckDB).
+
+        Returns:
+            The index, the folder the damaged index was moved to (None when it was sound), and
+            what was wrong with it.
+        """
+        path = Path(path)
+        try:
+            index = cls(path=path)
+        except VectorIndexError as e:
+            problem = str(e)
+            _forget_system(path)  # chromadb caches the half-started system by folder
+        else:
+            try:
+                index.check(probe)
+                return index, None, None
+            except VectorIndexError as e:
+                problem = str(e)
+                index.close()
+        if not path.is_dir() or not any(path.iterdir()):
+            raise VectorIndexError(problem)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():
+            moved = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        path.rename(moved)
+        log.info("%s. Moved it to %s; a new index is built in its place.", problem, moved)
+        return cls(path=path), moved, problem
 
     # Collections -------------------------------------------------------------------------
     def collections(self) -> list[str]:
@@ -168,3 +228,18 @@ class VectorIndex:
             [(pid, 1.0 - float(d), doc or "") for pid, d, doc in zip(ids, dists, docs, strict=True)]
             for ids, dists, docs in zip(res["ids"], res["distances"], res["documents"], strict=True)
         ]
+
+
+def _forget_system(path: Path) -> None:
+    """Drop chromadb's cached client system for `path` after it failed to start.
+
+    chromadb registers a folder's system before starting it and keeps it when the start fails,
+    so every later client for that folder (even a fresh one) would reuse the broken system.
+    """
+    try:
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        SharedSystemClient._identifier_to_system.pop(str(path), None)
+        SharedSystemClient._identifier_to_refcount.pop(str(path), None)
+    except (ImportError, AttributeError):  # another chromadb layout: nothing cached to drop
+        pass
