@@ -138,20 +138,22 @@ def _run_until(args: argparse.Namespace, step: str) -> int:
 
     with _open(args) as ws:
         rounds = _rounds(ws, args)
-        r = rounds.advance(until=STATES[STATES.index(step) + 1], force=getattr(args, "force", False))
-        print(f"round {r['round']}: state {r['state']}")
-        if r["state"] == "failed":
-            return 1
-    return 0
+        until = STATES[STATES.index(step) + 1]
+        r = rounds.advance(until=until, force=getattr(args, "force", False))
+        print(f"round {r['round']}: state {r['state']}" + (f" ({r['error']})" if r.get("error") else ""))
+    if r["state"] == "failed":
+        return 1
+    return 0 if STATES.index(r["state"]) >= STATES.index(until) else 1
 
 
 def cmd_round(args: argparse.Namespace) -> int:
     with _open(args) as ws:
         r = _rounds(ws, args).advance(until=args.until, force=args.force)
-        print(f"round {r['round']}: state {r['state']}")
+        print(f"round {r['round']}: state {r['state']}" + (f" ({r['error']})" if r.get("error") else ""))
         if args.json:
             _print_json(r)
-    return 1 if r["state"] == "failed" else 0
+    # Not at the requested step (failed, or paused: e.g. training stopped) is not a success.
+    return 0 if r["state"] == args.until or r["state"] == "done" else 1
 
 
 def cmd_review_list(args: argparse.Namespace) -> int:

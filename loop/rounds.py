@@ -469,8 +469,13 @@ class Rounds:
             result = self._follow(run, proc, pid, poll_s)
             self.store.execute("UPDATE jobs SET status = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
                                [result["status"], result.get("reason"), job_id])
-        if result["status"] == "stopped":
-            self.log("Training stopped on request; its best checkpoint is kept. Run the round again to resume.")
+        if result["status"] in ("stopped", "interrupted"):
+            # Not a failure of the data or the model: the round stays at `train`, and running it
+            # again resumes from the run's last checkpoint (or starts it over if it had none).
+            why = "stopped on request" if result["status"] == "stopped" else result["reason"]
+            msg = f"Training {why}. Run the round again to resume from the last checkpoint."
+            self.log(msg)
+            self._save(r, error=msg)
             return
         if result["status"] != "ok":
             self.fail(r, f"training {result['status']}: {result.get('reason')}")
@@ -509,8 +514,8 @@ class Rounds:
             last = len(events)
         code = proc.returncode if proc is not None else "unknown"
         return train.read_result(run) or {
-            "status": "failed",
-            "reason": f"the trainer exited (code {code}) without a result; see {run / train.LOG_FILE}",
+            "status": "interrupted",
+            "reason": f"the trainer exited (code {code}) without a result (killed?); see {run / train.LOG_FILE}",
         }
 
     # Evaluation and promotion ----------------------------------------------------------------
