@@ -209,8 +209,9 @@ def test_is_running_checks_liveness_and_identity(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loop.train"])
     try:
+        # Right after fork the child may not have exec'd yet (its cmdline is still ours): wait.
+        wait_for(lambda: train.is_running(ours.pid), 10, what="the training process to be seen")
         assert not train.is_running(other.pid)
-        assert train.is_running(ours.pid)
         ours.send_signal(signal.SIGKILL)
         wait_for(lambda: not train.is_running(ours.pid), 5, what="zombie counted as dead")
     finally:
@@ -225,7 +226,7 @@ def test_start_refuses_a_second_trainer_on_a_live_run(tmp_path, minilm_path):
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loop.train", str(run)])
     try:
         train._Progress(run / "progress.jsonl", enabled=True).emit("start", pid=fake.pid)
-        assert train.running_pid(run) == fake.pid
+        wait_for(lambda: train.running_pid(run) == fake.pid, 10, what="the fake trainer to be seen")
         assert train.running_pid(tmp_path) is None
         with pytest.raises(EmbedloopError, match=f"pid {fake.pid}\\) is already running"):
             train.start(run)
