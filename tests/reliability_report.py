@@ -124,7 +124,7 @@ NOTES = [
     "folder is reported at the first search with its fix, and `embedloop init` rebuilds it.",
     "Training: killing the owner leaves the trainer running (own session) and the next advance follows it; "
     "a restart after both died resumes from the last complete checkpoint; a trainer killed while its owner "
-    "waits fails the round with the reason (a new round starts over).",
+    "waits leaves the round at `train` with the reason, and running it again resumes the same run.",
     "Bad input: the {own}-row table of `tests/test_reliability_table.py` (uploads, review, LLM, training, "
     "configuration, paths) and the {ingest}-row import table of `tests/test_ingest.py` (files, pairs, queries) "
     "are one table here. Each row also checks that the workspace's data is unchanged.",
