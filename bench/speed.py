@@ -1,0 +1,307 @@
+"""Speed benchmark (CPU): the project's paths side by side with the stock way, in one run.
+
+    python -m bench.speed [--data DIR] [--passages N] [--train-pairs N] [--only PART ...] [--out FILE.json]
+
+Parts (each prints a ratio project / stock):
+  encode   passages/s: Embedder (torch, onnx, onnx-int8 backends) vs stock SentenceTransformer.encode.
+  reindex  passages/s: loop.indexing.build + activate (encode + Chroma write + verify + switch) vs
+           stock model.encode + collection.add.
+  train    pairs/s: the project's training subprocess (loop.train) vs a stock SentenceTransformerTrainer,
+           same rows, same model, MNRL, batch 32, 1 epoch.
+  review   next-card latency p50/p95 of loop.review.claim_next on a DuckDB file with 100,000 pending pairs.
+  llm      generation throughput (loop.generate.llm_pairs through LLMClient) vs sequential calls, against a
+           local OpenAI-protocol server answering after 200 ms (tests/openai_server.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import MAX_BYTES, machine
+from loop.config import bundled_model_path
+from loop.ingest import iter_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cranfield"
+
+
+def corpus_texts(data: Path | None, n: int) -> list[str]:
+    """`n` passages: from a BEIR corpus when there is one, else synthetic sentences."""
+    texts: list[str] = []
+    if data is not None and (data / "corpus.jsonl").is_file():
+        for _, rec in iter_jsonl(data / "corpus.jsonl", MAX_BYTES):
+            t = f"{rec.get('title') or ''}\n\n{rec.get('text') or ''}".strip()
+            if t:
+                texts.append(t)
+            if len(texts) >= n:
+                break
+    rng = np.random.default_rng(0)
+    words = "flow pressure wing boundary layer shock heat transfer laminar turbulent mach number body".split()
+    while len(texts) < n:
+        texts.append(" ".join(rng.choice(words, size=int(rng.integers(20, 180)))))
+    return texts
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / max(seconds, 1e-9), 2)
+
+
+# Encode ----------------------------------------------------------------------------------------
+def bench_encode(texts: list[str], backends: list[str], cache_dir: Path, batch_size: int = 64) -> dict[str, Any]:
+    from sentence_transformers import SentenceTransformer
+
+    from loop.embed import Embedder
+
+    path = bundled_model_path()
+    stock = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    stock.encode(texts[:32], batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    ref = stock.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    stock_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"passages": len(texts), "stock_torch_passages_s": _rate(len(texts), stock_s)}
+    for be in backends:
+        emb = Embedder(path, "bench", "cpu", batch_size, backend=be, cache_dir=cache_dir)
+        t0 = time.perf_counter()
+        emb.encode(texts[:32])  # warm-up; the first ONNX call exports (timed separately)
+        setup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = emb.encode(texts)
+        secs = time.perf_counter() - t0
+        cos = np.einsum("ij,ij->i", got, ref)
+        out[be] = {"passages_s": _rate(len(texts), secs), "ratio_vs_stock": round(stock_s / secs, 2),
+                   "setup_s": round(setup, 1), "cosine_to_stock_min": round(float(cos.min()), 4),
+                   "cosine_to_stock_mean": round(float(cos.mean()), 5)}
+    return out
+
+
+# Re-index --------------------------------------------------------------------------------------
+def bench_reindex(texts: list[str], backend: str, cache_dir: Path, tmp: Path) -> dict[str, Any]:
+    import chromadb
+    from sentence_transformers import SentenceTransformer
+
+    from loop import indexing
+    from loop.embed import Embedder
+    from loop.records import Document
+    from loop.workspace import Workspace
+
+    path = bundled_model_path()
+    ws = Workspace.open(tmp / "ws")
+    try:
+        ws._embedders[ws.base_version] = Embedder(path, ws.base_version, "cpu", 64, backend=backend, cache_dir=cache_dir)
+        docs = [Document(doc_id=f"d{i}", title="", text=t, source="bench") for i, t in enumerate(texts)]
+        ws.add_documents(docs, "bench")  # the base index (not timed)
+        n = int(ws.store.scalar("SELECT count(*) FROM passages"))
+        version = "bench-v2"
+        ws.store.execute("INSERT INTO model_versions (version, path, parent, sha256, status) VALUES (?, ?, ?, 'x', 'candidate')",
+                         [version, str(path), ws.base_version])
+        emb = Embedder(path, version, "cpu", 64, backend=backend, cache_dir=cache_dir)
+        emb.encode(["warm-up"])
+        t0 = time.perf_counter()
+        name = indexing.build(ws.store, ws.index, emb)
+        indexing.activate(ws.store, name)
+        project_s = time.perf_counter() - t0
+        ptexts = [r[0] for r in ws.store.execute("SELECT text FROM passages ORDER BY passage_id").fetchall()]
+    finally:
+        ws.close()
+    model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    model.encode(["warm-up"])
+    client = chromadb.PersistentClient(path=str(tmp / "stock-chroma"))
+    t0 = time.perf_counter()
+    coll = client.create_collection("stock", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+    vecs = model.encode(ptexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    step = client.get_max_batch_size()
+    ids = [f"p{i}" for i in range(len(ptexts))]
+    for s in range(0, len(ptexts), step):
+        coll.add(ids=ids[s : s + step], embeddings=vecs[s : s + step], documents=ptexts[s : s + step])
+    stock_s = time.perf_counter() - t0
+    return {"passages": n, "backend": backend, "project_passages_s": _rate(n, project_s),
+            "stock_passages_s": _rate(len(ptexts), stock_s), "ratio": round((n / project_s) / (len(ptexts) / stock_s), 2)}
+
+
+# Training --------------------------------------------------------------------------------------
+def bench_train(pairs: list[dict[str, str]], tmp: Path, batch_size: int = 32) -> dict[str, Any]:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from loop import train
+
+    path = bundled_model_path()
+    n_eval = max(2, len(pairs) // 10)
+    tr, ev = pairs[n_eval:], pairs[:n_eval]
+    run = tmp / "run"
+    train.write_snapshot(run, tr, ev, {"base_model": str(path), "epochs": 1, "batch_size": batch_size})
+    t0 = time.perf_counter()
+    proc = train.start(run, nproc=1)
+    proc.wait()
+    project_wall = time.perf_counter() - t0
+    result = train.read_result(run) or {}
+    if result.get("status") != "ok":
+        raise RuntimeError(f"project training failed: {result.get('reason')}; see {run / train.LOG_FILE}")
+
+    model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    cols = ["anchor", "positive"] + (["negative"] if "negative" in tr[0] else [])
+    data = Dataset.from_dict({c: [r[c] for r in tr] for c in cols})
+    args = Args(output_dir=str(tmp / "stock"), num_train_epochs=1, per_device_train_batch_size=batch_size,
+                report_to="none", disable_tqdm=True, save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model))
+    t0 = time.perf_counter()
+    trainer.train()
+    stock_train = time.perf_counter() - t0
+    stock_pps = len(tr) / stock_train
+    project_pps = float(result.get("pairs_per_second") or 0)
+    return {"train_pairs": len(tr), "negatives": "negative" in tr[0], "batch_size": batch_size,
+            "project_pairs_s": round(project_pps, 2), "project_wall_s": round(project_wall, 1),
+            "project_pairs_s_wall": _rate(len(tr), project_wall),
+            "stock_pairs_s": round(stock_pps, 2), "ratio": round(project_pps / stock_pps, 2),
+            "note": "project pairs/s is its trainer loop (incl. per-epoch eval + checkpoint); wall adds process start "
+                    "and model load"}
+
+
+# Review queue ----------------------------------------------------------------------------------
+def bench_review(tmp: Path, n_pending: int = 100_000, n_claims: int = 200) -> dict[str, Any]:
+    from loop.review import DecisionIn, claim_next, decide
+    from storage.db import Store
+
+    store = Store.open(tmp / "review.duckdb")
+    try:
+        rng = np.random.default_rng(0)
+        prio = rng.random(n_pending)
+        t0 = time.perf_counter()
+        rows = [{"pair_id": f"p{i:07d}", "anchor": f"query number {i} about flow", "positive_id": f"d{i % 5000}",
+                 "positive_text": f"passage {i} text " * 20, "source": "synthetic", "status": "pending",
+                 "split": "train", "priority": float(prio[i]), "meta": json.dumps({"features": {"rank": 1}})}
+                for i in range(n_pending)]
+        with store.transaction() as cur:
+            store.insert_ignore(cur, "pairs", rows)
+        fill_s = time.perf_counter() - t0
+        lat, dec = [], []
+        for j in range(n_claims):
+            t0 = time.perf_counter()
+            card = claim_next(store, f"reviewer-{j % 3}")
+            lat.append(time.perf_counter() - t0)
+            assert card is not None
+            t0 = time.perf_counter()
+            decide(store, DecisionIn(pair_id=card.pair_id, action="accept" if j % 2 else "reject",
+                                     reviewer=f"reviewer-{j % 3}"))
+            dec.append(time.perf_counter() - t0)
+    finally:
+        store.close()
+    ms = lambda a, q: round(float(np.percentile(a, q)) * 1000, 1)  # noqa: E731
+    return {"pending": n_pending, "claims": n_claims, "fill_s": round(fill_s, 1),
+            "claim_next_ms_p50": ms(lat, 50), "claim_next_ms_p95": ms(lat, 95),
+            "decide_ms_p50": ms(dec, 50), "decide_ms_p95": ms(dec, 95)}
+
+
+# LLM generation --------------------------------------------------------------------------------
+def bench_llm(texts: list[str], latency: float = 0.2, n: int = 64) -> dict[str, Any]:
+    import openai
+
+    sys.path.insert(0, str(ROOT))
+    from tests.openai_server import MODEL, FakeOpenAI
+
+    from loop.generate import llm_pairs
+    from loop.llm import LLMClient, LLMSettings
+    from loop.prompts import fence, load_prompt
+    from loop.records import Passage
+
+    server = FakeOpenAI().start()
+    server.latency = latency
+    try:
+        passages = [Passage(passage_id=f"p{i}", text=t, n_tokens=len(t.split())) for i, t in enumerate(texts[:n])]
+        prompt = load_prompt("generate_queries")
+        # Sequential: one plain SDK call after another, the way a script would do it.
+        client = openai.OpenAI(base_url=server.base_url, api_key="sk-bench", max_retries=0)
+        n_seq = min(16, n)
+        t0 = time.perf_counter()
+        for p in passages[:n_seq]:
+            msgs = prompt.render(domain="aeronautics", examples="", passage=fence(p.text, "passage"), n=3)
+            client.chat.completions.create(model=MODEL, messages=msgs, response_format={"type": "json_object"})
+        seq_rate = n_seq / (time.perf_counter() - t0)
+        out: dict[str, Any] = {"server_latency_s": latency, "passages": len(passages),
+                               "sequential_passages_s": round(seq_rate, 2)}
+        for label, kw in (("defaults", {}), ("concurrency_32_rpm_60000", {"concurrency": 32, "requests_per_minute": 60000})):
+            llm = LLMClient(LLMSettings(base_url=server.base_url, model=MODEL, **kw))
+            t0 = time.perf_counter()
+            results, _ = llm_pairs(llm, passages, domain="aeronautics", per_passage=3)
+            secs = time.perf_counter() - t0
+            failed = sum(isinstance(r, Exception) for r in results)
+            s = llm.settings
+            out[label] = {"concurrency": s.concurrency, "requests_per_minute": s.requests_per_minute,
+                          "passages_s": _rate(len(passages), secs), "ratio_vs_sequential": round(len(passages) / secs / seq_rate, 2),
+                          "failed": failed}
+        return out
+    finally:
+        server.stop()
+
+
+def _save(path: Path | None, out: dict[str, Any]) -> None:
+    """Write what is measured so far: a later part that fails keeps the earlier figures."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a BEIR folder whose corpus supplies passages")
+    p.add_argument("--passages", type=int, default=1000)
+    p.add_argument("--train-pairs", type=int, default=256)
+    p.add_argument("--backends", nargs="*", default=["torch", "onnx", "onnx-int8"])
+    p.add_argument("--reindex-backend", default="onnx-int8")
+    p.add_argument("--only", nargs="*", default=["encode", "reindex", "train", "review", "llm"])
+    p.add_argument("--pending", type=int, default=100_000)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    cache = tmp / "onnx-cache"
+    out: dict[str, Any] = {"machine": machine(), "command": "python -m bench.speed " + " ".join(argv or sys.argv[1:])}
+    texts = corpus_texts(args.data, args.passages)
+    try:
+        if "encode" in args.only:
+            out["encode"] = bench_encode(texts, args.backends, cache)
+            print("encode", json.dumps(out["encode"]), flush=True)
+            _save(args.out, out)
+        if "reindex" in args.only:
+            out["reindex"] = bench_reindex(texts, args.reindex_backend, cache, tmp / "reindex")
+            print("reindex", json.dumps(out["reindex"]), flush=True)
+            _save(args.out, out)
+        if "train" in args.only:
+            from bench.common import Beir
+
+            rows: list[dict[str, str]] = []
+            if args.data and (args.data / "qrels" / "train.tsv").is_file():
+                beir = Beir.read(args.data, ("train",))
+                rows = [{"anchor": a, "positive": b} for a, b in beir.gold_pairs("train") if a.strip() and b.strip()]
+            rows = (rows or [{"anchor": t[:60], "positive": t} for t in texts])[: args.train_pairs]
+            out["train"] = bench_train(rows, tmp / "train")
+            print("train", json.dumps(out["train"]), flush=True)
+            _save(args.out, out)
+        if "review" in args.only:
+            out["review"] = bench_review(tmp, args.pending)
+            print("review", json.dumps(out["review"]), flush=True)
+            _save(args.out, out)
+        if "llm" in args.only:
+            out["llm"] = bench_llm(texts)
+            print("llm", json.dumps(out["llm"]), flush=True)
+            _save(args.out, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["machine"]["load_avg_1m_end"] = machine()["load_avg_1m"]
+    _save(args.out, out)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
