@@ -75,8 +75,11 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             loop.advance(until="review")
             reviews += reviewer.review(max(0, budget - reviews))
             r = loop.advance(until="done", force=True)
-            if r["state"] == "failed":
-                raise RuntimeError(f"round {n} failed: {r['manifest'].get('failure')}")
+            if r["state"] == "train":  # a killed trainer (e.g. the OOM killer) pauses the round: resume once
+                log(f"  round {n}: training stopped without a result; resuming from its last checkpoint")
+                r = loop.advance(until="done", force=True)
+            if r["state"] != "done":
+                raise RuntimeError(f"round {n} stopped at {r['state']}: {r['manifest'].get('failure') or r.get('error')}")
             model = r["manifest"]["model"]
             emb = (embedder_factory or Embedder)(model["path"], model["version"])
             report = _eval(emb, evalset)
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="tuning: judge on this share of the TRAIN queries (as 'test') and draw labels from the "
                         "rest; qrels/test is not read")
     args = p.parse_args(argv)
+    dev_root: Path | None = None
     if args.dev_split:
         from bench.common import make_dev_split
 
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if dev_root is not None:
+            shutil.rmtree(dev_root, ignore_errors=True)
     result["wall_s"] = {**timer.t, "total": round(time.perf_counter() - t_all, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
