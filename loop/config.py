@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from loop.errors import ConfigError
+from loop.errors import ConfigError, validation_problems
 
 CONFIG_FILE = "embedloop.toml"
 
@@ -123,8 +123,6 @@ def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Sett
     try:
         return Settings(**values)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in e.errors()
-        )
+        problems = validation_problems(e, whole="?")
         source = f"{cfg} / environment" if cfg.exists() else "settings"
         raise ConfigError(f"Invalid configuration ({source}): {problems}") from e

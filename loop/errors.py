@@ -7,6 +7,19 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def validation_problems(error: Any, whole: str = "record", prefix: str = "") -> str:
+    """One line from a pydantic ValidationError: `field.path: message; ...`.
+
+    Args:
+        whole: the name used when an error concerns the whole object (empty location).
+        prefix: put before every field path (e.g. "loop." for a config table).
+    """
+    return "; ".join(
+        f"{prefix}{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in error.errors()
+    )
 
 
 class EmbedloopError(Exception):

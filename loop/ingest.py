@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loop.errors import InputError
+from loop.errors import InputError, validation_problems
 from loop.records import Document, IngestReport, Pair, PairIn, content_hash
 from storage.db import Store
 
@@ -444,7 +444,7 @@ def _pair_rows(
         try:
             p = PairIn(**{k: (str(v) if k != "score" and v is not None else v) for k, v in rec.items()})
         except ValidationError as e:
-            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors())
+            msg = validation_problems(e)
             raise InputError(msg, path, line) from None
         try:
             pos_id, pos_text = resolver.resolve(p.positive, p.positive_id, "positive", line)

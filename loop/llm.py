@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from loop.errors import EmbedloopError
+from loop.errors import EmbedloopError, validation_problems
 
 if TYPE_CHECKING:
     from loop.config import Settings
@@ -366,7 +366,7 @@ class LLMClient:
         try:
             instance = schema.model_validate(data)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors())
+            problems = validation_problems(e, whole="answer")
             raise _Retry("off_schema", f"the JSON does not match {schema.__name__}: {problems[:200]}") from None
         if _is_empty(instance):
             raise _Retry("empty", f"the answer is empty: {text[:120]!r}")

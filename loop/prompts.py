@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loop.errors import EmbedloopError
+from loop.errors import EmbedloopError, validation_problems
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -131,7 +131,7 @@ def load_prompt(prompt_id: str, folder: Path | None = None) -> PromptTemplate:
     try:
         tmpl = PromptTemplate(**data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'template'}: {err['msg']}" for err in e.errors())
+        problems = validation_problems(e, whole="template")
         raise PromptError(f"{path}: {problems}") from e
     if tmpl.id != prompt_id:
         raise PromptError(f"{path}: id is {tmpl.id!r}, but the file name says {prompt_id!r}.")

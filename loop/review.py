@@ -18,7 +18,7 @@ from typing import Any, Literal
 import duckdb
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from loop.errors import EmbedloopError, InputError, NotFoundError
+from loop.errors import EmbedloopError, InputError, NotFoundError, validation_problems
 from loop.records import Pair
 from storage.db import Store
 
@@ -276,7 +276,7 @@ def read_decisions(path: str | Path, max_bytes: int) -> list[DecisionIn]:
         try:
             out.append(DecisionIn(**rec))
         except ValidationError as e:
-            msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors())
+            msg = validation_problems(e)
             raise InputError(msg, path, n) from None
     if not out:
         raise InputError("no decisions in this file", path)

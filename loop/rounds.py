@@ -70,12 +70,12 @@ def loop_config(settings_table: dict[str, Any], **overrides: Any) -> LoopConfig:
     """LoopConfig from the workspace's `[loop]` table plus overrides; a clear error on bad keys."""
     from pydantic import ValidationError
 
-    from loop.errors import ConfigError
+    from loop.errors import ConfigError, validation_problems
 
     try:
         return LoopConfig(**{**settings_table, **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as e:
-        problems = "; ".join(f"loop.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = validation_problems(e, whole="", prefix="loop.")
         raise ConfigError(f"Invalid [loop] settings: {problems}") from e
 
 
