@@ -272,8 +272,3 @@ def quantize_onnx(src: Path, dst: Path) -> Path:
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
     os.replace(tmp, dst)
     return dst
-
-
-def base_version(path: str | Path) -> str:
-    """Version id of an off-the-shelf model: `base-<first 10 hex of its hash>`."""
-    return f"base-{model_hash(path)[:10]}"
