@@ -204,7 +204,7 @@ def bench_review(tmp: Path, n_pending: int = 100_000, n_claims: int = 200) -> di
 
 
 # LLM generation --------------------------------------------------------------------------------
-def bench_llm(texts: list[str], latency: float = 0.2, n: int = 64) -> dict[str, Any]:
+def bench_llm(texts: list[str], latency: float = 0.2, n: int = 256) -> dict[str, Any]:
     import openai
 
     sys.path.insert(0, str(ROOT))

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         default="", validation_alias=AliasChoices("EMBEDLOOP_LLM_BASE_URL", "OPENAI_BASE_URL", "llm_base_url")
     )
     llm_model: str = Field(default="gpt-4o-mini")
+    llm_concurrency: int = Field(default=16, ge=1, le=256, description="LLM requests in flight at once.")
+    llm_requests_per_minute: float = Field(
+        default=6000.0, gt=0, description="Client-side cap; a 429 from the endpoint still backs off (Retry-After)."
+    )
     llm_api_key: SecretStr | None = Field(
         default=None,
         exclude=True,
