@@ -37,22 +37,38 @@ def _eval(emb: Any, evalset: EvalSet) -> EvalReport:
     return evaluate(emb, evalset, k=100, dims=(None,), gain=GAIN)
 
 
+def ingested(beir: Beir, workdir: Path) -> Path:
+    """A closed workspace holding the ingested corpus: every arm starts from a copy of it, so the
+    corpus is chunked and encoded once per benchmark instead of once per arm."""
+    from loop.workspace import Workspace
+
+    if not (workdir / "embedloop.duckdb").exists():
+        with Workspace.open(workdir) as ws:
+            ws.ingest([beir.folder])
+    return workdir
+
+
 def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rounds: int, workdir: Path,
              seed_pairs: int = 0, generator: str = "offline", random_control: bool = False, seed: int = 0,
-             loop_overrides: dict[str, Any] | None = None, log=print, embedder_factory=None) -> dict[str, Any]:
+             loop_overrides: dict[str, Any] | None = None, log=print, embedder_factory=None,
+             template: Path | None = None) -> dict[str, Any]:
     """R rounds of the real loop with the simulated reviewer; per-round test figures.
 
+    `template`: an `ingested` workspace to start from (copied); None = ingest here.
     `embedder_factory(path, version)` replaces `Embedder` for the test evaluation (tests pass a fake).
     """
     from loop.rounds import LoopConfig, Rounds
     from loop.workspace import Workspace
 
     t0 = time.perf_counter()
+    if template is not None:
+        shutil.copytree(template, workdir)
     ws = Workspace.open(workdir)
     try:
         if embedder_factory is not None:  # tests: the workspace's models are fakes too
             ws._embedders[ws.base_version] = embedder_factory(ws.settings.base_model_path, ws.base_version)
-        ws.ingest([beir.folder])
+        if template is None:
+            ws.ingest([beir.folder])
         if seed_pairs:
             ws.import_pairs(beir.folder, split="train", limit=seed_pairs, seed=seed)
         ws.import_queries(beir.folder, split="train")
@@ -172,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {st.metrics['ndcg@10']:.4f}")
         common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
                       seed=args.seed, loop_overrides=args.loop_config, log=log)
+        if {"loop", "random"} - set(args.skip):
+            with timer("ingest"):
+                common["template"] = ingested(beir, tmp / "ingested")
         if "loop" not in args.skip:
             with timer("loop"):
                 lp = run_loop(beir, evalset, base, workdir=tmp / "loop", **common)

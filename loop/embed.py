@@ -168,7 +168,7 @@ class OnnxEncoder:
         mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(mode, mode)
         if mode not in ("mean", "cls", "max"):
             raise ConfigError(f"The ONNX backend supports mean, cls or max pooling, not {mode!r}; use the torch backend.")
-        folder = Path(cache_dir) / model_hash(path)[:16]
+        folder = Path(cache_dir) / f"{model_hash(path)[:16]}-fused"  # "-fused": older caches hold unfused exports
         fp32 = folder / "model.onnx"
         if not fp32.exists():
             export_onnx(modules[0], folder)
@@ -215,7 +215,15 @@ class OnnxEncoder:
 
 
 def export_onnx(transformer_module, folder: Path) -> Path:
-    """Export a sentence-transformers Transformer module's model to `folder/model.onnx` (atomic)."""
+    """Export a sentence-transformers Transformer module's model to `folder/model.onnx` (atomic),
+    then fuse it for ONNX Runtime's CPU kernels.
+
+    The export traces eager attention with the TorchScript exporter: that graph is the one ONNX
+    Runtime's transformer optimizer recognises, so attention, embedding + LayerNorm, bias + GELU
+    and residual + LayerNorm each become one fused op (about 2x faster than the unfused graph on a
+    CPU). Where that exporter or the fusion fails (an unusual architecture), the dynamo exporter's
+    graph is used as it is: slower, same numbers.
+    """
     import shutil
     import tempfile
 
@@ -238,27 +246,55 @@ def export_onnx(transformer_module, folder: Path) -> Path:
     names = ["input_ids", "attention_mask", "token_type_ids"]
     if "token_type_ids" not in example:
         example["token_type_ids"] = torch.zeros_like(example["input_ids"])
+    args = tuple(example[n] for n in names)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     was_training = hf.training
     device = next(hf.parameters()).device
+    attn = getattr(hf.config, "_attn_implementation", None)
     hf.eval().to("cpu")
     try:
-        b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
-        with torch.no_grad():
-            torch.onnx.export(
-                _Wrap(hf), tuple(example[n] for n in names), str(tmp / "model.onnx"), input_names=names,
-                output_names=["last_hidden_state"], dynamic_shapes={n: {0: b, 1: s} for n in names},
-                opset_version=18, dynamo=True, external_data=False, verbose=False,
-            )
+        raw = tmp / "raw.onnx"
+        try:
+            if attn and attn != "eager":
+                hf.set_attn_implementation("eager")
+            with torch.no_grad():
+                torch.onnx.export(
+                    _Wrap(hf), args, str(raw), input_names=names, output_names=["last_hidden_state"],
+                    dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
+                    opset_version=17, dynamo=False,
+                )
+            _fuse(raw, tmp / "model.onnx", hf.config)
+        except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the plain export
+            b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
+            with torch.no_grad():
+                torch.onnx.export(
+                    _Wrap(hf), args, str(tmp / "model.onnx"), input_names=names,
+                    output_names=["last_hidden_state"], dynamic_shapes={n: {0: b, 1: s} for n in names},
+                    opset_version=18, dynamo=True, external_data=False, verbose=False,
+                )
+        raw.unlink(missing_ok=True)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if attn and attn != "eager":
+            hf.set_attn_implementation(attn)
         hf.to(device)
         hf.train(was_training)
     return folder / "model.onnx"
+
+
+def _fuse(src: Path, dst: Path, config) -> None:
+    """ONNX Runtime's BERT fusions (attention, LayerNorm, GELU); raises when attention was not fused."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    model = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden)
+    if not model.get_fused_operator_statistics().get("Attention"):
+        raise RuntimeError("attention was not fused")
+    model.save_model_to_file(str(dst))
 
 
 def quantize_onnx(src: Path, dst: Path) -> Path:
@@ -266,9 +302,12 @@ def quantize_onnx(src: Path, dst: Path) -> Path:
 
     Per channel: per-tensor scales cost 0.014 NDCG@10 on cranfield (all-MiniLM-L6-v2), per-channel 0.002.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+    # DefaultTensorType: shape inference cannot type the outputs of fused (contrib) ops.
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     os.replace(tmp, dst)
     return dst

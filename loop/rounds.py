@@ -240,7 +240,8 @@ class Rounds:
         t0 = time.monotonic()
         mined = self._mine_query_log(r)
         cands = self.store.rows(
-            "SELECT pair_id, anchor, positive_id, positive_text, meta FROM pairs WHERE status = 'candidate' ORDER BY pair_id"
+            "SELECT pair_id, anchor, positive_id, positive_text, source, meta FROM pairs WHERE status = 'candidate' "
+            "ORDER BY pair_id"
         )
         if not cands:
             self.log("No candidates to route.")
@@ -264,7 +265,7 @@ class Rounds:
         f = features(pos_score, topk_ids, topk_scores, positives, base_topk)
         flagged = np.array([bool(json.loads(c["meta"] or "{}").get("flags")) for c in cands])
         policy = self.config.routing.model_copy(update={"seed": self.config.seed + r["round"]})
-        routing = route(f, policy, flagged)
+        routing = route(f, policy, flagged, [c["source"] for c in cands])
 
         # The review budget: the random control slice first, then the highest expected value.
         review = [i for i in range(len(cands)) if routing.route[i] == REVIEW]

@@ -16,6 +16,7 @@ time is best spent:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,10 @@ class RoutingPolicy(BaseModel):
     hopeless_score: float = Field(0.10, description="drop when outside top-k and cosine below this")
     random_fraction: float = Field(0.10, ge=0.0, le=1.0, description="random control slice sent to review")
     uncertainty_scale: float = Field(0.05, gt=0.0, description="margin scale of the uncertainty score")
+    auto_accept_sources: list[str] = Field(
+        default_factory=lambda: ["synthetic", "mined"],
+        description="candidate sources that may be accepted without review (others always go to a person)",
+    )
     seed: int = 0
 
 
@@ -129,8 +134,11 @@ def priority(f: Features, policy: RoutingPolicy) -> np.ndarray:
     return uncertainty + 0.5 * f.disagreement
 
 
-def route(f: Features, policy: RoutingPolicy = RoutingPolicy(), flagged: np.ndarray | None = None) -> Routing:
-    """Route every candidate; `flagged` candidates (e.g. instruction-like text) always go to review."""
+def route(f: Features, policy: RoutingPolicy = RoutingPolicy(), flagged: np.ndarray | None = None,
+          sources: Sequence[str] | None = None) -> Routing:
+    """Route every candidate; `flagged` candidates (e.g. instruction-like text) always go to review,
+    and so does a confident one whose source (`sources`, per candidate) is not in
+    `policy.auto_accept_sources`."""
     n = len(f.pos_score)
     routes = np.full(n, REVIEW, dtype=object)
     reasons = [""] * n
@@ -140,7 +148,10 @@ def route(f: Features, policy: RoutingPolicy = RoutingPolicy(), flagged: np.ndar
         if flagged[i]:
             reasons[i] = "flagged by a quality filter"
         elif f.rank[i] == 0 and f.margin[i] >= policy.confident_margin and f.disagreement[i] <= policy.max_disagreement:
-            routes[i], reasons[i] = AUTO, f"ranked first by a margin of {f.margin[i]:.2f}"
+            if sources is None or sources[i] in policy.auto_accept_sources:
+                routes[i], reasons[i] = AUTO, f"ranked first by a margin of {f.margin[i]:.2f}"
+            else:
+                reasons[i] = f"ranked first by a margin of {f.margin[i]:.2f}; {sources[i]} pairs are confirmed by a person"
         elif not f.roundtrip[i] and f.pos_score[i] < policy.hopeless_score:
             routes[i], reasons[i] = DROP, (
                 f"positive outside the top-{int(f.rank[i])} with cosine {f.pos_score[i]:.2f}"

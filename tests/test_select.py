@@ -116,6 +116,15 @@ def test_route_drop_and_auto_give_a_reason_for_every_candidate():
     assert "cosine 0.02" in r.reason[1]
 
 
+def test_route_auto_accepts_only_the_allowed_sources():
+    f = _f([0.9, 0.9], [["p", "a"], ["p", "a"]], [[0.9, 0.1], [0.9, 0.1]], [{"p"}] * 2)
+    policy = NO_CONTROL.model_copy(update={"auto_accept_sources": ["synthetic"]})
+    r = route(f, policy, sources=["synthetic", "mined"])
+    assert r.route.tolist() == [AUTO, REVIEW]
+    assert "mined pairs are confirmed by a person" in r.reason[1]
+    assert route(f, NO_CONTROL).route.tolist() == [AUTO, AUTO]  # no sources given: confidence alone decides
+
+
 def test_priority_is_highest_near_a_zero_margin():
     f = _f([0.60, 0.90, 0.10, 0.61], [["p", "a"], ["p", "a"], ["a", "p"], ["a", "p"]],
            [[0.6, 0.6], [0.9, 0.3], [0.7, 0.1], [0.62, 0.61]], [{"p"}] * 4)
