@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(default=32, ge=0, description="Tokens shared by consecutive passages of a document.")
     encode_batch_size: int = Field(default=64, gt=0)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    encode_backend: str = Field(
+        default="auto", description="auto | torch | onnx | onnx-int8; auto = int8 ONNX Runtime on a CPU, torch on a GPU."
+    )
 
     # LLM (any OpenAI-compatible endpoint). Empty base URL and no key = offline generator.
     llm_base_url: str = Field(
@@ -67,6 +70,15 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         if v not in {"auto", "cpu", "cuda", "mps"} and not v.startswith("cuda:"):
             raise ValueError("device must be one of auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @field_validator("encode_backend")
+    @classmethod
+    def _encode_backend(cls, v: str) -> str:
+        from loop.embed import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"encode_backend must be one of {', '.join(BACKENDS)}")
         return v
 
     @field_validator("chroma_url")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_ENV = "EMBEDLOOP_ENCODE_BACKEND"
 ONNX_CACHE_ENV = "EMBEDLOOP_ONNX_CACHE"
 
@@ -57,9 +58,11 @@ class Embedder:
         path: local model directory.
         version: the id queries and collections are tagged with (see `model_version_for`).
         device: auto | cpu | cuda | mps.
-        backend: torch | onnx | onnx-int8 (CPU only; see `OnnxEncoder`); None = the
-            EMBEDLOOP_ENCODE_BACKEND environment variable, else torch. On a GPU the torch
-            backend is always used.
+        backend: auto | torch | onnx | onnx-int8 (the ONNX ones on a CPU only; see `OnnxEncoder`);
+            None = the EMBEDLOOP_ENCODE_BACKEND environment variable, else auto. On a GPU the
+            torch backend is always used. auto = onnx-int8 on a CPU (about 4x torch there, for
+            NDCG@10 within 0.005: bench/README.md), falling back to torch for a model the ONNX
+            path cannot take.
         cache_dir: where ONNX exports are kept (one per model hash); None = EMBEDLOOP_ONNX_CACHE,
             else ~/.cache/embedloop/onnx.
     """
@@ -70,10 +73,15 @@ class Embedder:
         self.version = version
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        backend = backend or os.environ.get(BACKEND_ENV) or "torch"
+        backend = backend or os.environ.get(BACKEND_ENV) or "auto"
         if backend not in BACKENDS:
             raise ConfigError(f"encode backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
-        self.backend = backend if self.device == "cpu" else "torch"
+        self.auto = backend == "auto"
+        if self.device != "cpu":
+            backend = "torch"
+        elif self.auto:
+            backend = "onnx-int8" if _has_onnxruntime() else "torch"
+        self.backend = backend
         self.cache_dir = Path(cache_dir or os.environ.get(ONNX_CACHE_ENV) or Path.home() / ".cache" / "embedloop" / "onnx")
 
     @cached_property
@@ -110,7 +118,14 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.backend != "torch":
-            return self.onnx.encode(texts, batch_size=batch_size or self.batch_size)
+            try:
+                return self.onnx.encode(texts, batch_size=batch_size or self.batch_size)
+            except Exception as e:  # noqa: BLE001
+                if not self.auto:
+                    raise
+                # auto: a model the ONNX path cannot take (or an ONNX Runtime failure) runs on torch
+                logging.getLogger(__name__).warning("%s: ONNX encode unavailable (%s); using torch.", self.path, e)
+                self.backend = "torch"
         emb = self.model.encode(
             texts,
             batch_size=batch_size or self.batch_size,
@@ -119,6 +134,12 @@ class Embedder:
             show_progress_bar=show_progress,
         )
         return np.asarray(emb, dtype=np.float32)
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
 class OnnxEncoder:
@@ -170,13 +191,13 @@ class OnnxEncoder:
             raise ConfigError(f"The ONNX backend supports mean, cls or max pooling, not {mode!r}; use the torch backend.")
         folder = Path(cache_dir) / f"{model_hash(path)[:16]}-fused"  # "-fused": older caches hold unfused exports
         fp32 = folder / "model.onnx"
-        if not fp32.exists():
-            export_onnx(modules[0], folder)
-        target = fp32
-        if quantize:
-            target = folder / "model-int8-per-channel.onnx"
-            if not target.exists():
+        target = folder / "model-int8-per-channel.onnx" if quantize else fp32
+        if not target.exists():
+            if not fp32.exists():
+                export_onnx(modules[0], folder)
+            if quantize:
                 quantize_onnx(fp32, target)
+                fp32.unlink()  # 4x the int8 file; re-exported if the fp32 backend is ever asked for
         dim = int(st_model.get_embedding_dimension())
         return cls(target, st_model.tokenizer, int(st_model.max_seq_length), mode, len(names) > 2, dim,
                    ["input_ids", "attention_mask", "token_type_ids"])

@@ -55,7 +55,7 @@ class LoopConfig(BaseModel):
     k: int = Field(20, ge=2, description="top-k used to score candidates")
     generate_threshold: int = Field(1000, ge=0, description="generate while accepted train pairs are fewer")
     generate_max: int = Field(300, ge=0, description="synthetic pairs generated per round at most")
-    mine_top: int = Field(1, ge=1, le=20, description="passages of the active index proposed per logged query")
+    mine_top: int = Field(3, ge=1, le=20, description="passages of the active index proposed per logged query")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of human-verified pairs held out, once")
     eval_max: int = Field(200, ge=1)

@@ -112,8 +112,11 @@ class RoutingPolicy(BaseModel):
     hopeless_score: float = Field(0.10, description="drop when outside top-k and cosine below this")
     random_fraction: float = Field(0.10, ge=0.0, le=1.0, description="random control slice sent to review")
     uncertainty_scale: float = Field(0.05, gt=0.0, description="margin scale of the uncertainty score")
+    # A logged query is a real user's question: its answer is a person's call, never the model's
+    # own confident guess (which adds no signal and some wrong labels). Synthetic pairs the model
+    # ranks first by a margin are kept without review.
     auto_accept_sources: list[str] = Field(
-        default_factory=lambda: ["synthetic", "mined"],
+        default_factory=lambda: ["synthetic"],
         description="candidate sources that may be accepted without review (others always go to a person)",
     )
     seed: int = 0

@@ -5,6 +5,7 @@ CLI and the app share. `Workspace.open()` takes the single-writer lock and appli
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from functools import cached_property
@@ -13,7 +14,7 @@ from typing import Any
 
 from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
-from loop.embed import Embedder, model_hash
+from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError
 from loop.ingest import Fields, hf_offsets, import_pairs, import_queries, read_documents, store_documents
 from loop.records import Document, IngestReport, SearchHit
@@ -108,7 +109,9 @@ class Workspace:
             if not rows:
                 raise ConfigError(f"Unknown model version {version!r}.")
             self._embedders[version] = Embedder(
-                rows[0]["path"], version, self.settings.device, self.settings.encode_batch_size
+                rows[0]["path"], version, self.settings.device, self.settings.encode_batch_size,
+                backend=self.settings.encode_backend,
+                cache_dir=os.environ.get(ONNX_CACHE_ENV) or self.settings.workspace / "onnx",
             )
         return self._embedders[version]
 

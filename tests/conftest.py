@@ -14,12 +14,19 @@ from storage.db import Store  # noqa: E402
 from tests.fakes import FakeEmbedder  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def _onnx_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    """No test sees the developer's workspace, config or LLM key."""
+def _isolated_env(monkeypatch, tmp_path, _onnx_cache):
+    """No test sees the developer's workspace, config or LLM key. ONNX exports (the default CPU
+    encode path) are shared by the session, so the bundled model is exported once."""
     for name in list(os.environ):
         if name.startswith("EMBEDLOOP_") or name in {"OPENAI_API_KEY", "OPENAI_BASE_URL"}:
             monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBEDLOOP_ONNX_CACHE", str(_onnx_cache))
     monkeypatch.chdir(tmp_path)
 
 
