@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -21,6 +22,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_ENV = "EMBEDLOOP_ENCODE_BACKEND"
 ONNX_CACHE_ENV = "EMBEDLOOP_ONNX_CACHE"
+_EXPORT_LOCK = threading.Lock()
 
 
 def model_hash(path: str | Path) -> str:
@@ -87,7 +89,8 @@ class Embedder:
     @cached_property
     def onnx(self):
         """The ONNX Runtime encoder of this model (exported once into `cache_dir`)."""
-        return OnnxEncoder.for_model(self.model, self.path, self.cache_dir, quantize=self.backend == "onnx-int8")
+        with _EXPORT_LOCK:  # two threads' first encodes (a job and a page) export once
+            return OnnxEncoder.for_model(self.model, self.path, self.cache_dir, quantize=self.backend == "onnx-int8")
 
     @cached_property
     def model(self):
@@ -148,9 +151,10 @@ class OnnxEncoder:
 
     Why: on a CPU, ONNX Runtime with int8 weights encodes several times faster than torch
     fp32, for a retrieval quality within noise (bench/README.md has the figures). The export is
-    done once per model hash, with torch's exporter, into `cache_dir/<hash>/`, written to a
-    temporary folder and renamed, so a crash never leaves a half export. Texts are tokenised
-    once, sorted by length and padded per batch (length buckets), so padding costs little.
+    done once per model hash, with torch's exporter, into `cache_dir/<hash>-fused/`, written to
+    a temporary folder and moved into place (os.replace), so a crash never leaves a half export.
+    Texts are tokenised once, sorted by length and padded per batch (length buckets), so padding
+    costs little.
 
     Only the standard stack (Transformer -> Pooling mean|cls|max -> optional Normalize) is
     supported; anything else raises ConfigError (use the torch backend).
@@ -197,7 +201,7 @@ class OnnxEncoder:
                 export_onnx(modules[0], folder)
             if quantize:
                 quantize_onnx(fp32, target)
-                fp32.unlink()  # 4x the int8 file; re-exported if the fp32 backend is ever asked for
+                fp32.unlink(missing_ok=True)  # 4x the int8 file; re-exported if the fp32 backend is ever asked for
         dim = int(st_model.get_embedding_dimension())
         return cls(target, st_model.tokenizer, int(st_model.max_seq_length), mode, len(names) > 2, dim,
                    ["input_ids", "attention_mask", "token_type_ids"])
@@ -294,10 +298,8 @@ def export_onnx(transformer_module, folder: Path) -> Path:
                     output_names=["last_hidden_state"], dynamic_shapes={n: {0: b, 1: s} for n in names},
                     opset_version=18, dynamo=True, external_data=False, verbose=False,
                 )
-        raw.unlink(missing_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        folder.mkdir(exist_ok=True)
+        os.replace(tmp / "model.onnx", folder / "model.onnx")  # atomic; other files in the folder stay
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if attn and attn != "eager":
