@@ -23,6 +23,7 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 BACKEND_ENV = "EMBEDLOOP_ENCODE_BACKEND"
 ONNX_CACHE_ENV = "EMBEDLOOP_ONNX_CACHE"
 _EXPORT_LOCK = threading.Lock()
+FP32_FILE, INT8_FILE = "model.onnx", "model-int8-per-channel.onnx"
 
 
 def model_hash(path: str | Path) -> str:
@@ -194,14 +195,9 @@ class OnnxEncoder:
         if mode not in ("mean", "cls", "max"):
             raise ConfigError(f"The ONNX backend supports mean, cls or max pooling, not {mode!r}; use the torch backend.")
         folder = Path(cache_dir) / f"{model_hash(path)[:16]}-fused"  # "-fused": older caches hold unfused exports
-        fp32 = folder / "model.onnx"
-        target = folder / "model-int8-per-channel.onnx" if quantize else fp32
+        target = folder / (INT8_FILE if quantize else FP32_FILE)
         if not target.exists():
-            if not fp32.exists():
-                export_onnx(modules[0], folder)
-            if quantize:
-                quantize_onnx(fp32, target)
-                fp32.unlink(missing_ok=True)  # 4x the int8 file; re-exported if the fp32 backend is ever asked for
+            export_onnx(modules[0], folder, quantize=quantize)
         dim = int(st_model.get_embedding_dimension())
         return cls(target, st_model.tokenizer, int(st_model.max_seq_length), mode, len(names) > 2, dim,
                    ["input_ids", "attention_mask", "token_type_ids"])
@@ -239,9 +235,13 @@ class OnnxEncoder:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def export_onnx(transformer_module, folder: Path) -> Path:
-    """Export a sentence-transformers Transformer module's model to `folder/model.onnx` (atomic),
-    then fuse it for ONNX Runtime's CPU kernels.
+def export_onnx(transformer_module, folder: Path, quantize: bool = False) -> Path:
+    """Export a sentence-transformers Transformer module's model, fused for ONNX Runtime's CPU
+    kernels, to `folder/model.onnx`, or int8-quantised to `folder/model-int8-per-channel.onnx`.
+
+    Every step works in a private temporary folder (quantisation writes side files next to its
+    input) and the result is moved into place with os.replace: processes exporting the same model
+    at once waste work but never read each other's half-written files.
 
     The export traces eager attention with the TorchScript exporter: that graph is the one ONNX
     Runtime's transformer optimizer recognises, so attention, embedding + LayerNorm, bias + GELU
@@ -289,24 +289,27 @@ def export_onnx(transformer_module, folder: Path) -> Path:
                     dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
                     opset_version=17, dynamo=False,
                 )
-            _fuse(raw, tmp / "model.onnx", hf.config)
+            _fuse(raw, tmp / FP32_FILE, hf.config)
         except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the plain export
             b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
             with torch.no_grad():
                 torch.onnx.export(
-                    _Wrap(hf), args, str(tmp / "model.onnx"), input_names=names,
+                    _Wrap(hf), args, str(tmp / FP32_FILE), input_names=names,
                     output_names=["last_hidden_state"], dynamic_shapes={n: {0: b, 1: s} for n in names},
                     opset_version=18, dynamo=True, external_data=False, verbose=False,
                 )
+        result = tmp / FP32_FILE
+        if quantize:
+            result = quantize_onnx(result, tmp / INT8_FILE)
         folder.mkdir(exist_ok=True)
-        os.replace(tmp / "model.onnx", folder / "model.onnx")  # atomic; other files in the folder stay
+        os.replace(result, folder / result.name)  # atomic; other files in the folder stay
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if attn and attn != "eager":
             hf.set_attn_implementation(attn)
         hf.to(device)
         hf.train(was_training)
-    return folder / "model.onnx"
+    return folder / (INT8_FILE if quantize else FP32_FILE)
 
 
 def _fuse(src: Path, dst: Path, config) -> None:
@@ -321,16 +324,15 @@ def _fuse(src: Path, dst: Path, config) -> None:
 
 
 def quantize_onnx(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantisation of the weights of `src` into `dst` (atomic).
+    """Dynamic int8 quantisation of the weights of `src` into `dst`. ONNX Runtime writes a
+    shape-inferred copy next to `src`: call it in a private folder (as `export_onnx` does).
 
-    Per channel: per-tensor scales cost 0.014 NDCG@10 on cranfield (all-MiniLM-L6-v2), per-channel 0.002.
+    Per channel: per-tensor scales cost 0.014 NDCG@10 on cranfield (all-MiniLM-L6-v2, unfused graph).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     # DefaultTensorType: shape inference cannot type the outputs of fused (contrib) ops.
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    os.replace(tmp, dst)
     return dst

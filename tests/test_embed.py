@@ -54,3 +54,21 @@ def test_onnx_backends_match_torch_embeddings_with_fused_attention(minilm_path, 
     assert "Attention" in {n.op_type for n in onnx.load(str(fp32)).graph.node}  # the fused graph, not the fallback
     # int8 keeps only the quantised file (the fp32 export is 4x its size)
     assert [p.name for p in (tmp_path / "onnx-int8").glob("*-fused/*.onnx")] == ["model-int8-per-channel.onnx"]
+
+
+@pytest.mark.slow
+def test_two_processes_exporting_the_same_model_at_once_both_get_it(minilm_path, tmp_path):
+    """Quantisation writes side files next to its input: each export works in a private folder."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from loop.embed import Embedder; "
+            "e = Embedder(sys.argv[1], 'v', 'cpu', backend='onnx-int8', cache_dir=sys.argv[2]); "
+            "print(e.encode(['a wing in a shock tube']).shape)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(minilm_path), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        assert "(1, 384)" in out
+    assert [f.name for f in (tmp_path / "cache").glob("*/*")] == ["model-int8-per-channel.onnx"]
