@@ -201,6 +201,19 @@ def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
                     "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
                 }])
                 payload["created_pair"] = new_id if created else None
+                if not created:
+                    # The chosen (query, passage) is already a card of its own (e.g. the query's
+                    # top-2 when its top-1 was shown): this decision answers it too, so nobody is
+                    # asked the same question twice. Undo puts it back.
+                    open_card = cur.execute(
+                        "SELECT status FROM pairs WHERE pair_id = ? AND status IN ('pending', 'candidate')", [new_id]
+                    ).fetchall()
+                    if open_card:
+                        cur.execute(
+                            "UPDATE pairs SET status = 'accepted', claimed_by = NULL, claim_expires = NULL, "
+                            "updated_at = ? WHERE pair_id = ?", [now, new_id],
+                        )
+                        payload["resolved_pair"] = {"pair_id": new_id, "previous_status": open_card[0][0]}
             if negative:
                 added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
                 payload["negative"] = negative if added else None
@@ -234,6 +247,9 @@ def undo_last(store: Store, reviewer: str) -> str | None:
             p = json.loads(payload or "{}")
             if p.get("created_pair"):
                 cur.execute("DELETE FROM pairs WHERE pair_id = ?", [p["created_pair"]])
+            if p.get("resolved_pair"):
+                cur.execute("UPDATE pairs SET status = ? WHERE pair_id = ?",
+                            [p["resolved_pair"]["previous_status"], p["resolved_pair"]["pair_id"]])
             if p.get("negative"):
                 anchor = cur.execute("SELECT anchor FROM pairs WHERE pair_id = ?", [pair_id]).fetchall()[0][0]
                 cur.execute("DELETE FROM negatives WHERE anchor = ? AND passage_id = ?", [anchor, p["negative"]])

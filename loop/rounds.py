@@ -446,7 +446,13 @@ class Rounds:
             if not (run / train.CONFIG_FILE).exists():
                 rows = self.training_rows()
                 cfg = {"base_model": str(self.ws.settings.base_model_path), **self.config.train}
-                digest = train.write_snapshot(run, rows, None, cfg)
+                # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
+                # training never sees anyway, instead of holding out a further share of the few labels.
+                held_out = self.store.rows(
+                    "SELECT anchor, positive_text AS positive FROM pairs WHERE status = 'accepted' AND split = 'eval' "
+                    "AND positive_text IS NOT NULL ORDER BY pair_id"
+                )
+                digest = train.write_snapshot(run, rows, held_out if len(held_out) >= 2 else None, cfg)
                 r["manifest"]["data_snapshot"] = digest
                 r["manifest"]["train_config"] = json.loads((run / train.CONFIG_FILE).read_text())
                 self._save(r)

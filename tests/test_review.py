@@ -170,6 +170,22 @@ def test_pick_replaces_the_positive_and_records_the_old_one_as_negative(store):
     }
 
 
+def test_a_pick_answers_the_open_card_of_the_same_query_and_passage_and_undo_reopens_it(store):
+    ids = _seed(store, 1)
+    twin = Pair.make_id("query 0", "a better passage")  # the query's own card for the passage it picks
+    with store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", [{"pair_id": twin, "anchor": "query 0", "positive_id": "other",
+                                            "positive_text": "a better passage", "source": "mined", "status": "pending",
+                                            "priority": 0.1}])
+    decide(store, _d(ids[0], "pick", passage_id="other"))
+    assert _status(store, ids[0]) == "rejected" and _status(store, twin) == "accepted"
+    assert claim_next(store, "bob") is None  # nobody is asked the same question again
+    assert json.loads(_decisions(store)[0]["payload"])["resolved_pair"] == {"pair_id": twin, "previous_status": "pending"}
+    undo_last(store, "ann")
+    assert _status(store, ids[0]) == "pending" and _status(store, twin) == "pending"
+    assert store.scalar("SELECT count(*) FROM pairs") == 2  # the twin is not deleted, only reopened
+
+
 def test_deciding_twice_is_a_conflict(store):
     ids = _seed(store, 1)
     decide(store, _d(ids[0], "accept"))

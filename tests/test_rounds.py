@@ -155,6 +155,10 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         assert r["state"] == "done", r.get("error")
         m = r["manifest"]
         assert m["data_snapshot"] and m["model"]["sha256"] and Path(m["model"]["path"], "modules.json").exists()
+        # Every training row trains: the trainer's eval loss runs on the round's held-out pairs.
+        snap = json.loads((rounds.run_dir(r) / "snapshot.json").read_text())
+        held_out = ws.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split = 'eval'")
+        assert snap["n_eval"] == held_out and snap["n_train"] == len(rounds.training_rows())
         assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m["metrics"]["candidate"])
         assert m["vs_base"]["ci_low"] <= m["vs_base"]["delta"] <= m["vs_base"]["ci_high"]
         assert m["promotion"]["reasons"]
