@@ -46,6 +46,9 @@ class LeakageError(RoundError):
     """Training data contains a held-out query or one of its (query, positive) pairs."""
 
 
+HELD_OUT_REASON = "its query is held out for evaluation"
+
+
 class LoopConfig(BaseModel):
     """Knobs of a round. Defaults suit a team starting from a few hundred pairs."""
 
@@ -243,6 +246,12 @@ class Rounds:
             "SELECT pair_id, anchor, positive_id, positive_text, source, meta FROM pairs WHERE status = 'candidate' "
             "ORDER BY pair_id"
         )
+        held_out = self._eval_anchors()
+        leaking = [c["pair_id"] for c in cands if " ".join(c["anchor"].lower().split()) in held_out]
+        if leaking:  # e.g. a generated query that is word for word an evaluation query
+            self.store.execute("UPDATE pairs SET status = 'dropped', reason = ? WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))",
+                               [HELD_OUT_REASON, leaking])
+            cands = [c for c in cands if c["pair_id"] not in set(leaking)]
         if not cands:
             self.log("No candidates to route.")
             self._step_done(r, "select", {"mined": mined, "candidates": 0}, t0)
@@ -340,9 +349,14 @@ class Rounds:
             )
         n = min(self.config.eval_max, max(5, round(len(anchors) * self.config.eval_fraction)))
         chosen = random.Random(self.config.seed).sample(anchors, n)
-        self.store.execute(
-            "UPDATE pairs SET split = 'eval' WHERE status = 'accepted' AND anchor IN (SELECT unnest(?::VARCHAR[]))", [chosen]
-        )
+        with self.store.transaction() as cur:
+            cur.execute("UPDATE pairs SET split = 'eval' WHERE status = 'accepted' AND anchor IN (SELECT unnest(?::VARCHAR[]))",
+                        [chosen])
+            # Their other open cards (a logged query proposes several passages) are not asked any
+            # more: an answer would be a training label for an evaluation query.
+            cur.execute("UPDATE pairs SET status = 'dropped', reason = ?, updated_at = current_timestamp "
+                        "WHERE status IN ('candidate', 'pending') AND anchor IN (SELECT unnest(?::VARCHAR[]))",
+                        [HELD_OUT_REASON, chosen])
         self.log(f"Held out {n} human-verified queries as the fixed evaluation set.")
         return n
 

@@ -23,6 +23,7 @@ from chromadb.config import Settings as ChromaSettings
 from loop.errors import IndexMismatchError, VectorIndexError
 
 log = logging.getLogger("embedloop.index")
+MAX_HITS_PER_QUERY_CALL = 10_000  # query rows x k per Chroma call; SQLite allows 32,766 variables
 
 
 def collection_name(model_version: str) -> str:
@@ -219,15 +220,20 @@ class VectorIndex:
         n = col.count()
         if n == 0:
             return [[] for _ in range(len(query_embeddings))]
-        res: dict[str, Any] = col.query(
-            query_embeddings=np.asarray(query_embeddings, dtype=np.float32),
-            n_results=min(k, n),
-            include=["distances", "documents"],
-        )
-        return [
-            [(pid, 1.0 - float(d), doc or "") for pid, d, doc in zip(ids, dists, docs, strict=True)]
-            for ids, dists, docs in zip(res["ids"], res["distances"], res["documents"], strict=True)
-        ]
+        k = min(k, n)
+        q = np.asarray(query_embeddings, dtype=np.float32)
+        out: list[list[tuple[str, float, str]]] = []
+        # Chroma fetches the documents of all hits in one SQLite statement: many queries x k
+        # overflow its variable limit (32,766), e.g. a query log of 2,000+ lines at k = 20.
+        step = max(1, MAX_HITS_PER_QUERY_CALL // k)
+        for s in range(0, len(q), step):
+            res: dict[str, Any] = col.query(query_embeddings=q[s : s + step], n_results=k,
+                                            include=["distances", "documents"])
+            out.extend(
+                [(pid, 1.0 - float(d), doc or "") for pid, d, doc in zip(ids, dists, docs, strict=True)]
+                for ids, dists, docs in zip(res["ids"], res["distances"], res["documents"], strict=True)
+            )
+        return out
 
 
 def _forget_system(path: Path) -> None:

@@ -117,6 +117,30 @@ def test_eval_split_is_fixed_once_and_leakage_is_refused(workspace, tmp_path):
         rounds.training_rows()
 
 
+def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_path):
+    """A logged query proposes several passages; once it is held out, its other cards must not
+    become training labels (a round-2 accept of one made training refuse to run)."""
+    _seed(workspace, tmp_path)
+    rounds, _ = _rounds(workspace, eval_fraction=0.25)
+    anchors = [a for (a,) in workspace.store.execute("SELECT DISTINCT anchor FROM pairs ORDER BY anchor").fetchall()]
+    with workspace.store.transaction() as cur:
+        workspace.store.insert_ignore(cur, "pairs", [
+            {"pair_id": f"open-{i}", "anchor": a, "positive_text": "another passage", "source": "mined",
+             "status": "candidate" if i % 2 else "pending", "split": "train"} for i, a in enumerate(anchors)])
+    rounds.ensure_eval_split()
+    held = set(rounds.evalset().queries)
+    rows = workspace.store.rows("SELECT anchor, status, reason FROM pairs WHERE pair_id LIKE 'open-%'")
+    assert {r["anchor"] for r in rows if r["status"] == "dropped"} == held
+    assert all(r["reason"] == "its query is held out for evaluation" for r in rows if r["status"] == "dropped")
+    # A new candidate that repeats an evaluation query (any case) is dropped when routed.
+    query = sorted(held)[0]
+    workspace.store.execute("INSERT INTO pairs (pair_id, anchor, positive_id, positive_text, source, status, split) "
+                            "VALUES ('again', ?, 'payment.txt#0', 'x', 'synthetic', 'candidate', 'train')", [query.upper()])
+    rounds.select(rounds.open())
+    assert workspace.store.scalar("SELECT status FROM pairs WHERE pair_id = 'again'") == "dropped"
+    rounds.training_rows()  # no leak
+
+
 def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
