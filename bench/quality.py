@@ -29,7 +29,8 @@ from typing import Any
 
 from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, sample, stock_finetune,
                           summary, vs)
-from loop.embed import BACKEND_ENV, Embedder
+from loop.config import bundled_model_path
+from loop.embed import Embedder
 from loop.evaluate import EvalReport, EvalSet, evalset_from_beir, evaluate
 
 
@@ -162,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                               "seed_pairs": args.seed_pairs, "generator": args.generator, "gain": GAIN,
                               "eval_split": args.eval_split, "n_test_queries": len(evalset.query_ids),
                               "loop_config": args.loop_config, "machine": machine(),
-                              "encode_backend": os.environ.get(BACKEND_ENV) or "torch"}
+                              "encode_backend": Embedder(bundled_model_path(), "base").backend}
     try:
-        from loop.config import bundled_model_path
-
         base_path = bundled_model_path()
         with timer("base"):
             base = _eval(Embedder(base_path, "base"), evalset)
