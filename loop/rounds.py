@@ -49,6 +49,11 @@ class LeakageError(RoundError):
 HELD_OUT_REASON = "its query is held out for evaluation"
 
 
+def _query_key(text: str) -> str:
+    """How held-out queries are matched: case and whitespace do not make a query new."""
+    return " ".join(text.lower().split())
+
+
 class LoopConfig(BaseModel):
     """Knobs of a round. Defaults suit a team starting from a few hundred pairs."""
 
@@ -179,7 +184,7 @@ class Rounds:
 
     def _eval_anchors(self) -> set[str]:
         rows = self.store.execute("SELECT DISTINCT anchor FROM pairs WHERE split IN ('eval', 'test')").fetchall()
-        return {" ".join(a.lower().split()) for (a,) in rows}
+        return {_query_key(a) for (a,) in rows}
 
     def generate(self, r: dict[str, Any]) -> None:
         t0 = time.monotonic()
@@ -205,7 +210,7 @@ class Rounds:
             "SELECT query_id, text FROM queries q WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.query_id = q.query_id) "
             "AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.anchor = q.text) ORDER BY query_id"
         ).fetchall()
-        rows = [(qid, text) for qid, text in rows if " ".join(text.lower().split()) not in held_out]
+        rows = [(qid, text) for qid, text in rows if _query_key(text) not in held_out]
         if not rows:
             return 0
         # Each logged query proposes its top `mine_top` passages: a query usually has several
@@ -247,11 +252,11 @@ class Rounds:
             "ORDER BY pair_id"
         )
         held_out = self._eval_anchors()
-        leaking = [c["pair_id"] for c in cands if " ".join(c["anchor"].lower().split()) in held_out]
+        leaking = {c["pair_id"] for c in cands if _query_key(c["anchor"]) in held_out}
         if leaking:  # e.g. a generated query that is word for word an evaluation query
             self.store.execute("UPDATE pairs SET status = 'dropped', reason = ? WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))",
-                               [HELD_OUT_REASON, leaking])
-            cands = [c for c in cands if c["pair_id"] not in set(leaking)]
+                               [HELD_OUT_REASON, sorted(leaking)])
+            cands = [c for c in cands if c["pair_id"] not in leaking]
         if not cands:
             self.log("No candidates to route.")
             self._step_done(r, "select", {"mined": mined, "candidates": 0}, t0)
@@ -414,7 +419,7 @@ class Rounds:
             "WHERE status = 'accepted' AND split = 'train' ORDER BY pair_id"
         )
         held_out = self._eval_anchors()
-        leaks = [p["anchor"] for p in pairs if " ".join(p["anchor"].lower().split()) in held_out]
+        leaks = [p["anchor"] for p in pairs if _query_key(p["anchor"]) in held_out]
         if leaks:
             raise LeakageError(
                 f"{len(leaks)} training pairs use a held-out query (e.g. {leaks[0][:80]!r}); "
