@@ -37,6 +37,8 @@ SECTIONS = [
     "Concurrency",
     "Bad input",
     "Security",
+    "Stuck or wrong state",
+    "What a user hits",
 ]
 OWN_FILES = ["tests/test_faults.py", "tests/test_reliability_table.py", "tests/test_security.py"]
 
