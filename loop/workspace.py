@@ -30,7 +30,8 @@ _CONFIG_TEMPLATE = """\
 # max_file_mb = 200
 # chunk_tokens = 0          # 0: the model's max sequence length
 # chunk_overlap = 32
-# llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; key from OPENAI_API_KEY
+# llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; the key: never here, set
+#                                             # OPENAI_API_KEY (or EMBEDLOOP_LLM_API_KEY) in the environment
 # llm_model = "gpt-4o-mini"
 #
 # [loop]                    # round settings (loop.rounds.LoopConfig)

@@ -115,6 +115,19 @@ EXISTING: dict[str, tuple[str, str, str]] = {
         "Security", "app: the Generate page with a key set", "the key is never rendered ('API key: set')"),
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
+    # Issue 13, items 8-12.
+    "tests/test_config.py::test_a_misspelt_environment_variable_is_warned_about_with_the_closest_setting": (
+        "What a user hits", "a misspelt EMBEDLOOP_* environment variable (EMBEDLOOP_CHUNK_TOKEN)",
+        "a warning naming it and the closest setting (EMBEDLOOP_CHUNK_TOKENS); no longer silently ignored"),
+    "tests/test_config.py::test_the_cli_shows_the_misspelt_variable_on_stderr": (
+        "What a user hits", "CLI with a misspelt EMBEDLOOP_* variable", "the warning is on stderr; the command works"),
+    "tests/test_config.py::test_an_api_key_in_the_config_file_is_refused_with_where_keys_go[": (
+        "Security", "an LLM API key written in embedloop.toml",
+        "ConfigError naming the file and where keys go (OPENAI_API_KEY / EMBEDLOOP_LLM_API_KEY, Streamlit "
+        "secrets); the key is not echoed"),
+    "tests/test_config.py::test_the_key_is_read_from_the_two_documented_variables_only": (
+        "Security", "LLM key in undocumented variables (LLM_API_KEY)",
+        "not read: only OPENAI_API_KEY and EMBEDLOOP_LLM_API_KEY, as the README says"),
 }
 
 

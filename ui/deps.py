@@ -183,11 +183,12 @@ def job_panel(kind: str, *, poll_s: float = 1.0, on_running: Callable[[], None] 
 
 # The LLM ---------------------------------------------------------------------------------------
 def llm_key() -> tuple[str | None, str]:
-    """The API key and where it came from: the environment (via settings) or Streamlit secrets.
+    """The API key and where it came from: the environment (via settings: OPENAI_API_KEY or
+    EMBEDLOOP_LLM_API_KEY) or Streamlit secrets (OPENAI_API_KEY, or api_key in an [llm] table).
     The value is only handed to the client; pages show the source, never the key."""
     key = workspace().settings.llm_api_key
     if key is not None and key.get_secret_value():
-        return key.get_secret_value(), "the environment (OPENAI_API_KEY)"
+        return key.get_secret_value(), "the environment (OPENAI_API_KEY or EMBEDLOOP_LLM_API_KEY)"
     try:
         value = st.secrets.get("OPENAI_API_KEY") or (st.secrets.get("llm") or {}).get("api_key")
     except Exception:  # no secrets file

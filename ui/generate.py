@@ -31,7 +31,8 @@ with st.form("llm-settings"):
     use = c[0].form_submit_button("Use these settings", type="primary")
     test = c[1].form_submit_button("Test connection")
 st.caption(f"API key: **{f'set, from {key_source}' if key else 'not set'}**. The key is read from the environment "
-           "(`OPENAI_API_KEY`) or Streamlit secrets (`OPENAI_API_KEY`) only; it is never shown, stored or logged.")
+           "(`OPENAI_API_KEY` or `EMBEDLOOP_LLM_API_KEY`) or Streamlit secrets (`OPENAI_API_KEY`, or `api_key` in "
+           "an `[llm]` table) only; it is never shown, stored or logged.")
 typed = {"base_url": base_url.strip(), "model": model.strip()}
 if use:
     jobs.llm = typed
