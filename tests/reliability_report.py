@@ -116,6 +116,10 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
     # Issue 13, items 8-12.
+    "tests/test_browser.py::test_review_with_the_keyboard_in_a_real_browser": (
+        "What a user hits", "review in a real browser: type the reviewer name, press Enter, then A",
+        "Enter leaves the name box, so A accepts the first card (it used to type 'a' into the name); "
+        "six decisions by keyboard, each recorded once"),
     "tests/test_config.py::test_a_misspelt_environment_variable_is_warned_about_with_the_closest_setting": (
         "What a user hits", "a misspelt EMBEDLOOP_* environment variable (EMBEDLOOP_CHUNK_TOKEN)",
         "a warning naming it and the closest setting (EMBEDLOOP_CHUNK_TOKENS); no longer silently ignored"),
