@@ -116,6 +116,16 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
     # Issue 13, items 8-12.
+    "tests/test_ingest.py::test_same_relative_path_in_two_folders_is_two_documents": (
+        "Stuck or wrong state", "x/a.txt and y/a.txt ingested (and a second folder named x)",
+        "three documents (x/a.txt, y/a.txt, x~2/a.txt), none reported 'updated'; re-ingesting any of them "
+        "changes nothing"),
+    "tests/test_ingest.py::test_reingesting_a_folder_ingested_with_old_ids_adopts_them": (
+        "Stuck or wrong state", "re-ingesting a folder whose documents have the old ids (a.txt)",
+        "the rows are renamed in place (docs/a.txt): no duplicate documents; a changed file counts as updated"),
+    "tests/test_ingest.py::test_pairs_may_name_a_folder_document_by_its_path_inside_the_folder": (
+        "What a user hits", "a pair file naming a folder document the old way (a.txt)",
+        "resolves while one folder has that path; with two, an InputError asking for the full id"),
     "tests/test_browser.py::test_review_with_the_keyboard_in_a_real_browser": (
         "What a user hits", "review in a real browser: type the reviewer name, press Enter, then A",
         "Enter leaves the name box, so A accepts the first card (it used to type 'a' into the name); "

@@ -181,12 +181,12 @@ def test_cli_end_to_end_on_real_text(tmp_path, topics_folder):
     r = json.loads(ok(ws, "search", "the with statement and context managers", "--k", "3", "--json").stdout)
     assert r["model_version"] == st["active_model"]["version"]
     assert 1 <= len(r["hits"]) <= 3
-    assert r["hits"][0]["doc_ids"] == ["with.txt"]
+    assert r["hits"][0]["doc_ids"] == ["pydoc/with.txt"]  # <folder>/<file>
     scores = [h["score"] for h in r["hits"]]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores) and scores[0] > 0.3
     assert all(h["passage_id"] and h["text"] for h in r["hits"])
     plain = ok(ws, "search", "anonymous lambda functions", "--k", "2").stdout
-    assert plain.lstrip().startswith("1.") and "lambda.txt" in plain.splitlines()[0]
+    assert plain.lstrip().startswith("1.") and "pydoc/lambda.txt" in plain.splitlines()[0]
 
     # Bad input on a populated workspace: exit 2, one line, nothing changes.
     bad = tmp_path / "more.jsonl"

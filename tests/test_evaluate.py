@@ -315,25 +315,25 @@ def test_evalset_from_store(workspace, tmp_path):
     (docs / "b.txt").write_text(long_text, encoding="utf-8")
     (docs / "c.txt").write_text("Governing law is the law of Delaware.", encoding="utf-8")
     workspace.ingest([docs])
-    b_passages = workspace.store.rows("SELECT passage_id FROM doc_passages WHERE doc_id = 'b.txt'")
+    b_passages = workspace.store.rows("SELECT passage_id FROM doc_passages WHERE doc_id = 'docs/b.txt'")
     assert len(b_passages) > 1  # chunked
     pairs = tmp_path / "eval.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in [
-        {"anchor": "indemnification losses", "positive_id": "a.txt"},
-        {"anchor": "termination notice days", "positive_id": "b.txt"},
+        {"anchor": "indemnification losses", "positive_id": "docs/a.txt"},
+        {"anchor": "termination notice days", "positive_id": "docs/b.txt"},
         {"anchor": "unlinked question", "positive": "a text that is in no document"},
     ]) + "\n", encoding="utf-8")
     workspace.import_pairs(pairs, split="eval")
     train = tmp_path / "train.jsonl"
-    train.write_text(json.dumps({"anchor": "delaware governing law", "positive_id": "c.txt"}) + "\n", encoding="utf-8")
+    train.write_text(json.dumps({"anchor": "delaware governing law", "positive_id": "docs/c.txt"}) + "\n", encoding="utf-8")
     workspace.import_pairs(train, split="train")
 
     evalset = evalset_from_store(workspace.store)
     assert sorted(evalset.queries) == ["indemnification losses", "termination notice days"]
     assert evalset.skipped == 1
-    assert sorted(d for q in evalset.qrels.values() for d in q) == ["a.txt", "b.txt"]
+    assert sorted(d for q in evalset.qrels.values() for d in q) == ["docs/a.txt", "docs/b.txt"]
     assert set(evalset.passage_ids) == set(workspace.store.passage_ids())
-    assert evalset.groups.doc_ids == ["a.txt", "b.txt", "c.txt"]
+    assert evalset.groups.doc_ids == ["docs/a.txt", "docs/b.txt", "docs/c.txt"]
     # the answer to "termination" is in b.txt's middle chunk, not its first: doc-level max finds it
     report = evaluate(FakeEmbedder(dim=4096), evalset, dims=())
     assert report.metrics["ndcg@10"] == pytest.approx(1.0)
