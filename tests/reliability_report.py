@@ -116,6 +116,14 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
     # Issue 13, items 8-12.
+    "tests/test_evaluate.py::test_every_metric_gets_an_interval_from_one_resample_of_the_queries": (
+        "What a user hits", "intervals of Recall/MRR/MAP (the README promises one for every metric)",
+        "compare_all: a paired 95% interval for every metric from one resample of the queries; NDCG@10's unchanged"),
+    "tests/test_cli.py::test_evaluate_gives_every_metric_an_interval": (
+        "What a user hits", "`embedloop evaluate`: every metric's interval", "in --json and in the text, each metric"),
+    "tests/test_app.py::test_evaluate_page_shows_an_interval_for_every_metric": (
+        "What a user hits", "app: Evaluate page, every metric's interval",
+        "the baseline's and each round's candidate-vs-base intervals for every metric"),
     "tests/test_ingest.py::test_same_relative_path_in_two_folders_is_two_documents": (
         "Stuck or wrong state", "x/a.txt and y/a.txt ingested (and a second folder named x)",
         "three documents (x/a.txt, y/a.txt, x~2/a.txt), none reported 'updated'; re-ingesting any of them "

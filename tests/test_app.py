@@ -379,6 +379,34 @@ def test_evaluate_page_shows_rounds_promotion_and_rollback(ws):
     assert any("Nothing to roll back" in e.value.replace("\\", "") for e in at.error)
 
 
+def test_evaluate_page_shows_an_interval_for_every_metric(ws):
+    from loop.evaluate import EvalReport, intervals
+
+    _fake_round(ws)
+    every = {m: {"base": 0.5, "other": 0.5 + d, "delta": d, "ci_low": d - 0.04, "ci_high": d + 0.04}
+             for m, d in (("ndcg@10", 0.08), ("recall@10", 0.06), ("mrr@10", 0.05), ("map", 0.07))}
+    manifest = json.loads(ws.store.scalar("SELECT manifest FROM rounds WHERE round = 1"))
+    ws.store.execute("UPDATE rounds SET manifest = ? WHERE round = 1",
+                     [json.dumps({**manifest, "vs_base_by_metric": every})])
+    per_query = {"ndcg@10": [0.2, 0.6, 0.9, 0.4], "recall@10": [0.0, 1.0, 1.0, 0.5], "mrr@10": [0.1, 1.0, 0.5, 0.2],
+                 "map": [0.1, 0.7, 0.8, 0.3]}
+    report = EvalReport(model_version=ws.base_version, n_queries=4, n_docs=11, dim=64, k=100,
+                        metrics={m: sum(v) / 4 for m, v in per_query.items()}, per_query=per_query,
+                        query_ids=["q1", "q2", "q3", "q4"])
+    jobs = deps.jobs(ws)
+    jobs.latest["baseline"] = "job-b"
+    jobs.results["job-b"] = {"report": report, "ci": (0.1, 0.9), "intervals": intervals(report), "speed": 100.0,
+                             "model": ws.base_version}
+    at = ok(app(ws, "ui/evaluate.py"))
+    frames = [d.value for d in at.dataframe]
+    base = next(f for f in frames if "metric" in f and "baseline" in f)
+    assert list(base["metric"]) == ["ndcg@10", "recall@10", "mrr@10", "map"]
+    assert (base["95% CI low"] <= base["baseline"]).all() and (base["baseline"] <= base["95% CI high"]).all()
+    rounds = next(f for f in frames if "metric" in f and "Δ vs base" in f)
+    assert list(rounds["metric"]) == ["ndcg@10", "recall@10", "mrr@10", "map"]
+    assert rounds.set_index("metric").loc["mrr@10", "95% CI low"] == pytest.approx(0.01)
+
+
 def test_overview_charts_rounds(ws):
     _fake_round(ws)
     at = ok(app(ws))
