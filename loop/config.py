@@ -11,8 +11,11 @@ manifests.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -184,3 +187,61 @@ def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Sett
         problems = validation_problems(e, whole="?")
         source = f"{cfg} / environment" if cfg.exists() else "settings"
         raise ConfigError(f"Invalid configuration ({source}): {problems}") from e
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):  # a JSON string is a TOML basic string, but for DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise ConfigError(f"cannot write {type(value).__name__} values to {CONFIG_FILE}")
+
+
+def save_settings(workspace: str | Path, values: dict[str, Any]) -> Path:
+    """Set top-level settings in the workspace's embedloop.toml, keeping the rest of the file
+    (other keys, comments, tables such as [loop]) as it is. An LLM key is never written.
+
+    Raises:
+        ConfigError: a key, an unknown or table setting, a bad value, or a file whose layout
+            this editor cannot update safely (edit it by hand then); the file is unchanged.
+    """
+    cfg = Path(workspace) / CONFIG_FILE
+    for name in values:
+        if name == "llm_api_key" or name.upper() in KEY_ENV:
+            raise ConfigError(f"An API key is never written to {CONFIG_FILE}; set {' or '.join(KEY_ENV)} "
+                              "in the environment, or OPENAI_API_KEY in Streamlit secrets.")
+        if name not in Settings.model_fields or name in {"workspace", "loop"}:
+            raise ConfigError(f"{name!r} is not a top-level setting that can be saved to {CONFIG_FILE}.")
+    text = cfg.read_text(encoding="utf-8") if cfg.exists() else ""
+    try:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{cfg}: not valid TOML ({e}). Fix or delete the file.") from e
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    top = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))  # before any table
+    for name, value in values.items():
+        line = f"{name} = {_toml_value(value)}\n"
+        key = re.compile(rf"\s*{re.escape(name)}\s*=")
+        at = next((i for i in range(top) if key.match(lines[i])), None)
+        if at is None:
+            lines.insert(top, line)
+            top += 1
+        else:
+            lines[at] = line
+    new_text = "".join(lines)
+    after = tomllib.loads(new_text)
+    if after != {**before, **values}:
+        raise ConfigError(f"{cfg}: cannot update this file's layout safely; set {', '.join(values)} by hand.")
+    try:
+        Settings(**{**after, "workspace": Path(workspace)})
+    except ValidationError as e:
+        raise ConfigError(f"Invalid setting: {validation_problems(e, whole='?')}") from None
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    os.replace(tmp, cfg)  # a crash leaves the old file or the new one, never half of one
+    return cfg

@@ -116,6 +116,13 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
     # Issue 13, items 8-12.
+    "tests/test_app.py::test_generate_page_saves_the_endpoint_to_embedloop_toml": (
+        "What a user hits", "app: save the LLM endpoint on the Generate page (with a key in the environment)",
+        "base URL, model, concurrency and requests per minute land in embedloop.toml; other keys, comments and "
+        "[loop] tables kept; the key never written"),
+    "tests/test_config.py::test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key": (
+        "Bad input", "saving a key, an unknown setting, a bad value or a table to embedloop.toml",
+        "ConfigError; the file is unchanged"),
     "tests/test_evaluate.py::test_every_metric_gets_an_interval_from_one_resample_of_the_queries": (
         "What a user hits", "intervals of Recall/MRR/MAP (the README promises one for every metric)",
         "compare_all: a paired 95% interval for every metric from one resample of the queries; NDCG@10's unchanged"),

@@ -273,10 +273,14 @@ def test_passage_browser_and_search(ws):
 
 
 # Generate --------------------------------------------------------------------------------------
+def pairs_to_generate(at: AppTest):
+    return next(n for n in at.number_input if n.label == "Pairs to generate")
+
+
 def test_offline_generation_runs_as_a_job_and_shows_its_pairs(ws):
     at = ok(app(ws, "ui/generate.py"))
     assert any("offline generator is used" in i.value for i in at.info)
-    at.number_input[0].set_value(12)
+    pairs_to_generate(at).set_value(12)
     at.button[[b.label for b in at.button].index("Generate")].click().run()
     assert wait_job(ws, "generate")["status"] == "done"
     at.run()
@@ -503,9 +507,10 @@ def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
     ok(at)
     assert any("Connected" in s.value and MODEL in s.value.replace("\\", "") for s in at.success)
     assert deps.jobs(ws).llm is None  # testing does not switch the app to that endpoint
-    at.button[[b.label for b in at.button].index("Use these settings")].click().run()
-    assert deps.jobs(ws).llm == {"base_url": openai_server.base_url, "model": MODEL}
-    at.number_input[0].set_value(6)
+    at.button[[b.label for b in at.button].index("Save settings")].click().run()
+    assert deps.jobs(ws).llm == {"base_url": openai_server.base_url, "model": MODEL, "concurrency": 16,
+                                 "requests_per_minute": 6000.0}
+    pairs_to_generate(at).set_value(6)
     at.button[[b.label for b in at.button].index("Generate")].click().run()
     assert wait_job(ws, "generate")["status"] == "done", deps.jobs(ws).status("generate")
     at.run()
@@ -513,3 +518,33 @@ def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
     assert openai_server.count >= 1
     assert not any("offline generator is used" in i.value for i in at.info)
     assert f"llm:{MODEL}" in set(at.dataframe[-1].value["generator"])
+
+
+def test_generate_page_saves_the_endpoint_to_embedloop_toml(ws, monkeypatch):
+    import tomllib
+
+    from loop.config import CONFIG_FILE, load_settings
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-written")
+    cfg = ws.settings.workspace / CONFIG_FILE
+    cfg.write_text("# my settings\nchunk_overlap = 16\nllm_model = \"old-model\"  # was\n\n[loop]\nreview_budget = 7\n"
+                   "[loop.train]\nepochs = 2\n", encoding="utf-8")
+    at = ok(app(ws, "ui/generate.py"))
+    at.text_input[0].input("http://127.0.0.1:9/v1")
+    at.text_input[1].input("my-llm")
+    at.number_input(key="llm_concurrency").set_value(4)
+    at.number_input(key="llm_requests_per_minute").set_value(120.0)
+    at.button[[b.label for b in at.button].index("Save settings")].click().run()
+    ok(at)
+    text = cfg.read_text(encoding="utf-8")
+    assert "sk-never-written" not in text and "api_key" not in text
+    assert text.startswith("# my settings\nchunk_overlap = 16\n")  # the rest of the file is kept
+    assert tomllib.loads(text) == {
+        "chunk_overlap": 16, "llm_model": "my-llm", "llm_base_url": "http://127.0.0.1:9/v1", "llm_concurrency": 4,
+        "llm_requests_per_minute": 120.0, "loop": {"review_budget": 7, "train": {"epochs": 2}}}
+    s = load_settings(ws.settings.workspace)
+    assert (s.llm_base_url, s.llm_model, s.llm_concurrency, s.llm_requests_per_minute) == (
+        "http://127.0.0.1:9/v1", "my-llm", 4, 120.0)
+    assert deps.jobs(ws).llm == {"base_url": "http://127.0.0.1:9/v1", "model": "my-llm", "concurrency": 4,
+                                 "requests_per_minute": 120.0}
+    assert any("Saved" in s.value for s in at.success)

@@ -211,3 +211,22 @@ def test_the_key_is_read_from_the_two_documented_variables_only(tmp_path, monkey
     assert load_settings(tmp_path / "ws").llm_api_key.get_secret_value() == SECRET
     write_config(tmp_path / "ws", 'llm_base_url = "http://file/v1"\n')  # the file still uses field names
     assert load_settings(tmp_path / "ws").llm_base_url == "http://file/v1"
+
+
+def test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key(tmp_path):
+    import tomllib
+
+    from loop.config import save_settings
+
+    cfg = write_config(tmp_path / "ws", '# top\ndevice = "cpu"   # why\n[loop]\ndomain = "law"\n')
+    save_settings(tmp_path / "ws", {"device": "auto", "llm_model": 'say "hi"\n', "llm_concurrency": 3})
+    text = cfg.read_text(encoding="utf-8")
+    assert text.startswith("# top\n") and text.index("llm_model") < text.index("[loop]")
+    assert tomllib.loads(text) == {"device": "auto", "llm_model": 'say "hi"\n', "llm_concurrency": 3,
+                                   "loop": {"domain": "law"}}
+    for bad, match in [({"llm_api_key": SECRET}, "never written"), ({"chunk_size": 1}, "chunk_size"),
+                       ({"llm_concurrency": 0}, "llm_concurrency"), ({"loop": {}}, "loop")]:
+        with pytest.raises(ConfigError, match=match) as ei:
+            save_settings(tmp_path / "ws", bad)
+        assert SECRET not in str(ei.value)
+    assert cfg.read_text(encoding="utf-8") == text  # a refused save changes nothing

@@ -80,7 +80,7 @@ class Jobs:
     runner: JobRunner
     latest: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
-    llm: dict[str, str] | None = None  # endpoint settings chosen on the Generate page (this process)
+    llm: dict[str, Any] | None = None  # endpoint settings saved on the Generate page (this process uses them now)
 
     def submit(self, kind: str, fn: Callable[[JobContext], Any], args: dict[str, Any] | None = None) -> str | None:
         """Start `fn(ctx)` as a job; its return value is kept in `results`. None if refused."""
@@ -198,13 +198,15 @@ def llm_key() -> tuple[str | None, str]:
     return None, "not set"
 
 
-def llm_endpoint() -> dict[str, str]:
-    """Base URL and model: chosen on the Generate page (this process), else from the settings."""
+def llm_endpoint() -> dict[str, Any]:
+    """Base URL, model, concurrency and requests per minute: as saved on the Generate page (this
+    process), else from the settings."""
     s = workspace().settings
-    return jobs().llm or {"base_url": s.llm_base_url, "model": s.llm_model}
+    return jobs().llm or {"base_url": s.llm_base_url, "model": s.llm_model, "concurrency": s.llm_concurrency,
+                          "requests_per_minute": s.llm_requests_per_minute}
 
 
-def llm_client(endpoint: dict[str, str] | None = None, **overrides: Any):
+def llm_client(endpoint: dict[str, Any] | None = None, **overrides: Any):
     """The LLM client for `endpoint` (default: the chosen one), or None: then the offline
     generator is used. `overrides` go to LLMSettings (e.g. a short timeout for a test)."""
     from loop.llm import LLMCache, LLMClient, LLMSettings
@@ -213,7 +215,9 @@ def llm_client(endpoint: dict[str, str] | None = None, **overrides: Any):
     key, _ = llm_key()
     if not (ep["base_url"] or key):
         return None
-    settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=key, **overrides)
+    limits = {k: ep[k] for k in ("concurrency", "requests_per_minute") if ep.get(k) is not None}
+    settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=key,
+                           **{**limits, **overrides})
     return LLMClient(settings, LLMCache(workspace().store))
 
 
