@@ -195,7 +195,7 @@ def cmd_review_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from loop.evaluate import compare, evalset_from_beir, evaluate
+    from loop.evaluate import compare_all, evalset_from_beir, evaluate, intervals
 
     with _open(args) as ws:
         if args.beir:
@@ -208,9 +208,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         base = reports[ws.base_version]
         out = {"evalset": evalset.name, "n_queries": len(evalset.query_ids), "models": {}}
         for v, rep in reports.items():
-            entry = {"metrics": rep.metrics, "matryoshka": rep.matryoshka}
+            # 95% bootstrap intervals of every metric: of the mean, and of the difference to the base
+            entry = {"metrics": rep.metrics, "intervals": {m: list(ci) for m, ci in intervals(rep).items()},
+                     "matryoshka": rep.matryoshka}
             if v != ws.base_version:
-                entry["vs_base"] = compare(base, rep).model_dump()
+                every = {m: c.model_dump() for m, c in compare_all(base, rep).items()}
+                entry["vs_base"] = every["ndcg@10"]
+                entry["vs_base_by_metric"] = every
             out["models"][v] = entry
         if args.target is not None:
             out["recommendation"] = _rounds(ws, args).recommend(args.target).model_dump()
@@ -219,12 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{out['evalset']}: {out['n_queries']} queries")
     for v, e in out["models"].items():
-        m = e["metrics"]
-        line = f"{v:<24} NDCG@10 {m['ndcg@10']:.4f}  R@100 {m.get('recall@100', float('nan')):.4f}  MRR@10 {m['mrr@10']:.4f}"
-        if "vs_base" in e:
-            c = e["vs_base"]
-            line += f"  vs base {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-        print(line)
+        print(f"{v}{'' if 'vs_base' in e else '  (base)'}")
+        for name, (mean, lo, hi) in e["intervals"].items():
+            line = f"  {name:<11}{mean:.4f} [{lo:.4f}, {hi:.4f}]"
+            if "vs_base_by_metric" in e:
+                c = e["vs_base_by_metric"][name]
+                line += f"  vs base {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+            print(line)
+    print("(95% bootstrap intervals over the queries; vs base: paired)")
     if "recommendation" in out:
         rec = out["recommendation"]
         verdict = "fine-tune" if rec["finetune"] else "generate pairs first" if rec["generate_first"] else "keep the model"

@@ -1,13 +1,21 @@
 """Typed settings: defaults < workspace config file < environment < explicit arguments.
 
 The config file is `<workspace>/embedloop.toml`; environment variables are prefixed
-`EMBEDLOOP_` (e.g. `EMBEDLOOP_CHROMA_URL`). The LLM key is read from `OPENAI_API_KEY` and is
-a `SecretStr`: it never appears in `model_dump()`, logs, DuckDB or manifests.
+`EMBEDLOOP_` (e.g. `EMBEDLOOP_CHROMA_URL`). An `EMBEDLOOP_*` variable that is no setting is
+warned about (logger `embedloop.config`), naming the closest setting. The LLM key is read
+from the environment only (`OPENAI_API_KEY` or `EMBEDLOOP_LLM_API_KEY`; a key in the config
+file is refused) and is a `SecretStr`: it never appears in `model_dump()`, logs, DuckDB or
+manifests.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import logging
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from loop.errors import ConfigError, validation_problems
 
 CONFIG_FILE = "embedloop.toml"
+KEY_ENV = ("OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY")  # where the LLM key is read from (first wins)
+# EMBEDLOOP_* variables that are not settings: read by loop.embed, loop.train and scripts/setup.sh.
+OTHER_ENV = frozenset({"EMBEDLOOP_ONNX_CACHE", "EMBEDLOOP_TRAIN_FAULT", "EMBEDLOOP_TORCH"})
+
+log = logging.getLogger("embedloop.config")
 
 
 def bundled_model_path() -> Path:
@@ -30,7 +43,10 @@ def bundled_model_path() -> Path:
 class Settings(BaseSettings):
     """All knobs of a workspace. Unknown keys are an error, not silently ignored."""
 
-    model_config = SettingsConfigDict(env_prefix="EMBEDLOOP_", extra="forbid", validate_default=True)
+    # validate_by_name: the file and arguments use field names; the aliases below are the
+    # environment variable names, and only those (no bare LLM_API_KEY and the like).
+    model_config = SettingsConfigDict(env_prefix="EMBEDLOOP_", extra="forbid", validate_default=True,
+                                      validate_by_name=True)
 
     workspace: Path = Field(default=Path("workspace"), description="Folder holding DuckDB, Chroma, models and runs.")
     base_model: str = Field(default="", description="Local path of the base embedding model; empty = bundled MiniLM.")
@@ -46,7 +62,7 @@ class Settings(BaseSettings):
 
     # LLM (any OpenAI-compatible endpoint). Empty base URL and no key = offline generator.
     llm_base_url: str = Field(
-        default="", validation_alias=AliasChoices("EMBEDLOOP_LLM_BASE_URL", "OPENAI_BASE_URL", "llm_base_url")
+        default="", validation_alias=AliasChoices("EMBEDLOOP_LLM_BASE_URL", "OPENAI_BASE_URL")
     )
     llm_model: str = Field(default="gpt-4o-mini")
     llm_concurrency: int = Field(default=16, ge=1, le=256, description="LLM requests in flight at once.")
@@ -57,7 +73,7 @@ class Settings(BaseSettings):
         default=None,
         exclude=True,
         repr=False,
-        validation_alias=AliasChoices("OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY", "llm_api_key"),
+        validation_alias=AliasChoices(*KEY_ENV),
     )
 
     loop: dict[str, Any] = Field(
@@ -114,6 +130,27 @@ class Settings(BaseSettings):
         return bool(self.llm_base_url or self.llm_api_key)
 
 
+def _env_names() -> set[str]:
+    """Every EMBEDLOOP_* environment variable embedloop reads."""
+    names = {f"EMBEDLOOP_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV
+    for f in Settings.model_fields.values():
+        if isinstance(f.validation_alias, AliasChoices):
+            names |= {c.upper() for c in f.validation_alias.choices if isinstance(c, str)}
+    return {n for n in names if n.startswith("EMBEDLOOP_")}
+
+
+def warn_unknown_env() -> list[str]:
+    """Warn about each EMBEDLOOP_* environment variable that nothing reads (a typo, most likely),
+    naming the closest one that is read. Returns the unknown names."""
+    known = _env_names()
+    unknown = sorted(n for n in os.environ if n.upper().startswith("EMBEDLOOP_") and n.upper() not in known)
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no setting has a similar name (README.md, Configuration)."
+        log.warning("The environment variable %s is not an embedloop setting and is ignored: %s", name, hint)
+    return unknown
+
+
 def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from the workspace's config file, the environment and `overrides`.
 
@@ -130,6 +167,14 @@ def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Sett
             raise ConfigError(f"{cfg}: not valid TOML ({e}). Fix or delete the file.") from e
         if "workspace" in file_values:
             raise ConfigError(f"{cfg}: 'workspace' cannot be set inside a workspace's own config file.")
+        for name in file_values:
+            if name.upper() in KEY_ENV or name == "llm_api_key":
+                raise ConfigError(
+                    f"{cfg}: {name} cannot be set in the config file (it would sit there in plain text): "
+                    f"remove it, and set the key in the environment ({' or '.join(KEY_ENV)}) or, for the "
+                    "app, in Streamlit secrets (OPENAI_API_KEY, or api_key in an [llm] table)."
+                )
+    warn_unknown_env()
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}, "workspace": ws}
     # Environment variables win over the file: pydantic-settings gives init kwargs priority, so
     # drop file keys that the environment sets.
@@ -142,3 +187,61 @@ def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Sett
         problems = validation_problems(e, whole="?")
         source = f"{cfg} / environment" if cfg.exists() else "settings"
         raise ConfigError(f"Invalid configuration ({source}): {problems}") from e
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):  # a JSON string is a TOML basic string, but for DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise ConfigError(f"cannot write {type(value).__name__} values to {CONFIG_FILE}")
+
+
+def save_settings(workspace: str | Path, values: dict[str, Any]) -> Path:
+    """Set top-level settings in the workspace's embedloop.toml, keeping the rest of the file
+    (other keys, comments, tables such as [loop]) as it is. An LLM key is never written.
+
+    Raises:
+        ConfigError: a key, an unknown or table setting, a bad value, or a file whose layout
+            this editor cannot update safely (edit it by hand then); the file is unchanged.
+    """
+    cfg = Path(workspace) / CONFIG_FILE
+    for name in values:
+        if name == "llm_api_key" or name.upper() in KEY_ENV:
+            raise ConfigError(f"An API key is never written to {CONFIG_FILE}; set {' or '.join(KEY_ENV)} "
+                              "in the environment, or OPENAI_API_KEY in Streamlit secrets.")
+        if name not in Settings.model_fields or name in {"workspace", "loop"}:
+            raise ConfigError(f"{name!r} is not a top-level setting that can be saved to {CONFIG_FILE}.")
+    text = cfg.read_text(encoding="utf-8") if cfg.exists() else ""
+    try:
+        before = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{cfg}: not valid TOML ({e}). Fix or delete the file.") from e
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    top = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))  # before any table
+    for name, value in values.items():
+        line = f"{name} = {_toml_value(value)}\n"
+        key = re.compile(rf"\s*{re.escape(name)}\s*=")
+        at = next((i for i in range(top) if key.match(lines[i])), None)
+        if at is None:
+            lines.insert(top, line)
+            top += 1
+        else:
+            lines[at] = line
+    new_text = "".join(lines)
+    after = tomllib.loads(new_text)
+    if after != {**before, **values}:
+        raise ConfigError(f"{cfg}: cannot update this file's layout safely; set {', '.join(values)} by hand.")
+    try:
+        Settings(**{**after, "workspace": Path(workspace)})
+    except ValidationError as e:
+        raise ConfigError(f"Invalid setting: {validation_problems(e, whole='?')}") from None
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    os.replace(tmp, cfg)  # a crash leaves the old file or the new one, never half of one
+    return cfg

@@ -112,6 +112,42 @@ def ir_metrics(
     return out
 
 
+def bootstrap_means(
+    values: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
+    """Mean of each per-query array and its 95% percentile interval from resampling queries.
+
+    One resample of query indices serves every array (they must be over the same queries, in
+    the same order), so all metrics' intervals cost one set of draws and see the same
+    resampled query sets.
+
+    Returns:
+        {name: (mean, 2.5th percentile, 97.5th percentile)}. Deterministic for a seed.
+    """
+    arrays = {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
+    sizes = {v.shape for v in arrays.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise ValueError(f"bootstrap_means needs 1-D arrays of equal length, got shapes {sorted(sizes)}.")
+    n = next(iter(arrays.values())).size
+    if n == 0:
+        raise ValueError("bootstrap_means needs at least one query.")
+    if n_boot < 1:
+        raise ValueError("n_boot must be at least 1.")
+    rng = np.random.default_rng(seed)
+    means = {name: np.empty(n_boot, dtype=np.float64) for name in arrays}
+    step = max(1, _SCORE_BUDGET // (8 * n))  # resample in slices to bound memory
+    for start in range(0, n_boot, step):
+        rows = min(step, n_boot - start)
+        idx = rng.integers(0, n, size=(rows, n))
+        for name, v in arrays.items():
+            means[name][start : start + rows] = v[idx].mean(axis=1)
+    out = {}
+    for name, v in arrays.items():
+        lo, hi = np.percentile(means[name], [2.5, 97.5])
+        out[name] = (float(v.mean()), float(lo), float(hi))
+    return out
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of `b - a` over queries and its 95% percentile interval from resampling queries.
 
@@ -125,19 +161,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired_bootstrap needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
-    if a.size == 0:
-        raise ValueError("paired_bootstrap needs at least one query.")
-    if n_boot < 1:
-        raise ValueError("n_boot must be at least 1.")
-    diff = b - a
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    step = max(1, _SCORE_BUDGET // (8 * diff.size))  # resample in slices to bound memory
-    for start in range(0, n_boot, step):
-        rows = min(step, n_boot - start)
-        means[start : start + rows] = diff[rng.integers(0, diff.size, size=(rows, diff.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(lo), float(hi)
+    return bootstrap_means({"diff": b - a}, n_boot, seed)["diff"]
 
 
 # Exact search ----------------------------------------------------------------------------------
@@ -519,19 +543,27 @@ class Comparison(BaseModel):
     significant: bool
 
 
-def compare(
-    base: EvalReport, other: EvalReport, metric: str = PRIMARY_METRIC, *, n_boot: int = 2000, seed: int = 0
-) -> Comparison:
-    """Paired bootstrap of `other - base`; significant when the 95% interval excludes 0.
+def intervals(report: EvalReport, *, n_boot: int = 2000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Every metric of one report: (mean, 95% interval low, high), one resample for all."""
+    return bootstrap_means(report.per_query, n_boot, seed)
+
+
+def compare_all(
+    base: EvalReport, other: EvalReport, metrics: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Comparison]:
+    """Paired bootstrap of `other - base` for each metric (default: every metric of `base`), from
+    one resample of the queries; a metric is significant when its 95% interval excludes 0.
 
     Raises:
-        ValueError: the reports are of different eval sets, or lack `metric`.
+        ValueError: the reports are of different eval sets, or lack a metric.
     """
+    metrics = list(base.per_query if metrics is None else metrics)
     for r in (base, other):
-        if metric not in r.per_query:
-            raise ValueError(
-                f"metric {metric!r} is not in the report of {r.model_version}; have {sorted(r.per_query)}."
-            )
+        for metric in metrics:
+            if metric not in r.per_query:
+                raise ValueError(
+                    f"metric {metric!r} is not in the report of {r.model_version}; have {sorted(r.per_query)}."
+                )
     if base.gain != other.gain:
         raise ValueError(f"the reports use different NDCG gains ({base.gain}, {other.gain}); evaluate both alike.")
     if base.evalset_fingerprint != other.evalset_fingerprint or set(base.query_ids) != set(other.query_ids):
@@ -539,15 +571,26 @@ def compare(
             f"reports of {base.model_version} and {other.model_version} come from different eval sets; "
             f"evaluate both on the same EvalSet to compare them."
         )
-    pos = {q: i for i, q in enumerate(other.query_ids)}
-    a = np.asarray(base.per_query[metric], dtype=np.float64)
-    b = np.asarray(other.per_query[metric], dtype=np.float64)[[pos[q] for q in base.query_ids]]
-    delta, lo, hi = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
-    return Comparison(
-        metric=metric, base_version=base.model_version, other_version=other.model_version,
-        base=float(a.mean()), other=float(b.mean()), delta=delta, ci_low=lo, ci_high=hi,
-        n_queries=len(a), significant=lo > 0 or hi < 0,
-    )
+    order = [{q: i for i, q in enumerate(other.query_ids)}[q] for q in base.query_ids]
+    a = {m: np.asarray(base.per_query[m], dtype=np.float64) for m in metrics}
+    b = {m: np.asarray(other.per_query[m], dtype=np.float64)[order] for m in metrics}
+    boot = bootstrap_means({m: b[m] - a[m] for m in metrics}, n_boot, seed)
+    out = {}
+    for m in metrics:
+        delta, lo, hi = boot[m]
+        out[m] = Comparison(
+            metric=m, base_version=base.model_version, other_version=other.model_version,
+            base=float(a[m].mean()), other=float(b[m].mean()), delta=delta, ci_low=lo, ci_high=hi,
+            n_queries=len(order), significant=lo > 0 or hi < 0,
+        )
+    return out
+
+
+def compare(
+    base: EvalReport, other: EvalReport, metric: str = PRIMARY_METRIC, *, n_boot: int = 2000, seed: int = 0
+) -> Comparison:
+    """Paired bootstrap of `other - base` on one metric (see `compare_all`)."""
+    return compare_all(base, other, [metric], n_boot=n_boot, seed=seed)[metric]
 
 
 def score_distributions(

@@ -265,14 +265,47 @@ def read_documents(path: str | Path, fields: Fields = Fields(), max_bytes: int =
             f"unsupported file type {suffix or '(none)'}; use {', '.join(sorted(DOC_SUFFIXES | TABLE_SUFFIXES))}",
             path,
         )
+    root = path.resolve()  # sources are absolute: they tell folders of the same name apart (folder_prefix)
     files = sorted(
-        p for p in path.rglob("*")
+        p for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
         raise InputError(f"no documents ({', '.join(sorted(DOC_SUFFIXES))}) in this folder", path)
-    return [read_document_file(f, f.relative_to(path).as_posix(), max_bytes) for f in files]
+    return [read_document_file(f, f.relative_to(root).as_posix(), max_bytes) for f in files]
+
+
+def is_plain_folder(path: str | Path) -> bool:
+    """A folder of document files (not a BEIR folder): its documents get `folder_prefix` ids."""
+    return Path(path).is_dir() and not is_beir(Path(path))
+
+
+def folder_prefix(store: Store, folder: Path) -> str:
+    """The id prefix of a folder's documents, unique per folder in the workspace.
+
+    `read_documents` names a folder's documents by their path inside it; they are stored as
+    `<prefix>/<that path>`, so `x/a.txt` and `y/a.txt` are two documents. The prefix is the
+    folder's name, or `<name>~2`, `<name>~3`, ... when a folder of the same name elsewhere (told
+    apart by the stored absolute sources) holds the name already. The same folder always gets
+    the same prefix, so re-ingesting it changes nothing.
+    """
+    root = folder.resolve()
+    name = root.name or "root"
+    for n in range(1, 10_000):
+        prefix = name if n == 1 else f"{name}~{n}"
+        source = store.scalar("SELECT any_value(source) FROM documents WHERE starts_with(doc_id, ?)", [prefix + "/"])
+        if source is None or Path(source).is_relative_to(root):
+            return prefix
+    raise InputError(f"too many different folders named {name!r} in this workspace", folder)
+
+
+def prefixed(store: Store, folder: Path, docs: list[Document]) -> tuple[list[Document], dict[str, str]]:
+    """A plain folder's documents with their stored ids, and {stored id: id without the prefix}
+    (the id such a document had before prefixes: `store_documents` adopts those rows)."""
+    prefix = folder_prefix(store, folder)
+    named = [d.model_copy(update={"doc_id": f"{prefix}/{d.doc_id}"}) for d in docs]
+    return named, {n.doc_id: d.doc_id for n, d in zip(named, docs, strict=True)}
 
 
 # Chunking ----------------------------------------------------------------------------------
@@ -325,29 +358,56 @@ def hf_offsets(tokenizer: Any) -> Callable[[str], list[tuple[int, int]]]:
 
 
 # Storing documents ---------------------------------------------------------------------------
+def _adoptable(store: Store, docs: list[Document], old_ids: dict[str, str],
+               existing: dict[str, str]) -> dict[str, str]:
+    """{new id: old id} of rows stored under an earlier id of the same document: the same file
+    (the old source, resolved against the current folder when relative) or the same content."""
+    wanted = {old_ids[d.doc_id] for d in docs if d.doc_id in old_ids and d.doc_id not in existing}
+    wanted &= existing.keys()
+    if not wanted:
+        return {}
+    sources = dict(store.execute("SELECT doc_id, source FROM documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))",
+                                 [sorted(wanted)]).fetchall())
+    out = {}
+    for d in docs:
+        old = old_ids.get(d.doc_id)
+        if old in sources and (Path(sources[old]).resolve() == Path(d.source).resolve()
+                               or existing[old] == content_hash(d.full_text)):
+            out[d.doc_id] = old
+    return out
+
+
 def store_documents(
     store: Store, docs: list[Document], tokenize: Callable[[str], list[tuple[int, int]]],
-    max_tokens: int, overlap: int, path: str,
+    max_tokens: int, overlap: int, path: str, old_ids: dict[str, str] | None = None,
 ) -> tuple[IngestReport, list[str]]:
     """Chunk and store `docs` in one transaction; unchanged documents are skipped.
+
+    Args:
+        old_ids: {doc id: the id the same document may be stored under from before} (a folder's
+            documents before ids named their folder): such a row takes the new id instead of
+            leaving a duplicate, and counts as unchanged when its content is.
 
     Returns:
         The report, and the ids of passages that no document uses any more (a changed
         document dropped them) and that were deleted — the caller removes them from the index.
     """
     existing = dict(store.execute("SELECT doc_id, content_hash FROM documents").fetchall())
-    new_docs, changed_docs, unchanged = [], [], 0
+    adopt = _adoptable(store, docs, old_ids or {}, existing)
+    new_docs, changed_docs, renamed, unchanged = [], [], [], 0
     for d in docs:
         h = content_hash(d.full_text)
-        old = existing.get(d.doc_id)
+        old = existing.get(adopt.get(d.doc_id, d.doc_id))
         if old == h:
             unchanged += 1
+            if d.doc_id in adopt:
+                renamed.append((d, h))  # rewritten under its new id
         elif old is None:
             new_docs.append((d, h))
         else:
             changed_docs.append((d, h))
     doc_rows, map_rows, passage_rows = [], [], {}
-    for d, h in new_docs + changed_docs:
+    for d, h in new_docs + changed_docs + renamed:
         doc_rows.append({"doc_id": d.doc_id, "source": d.source or path, "title": d.title,
                          "content_hash": h, "n_chars": len(d.full_text)})
         for i, (chunk, n_tok) in enumerate(chunk_text(d.full_text, tokenize, max_tokens, overlap)):
@@ -356,8 +416,8 @@ def store_documents(
             map_rows.append({"doc_id": d.doc_id, "ordinal": i, "passage_id": pid})
     removed: list[str] = []
     with store.transaction() as cur:
-        if changed_docs:
-            ids = [d.doc_id for d, _ in changed_docs]
+        ids = [adopt.get(d.doc_id, d.doc_id) for d, _ in changed_docs + renamed]
+        if ids:
             cur.execute("DELETE FROM documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
             cur.execute("DELETE FROM doc_passages WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
         Store.insert_ignore(cur, "documents", doc_rows)
@@ -392,20 +452,34 @@ class _Resolver:
         self.store, self.path = store, path
         self._cache: dict[str, tuple[str, str] | None] = {}
 
-    def lookup(self, ref: str) -> tuple[str, str] | None:
+    def lookup(self, ref: str, line: int) -> tuple[str, str] | None:
         if ref not in self._cache:
             hit = self.store.passages([ref])
             if hit:
                 self._cache[ref] = (ref, hit[ref])
             else:
-                first = self.store.first_passage_of_docs([ref]).get(ref)
+                doc = self._document(ref, line)
+                first = self.store.first_passage_of_docs([doc]).get(doc) if doc else None
                 self._cache[ref] = (first, self.store.passages([first])[first]) if first else None
         return self._cache[ref]
 
+    def _document(self, ref: str, line: int) -> str | None:
+        """A document id, or a folder document's path inside its folder (its id before ids
+        named their folder: `a.txt` for `docs/a.txt`) when exactly one folder has it."""
+        if self.store.scalar("SELECT count(*) FROM documents WHERE doc_id = ?", [ref]):
+            return ref
+        ids = [d for (d,) in self.store.execute(
+            "SELECT doc_id FROM documents WHERE ends_with(doc_id, ?) ORDER BY doc_id", ["/" + ref]).fetchall()
+            if "/" not in d[: -len(ref) - 1]]
+        if len(ids) > 1:
+            raise InputError(f"{ref!r} names a document in several folders ({', '.join(ids[:5])}); "
+                             "use the full document id", self.path, line)
+        return ids[0] if ids else None
+
     def resolve(self, value: str | None, explicit_id: str | None, name: str, line: int) -> tuple[str | None, str | None]:
         if explicit_id is not None:
-            found = self.lookup(explicit_id.strip())
-            if found is None and self.store.scalar("SELECT count(*) FROM documents WHERE doc_id = ?", [explicit_id.strip()]):
+            found = self.lookup(explicit_id.strip(), line)
+            if found is None and self._document(explicit_id.strip(), line):
                 raise _EmptyDocument(explicit_id)
             if found is None:
                 raise InputError(
@@ -419,7 +493,7 @@ class _Resolver:
         if not value:
             raise InputError(f"{name} is empty", self.path, line)
         if len(value) <= 200 and " " not in value:
-            found = self.lookup(value)
+            found = self.lookup(value, line)
             if found is not None:
                 return found
         # A text: link it to the corpus passage with the same content, when there is one.

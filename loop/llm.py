@@ -378,7 +378,7 @@ class LLMClient:
 
     def _fatal_status(self, status: int, body: str, attempts: int = 1) -> LLMError:
         hints = {
-            401: "Check the API key (OPENAI_API_KEY or llm_api_key).",
+            401: "Check the API key (OPENAI_API_KEY or EMBEDLOOP_LLM_API_KEY).",
             403: "The key is not allowed to use this model or endpoint.",
             404: "Check llm_base_url (it usually ends in /v1) and llm_model.",
         }

@@ -26,7 +26,9 @@ from loop import indexing, train
 from loop.decide import Recommendation, promotion_gate, should_finetune
 from loop.embed import Embedder, model_hash
 from loop.errors import EmbedloopError, InputError, VectorIndexError
-from loop.evaluate import CorpusEmbeddings, EvalReport, EvalSet, compare, evaluate, evalset_from_store
+from loop.evaluate import (
+    PRIMARY_METRIC, CorpusEmbeddings, EvalReport, EvalSet, compare, compare_all, evaluate, evalset_from_store,
+)
 from loop.generate import needs_generation, run_generation
 from loop.negatives import MiningPolicy, select_negatives
 from loop.records import Pair
@@ -551,11 +553,13 @@ class Rounds:
         base = self.report_for(self.ws.base_version, evalset)
         active = self.report_for(self.ws.active_model, evalset)
         cand = self.report_for(version, evalset)
-        vs_base = compare(base, cand)
+        every = compare_all(base, cand)  # one resample of the queries for every metric's interval
+        vs_base = every[PRIMARY_METRIC]
         vs_active = compare(active, cand)
         r["manifest"]["metrics"] = {"base": base.metrics, "active": active.metrics, "candidate": cand.metrics,
                                     "matryoshka": cand.matryoshka, "n_queries": cand.n_queries}
         r["manifest"]["vs_base"] = vs_base.model_dump()
+        r["manifest"]["vs_base_by_metric"] = {m: c.model_dump() for m, c in every.items()}
         r["manifest"]["vs_active"] = vs_active.model_dump()
         self.log(f"NDCG@10: base {base.metrics['ndcg@10']:.4f}, active {active.metrics['ndcg@10']:.4f}, "
                  f"candidate {cand.metrics['ndcg@10']:.4f} (vs base {vs_base.delta:+.4f}, "

@@ -16,7 +16,9 @@ from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError, VectorIndexError
-from loop.ingest import Fields, hf_offsets, import_pairs, import_queries, read_documents, store_documents
+from loop.ingest import (
+    Fields, hf_offsets, import_pairs, import_queries, is_plain_folder, prefixed, read_documents, store_documents,
+)
 from loop.records import Document, IngestReport, SearchHit
 from storage.db import Store
 from storage.index import VectorIndex
@@ -30,7 +32,8 @@ _CONFIG_TEMPLATE = """\
 # max_file_mb = 200
 # chunk_tokens = 0          # 0: the model's max sequence length
 # chunk_overlap = 32
-# llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; key from OPENAI_API_KEY
+# llm_base_url = "http://127.0.0.1:8080/v1"   # any OpenAI-compatible endpoint; the key: never here, set
+#                                             # OPENAI_API_KEY (or EMBEDLOOP_LLM_API_KEY) in the environment
 # llm_model = "gpt-4o-mini"
 #
 # [loop]                    # round settings (loop.rounds.LoopConfig)
@@ -154,9 +157,10 @@ class Workspace:
     def max_bytes(self) -> int:
         return int(self.settings.max_file_mb * 2**20)
 
-    def add_documents(self, docs: list[Document], label: str, progress: indexing.Progress | None = None) -> IngestReport:
+    def add_documents(self, docs: list[Document], label: str, progress: indexing.Progress | None = None,
+                      old_ids: dict[str, str] | None = None) -> IngestReport:
         tokenize, max_tokens, overlap = self._chunk_args()
-        report, _removed = store_documents(self.store, docs, tokenize, max_tokens, overlap, label)
+        report, _removed = store_documents(self.store, docs, tokenize, max_tokens, overlap, label, old_ids)
         written = indexing.sync(self.store, self.index, self.embedder(), progress)
         return report.model_copy(update={"indexed": written})
 
@@ -165,12 +169,19 @@ class Workspace:
         """Ingest each path (file, folder or BEIR folder) in its own transaction, then index.
 
         All paths are read and validated before anything is written, so one bad file leaves
-        the workspace unchanged.
+        the workspace unchanged. A plain folder's documents are named `<folder>/<path inside
+        it>` (`ingest.folder_prefix`); a single file by its name; a .jsonl/.csv/BEIR record by its id.
         """
         if not paths:
             raise InputError("nothing to ingest: give at least one file or folder")
-        loaded = [(str(p), read_documents(p, fields, self.max_bytes)) for p in paths]
-        return [self.add_documents(docs, label, progress) for label, docs in loaded]
+        loaded = [(p, read_documents(p, fields, self.max_bytes)) for p in paths]
+        reports = []
+        for p, docs in loaded:
+            old_ids = None
+            if is_plain_folder(p):  # prefixed here, after the paths before it are stored
+                docs, old_ids = prefixed(self.store, Path(p), docs)
+            reports.append(self.add_documents(docs, str(p), progress, old_ids))
+        return reports
 
     def import_pairs(self, path: str | Path, **kw: Any) -> IngestReport:
         return import_pairs(self.store, path, max_bytes=self.max_bytes, **kw)

@@ -146,6 +146,48 @@ EXISTING: dict[str, tuple[str, str, str]] = {
         "Security", "app: the Generate page with a key set", "the key is never rendered ('API key: set')"),
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
+    # Issue 13, items 8-12.
+    "tests/test_app.py::test_generate_page_saves_the_endpoint_to_embedloop_toml": (
+        "What a user hits", "app: save the LLM endpoint on the Generate page (with a key in the environment)",
+        "base URL, model, concurrency and requests per minute land in embedloop.toml; other keys, comments and "
+        "[loop] tables kept; the key never written"),
+    "tests/test_config.py::test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key": (
+        "Bad input", "saving a key, an unknown setting, a bad value or a table to embedloop.toml",
+        "ConfigError; the file is unchanged"),
+    "tests/test_evaluate.py::test_every_metric_gets_an_interval_from_one_resample_of_the_queries": (
+        "What a user hits", "intervals of Recall/MRR/MAP (the README promises one for every metric)",
+        "compare_all: a paired 95% interval for every metric from one resample of the queries; NDCG@10's unchanged"),
+    "tests/test_cli.py::test_evaluate_gives_every_metric_an_interval": (
+        "What a user hits", "`embedloop evaluate`: every metric's interval", "in --json and in the text, each metric"),
+    "tests/test_app.py::test_evaluate_page_shows_an_interval_for_every_metric": (
+        "What a user hits", "app: Evaluate page, every metric's interval",
+        "the baseline's and each round's candidate-vs-base intervals for every metric"),
+    "tests/test_ingest.py::test_same_relative_path_in_two_folders_is_two_documents": (
+        "Stuck or wrong state", "x/a.txt and y/a.txt ingested (and a second folder named x)",
+        "three documents (x/a.txt, y/a.txt, x~2/a.txt), none reported 'updated'; re-ingesting any of them "
+        "changes nothing"),
+    "tests/test_ingest.py::test_reingesting_a_folder_ingested_with_old_ids_adopts_them": (
+        "Stuck or wrong state", "re-ingesting a folder whose documents have the old ids (a.txt)",
+        "the rows are renamed in place (docs/a.txt): no duplicate documents; a changed file counts as updated"),
+    "tests/test_ingest.py::test_pairs_may_name_a_folder_document_by_its_path_inside_the_folder": (
+        "What a user hits", "a pair file naming a folder document the old way (a.txt)",
+        "resolves while one folder has that path; with two, an InputError asking for the full id"),
+    "tests/test_browser.py::test_review_with_the_keyboard_in_a_real_browser": (
+        "What a user hits", "review in a real browser: type the reviewer name, press Enter, then A",
+        "Enter leaves the name box, so A accepts the first card (it used to type 'a' into the name); "
+        "six decisions by keyboard, each recorded once"),
+    "tests/test_config.py::test_a_misspelt_environment_variable_is_warned_about_with_the_closest_setting": (
+        "What a user hits", "a misspelt EMBEDLOOP_* environment variable (EMBEDLOOP_CHUNK_TOKEN)",
+        "a warning naming it and the closest setting (EMBEDLOOP_CHUNK_TOKENS); no longer silently ignored"),
+    "tests/test_config.py::test_the_cli_shows_the_misspelt_variable_on_stderr": (
+        "What a user hits", "CLI with a misspelt EMBEDLOOP_* variable", "the warning is on stderr; the command works"),
+    "tests/test_config.py::test_an_api_key_in_the_config_file_is_refused_with_where_keys_go[": (
+        "Security", "an LLM API key written in embedloop.toml",
+        "ConfigError naming the file and where keys go (OPENAI_API_KEY / EMBEDLOOP_LLM_API_KEY, Streamlit "
+        "secrets); the key is not echoed"),
+    "tests/test_config.py::test_the_key_is_read_from_the_two_documented_variables_only": (
+        "Security", "LLM key in undocumented variables (LLM_API_KEY)",
+        "not read: only OPENAI_API_KEY and EMBEDLOOP_LLM_API_KEY, as the README says"),
 }
 
 

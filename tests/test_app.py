@@ -201,7 +201,8 @@ def test_with_auth_reviewers_sign_in_and_decisions_record_the_user(ws):
     at.user = {"is_logged_in": False}
     at.switch_page("ui/review.py").run()
     ok(at)
-    assert [b.label for b in at.button] == ["Sign in"] and not at.html  # no card before sign-in
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert 'class="embedloop-text"' not in html_bodies(at)  # no card before sign-in
     at.user = {"is_logged_in": True, "email": "ann@example.com", "name": "Ann"}
     at.run()
     ok(at)
@@ -272,10 +273,14 @@ def test_passage_browser_and_search(ws):
 
 
 # Generate --------------------------------------------------------------------------------------
+def pairs_to_generate(at: AppTest):
+    return next(n for n in at.number_input if n.label == "Pairs to generate")
+
+
 def test_offline_generation_runs_as_a_job_and_shows_its_pairs(ws):
     at = ok(app(ws, "ui/generate.py"))
     assert any("offline generator is used" in i.value for i in at.info)
-    at.number_input[0].set_value(12)
+    pairs_to_generate(at).set_value(12)
     at.button[[b.label for b in at.button].index("Generate")].click().run()
     assert wait_job(ws, "generate")["status"] == "done"
     at.run()
@@ -378,6 +383,34 @@ def test_evaluate_page_shows_rounds_promotion_and_rollback(ws):
     assert any("Nothing to roll back" in e.value.replace("\\", "") for e in at.error)
 
 
+def test_evaluate_page_shows_an_interval_for_every_metric(ws):
+    from loop.evaluate import EvalReport, intervals
+
+    _fake_round(ws)
+    every = {m: {"base": 0.5, "other": 0.5 + d, "delta": d, "ci_low": d - 0.04, "ci_high": d + 0.04}
+             for m, d in (("ndcg@10", 0.08), ("recall@10", 0.06), ("mrr@10", 0.05), ("map", 0.07))}
+    manifest = json.loads(ws.store.scalar("SELECT manifest FROM rounds WHERE round = 1"))
+    ws.store.execute("UPDATE rounds SET manifest = ? WHERE round = 1",
+                     [json.dumps({**manifest, "vs_base_by_metric": every})])
+    per_query = {"ndcg@10": [0.2, 0.6, 0.9, 0.4], "recall@10": [0.0, 1.0, 1.0, 0.5], "mrr@10": [0.1, 1.0, 0.5, 0.2],
+                 "map": [0.1, 0.7, 0.8, 0.3]}
+    report = EvalReport(model_version=ws.base_version, n_queries=4, n_docs=11, dim=64, k=100,
+                        metrics={m: sum(v) / 4 for m, v in per_query.items()}, per_query=per_query,
+                        query_ids=["q1", "q2", "q3", "q4"])
+    jobs = deps.jobs(ws)
+    jobs.latest["baseline"] = "job-b"
+    jobs.results["job-b"] = {"report": report, "ci": (0.1, 0.9), "intervals": intervals(report), "speed": 100.0,
+                             "model": ws.base_version}
+    at = ok(app(ws, "ui/evaluate.py"))
+    frames = [d.value for d in at.dataframe]
+    base = next(f for f in frames if "metric" in f and "baseline" in f)
+    assert list(base["metric"]) == ["ndcg@10", "recall@10", "mrr@10", "map"]
+    assert (base["95% CI low"] <= base["baseline"]).all() and (base["baseline"] <= base["95% CI high"]).all()
+    rounds = next(f for f in frames if "metric" in f and "Δ vs base" in f)
+    assert list(rounds["metric"]) == ["ndcg@10", "recall@10", "mrr@10", "map"]
+    assert rounds.set_index("metric").loc["mrr@10", "95% CI low"] == pytest.approx(0.01)
+
+
 def test_overview_charts_rounds(ws):
     _fake_round(ws)
     at = ok(app(ws))
@@ -463,7 +496,7 @@ def test_an_empty_queue_says_so(ws):
     ws.store.execute("UPDATE pairs SET status = 'accepted'")
     at = ok(app(ws, "ui/review.py"))
     assert any("Nothing to review" in s.value for s in at.success)
-    assert not at.html
+    assert 'class="embedloop-text"' not in html_bodies(at)  # no card is drawn
 
 
 def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
@@ -474,9 +507,10 @@ def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
     ok(at)
     assert any("Connected" in s.value and MODEL in s.value.replace("\\", "") for s in at.success)
     assert deps.jobs(ws).llm is None  # testing does not switch the app to that endpoint
-    at.button[[b.label for b in at.button].index("Use these settings")].click().run()
-    assert deps.jobs(ws).llm == {"base_url": openai_server.base_url, "model": MODEL}
-    at.number_input[0].set_value(6)
+    at.button[[b.label for b in at.button].index("Save settings")].click().run()
+    assert deps.jobs(ws).llm == {"base_url": openai_server.base_url, "model": MODEL, "concurrency": 16,
+                                 "requests_per_minute": 6000.0}
+    pairs_to_generate(at).set_value(6)
     at.button[[b.label for b in at.button].index("Generate")].click().run()
     assert wait_job(ws, "generate")["status"] == "done", deps.jobs(ws).status("generate")
     at.run()
@@ -484,3 +518,33 @@ def test_llm_endpoint_test_connection_and_generation(ws, openai_server):
     assert openai_server.count >= 1
     assert not any("offline generator is used" in i.value for i in at.info)
     assert f"llm:{MODEL}" in set(at.dataframe[-1].value["generator"])
+
+
+def test_generate_page_saves_the_endpoint_to_embedloop_toml(ws, monkeypatch):
+    import tomllib
+
+    from loop.config import CONFIG_FILE, load_settings
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-written")
+    cfg = ws.settings.workspace / CONFIG_FILE
+    cfg.write_text("# my settings\nchunk_overlap = 16\nllm_model = \"old-model\"  # was\n\n[loop]\nreview_budget = 7\n"
+                   "[loop.train]\nepochs = 2\n", encoding="utf-8")
+    at = ok(app(ws, "ui/generate.py"))
+    at.text_input[0].input("http://127.0.0.1:9/v1")
+    at.text_input[1].input("my-llm")
+    at.number_input(key="llm_concurrency").set_value(4)
+    at.number_input(key="llm_requests_per_minute").set_value(120.0)
+    at.button[[b.label for b in at.button].index("Save settings")].click().run()
+    ok(at)
+    text = cfg.read_text(encoding="utf-8")
+    assert "sk-never-written" not in text and "api_key" not in text
+    assert text.startswith("# my settings\nchunk_overlap = 16\n")  # the rest of the file is kept
+    assert tomllib.loads(text) == {
+        "chunk_overlap": 16, "llm_model": "my-llm", "llm_base_url": "http://127.0.0.1:9/v1", "llm_concurrency": 4,
+        "llm_requests_per_minute": 120.0, "loop": {"review_budget": 7, "train": {"epochs": 2}}}
+    s = load_settings(ws.settings.workspace)
+    assert (s.llm_base_url, s.llm_model, s.llm_concurrency, s.llm_requests_per_minute) == (
+        "http://127.0.0.1:9/v1", "my-llm", 4, 120.0)
+    assert deps.jobs(ws).llm == {"base_url": "http://127.0.0.1:9/v1", "model": "my-llm", "concurrency": 4,
+                                 "requests_per_minute": 120.0}
+    assert any("Saved" in s.value for s in at.success)

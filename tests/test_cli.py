@@ -186,12 +186,12 @@ def test_cli_end_to_end_on_real_text(tmp_path, topics_folder):
     r = json.loads(ok(ws, "search", "the with statement and context managers", "--k", "3", "--json").stdout)
     assert r["model_version"] == st["active_model"]["version"]
     assert 1 <= len(r["hits"]) <= 3
-    assert r["hits"][0]["doc_ids"] == ["with.txt"]
+    assert r["hits"][0]["doc_ids"] == ["pydoc/with.txt"]  # <folder>/<file>
     scores = [h["score"] for h in r["hits"]]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores) and scores[0] > 0.3
     assert all(h["passage_id"] and h["text"] for h in r["hits"])
     plain = ok(ws, "search", "anonymous lambda functions", "--k", "2").stdout
-    assert plain.lstrip().startswith("1.") and "lambda.txt" in plain.splitlines()[0]
+    assert plain.lstrip().startswith("1.") and "pydoc/lambda.txt" in plain.splitlines()[0]
 
     # Bad input on a populated workspace: exit 2, one line, nothing changes.
     bad = tmp_path / "more.jsonl"
@@ -255,3 +255,32 @@ def test_cli_rollback_to_an_earlier_version_syncs_it_first(tmp_path, topics_fold
     with Workspace.open(ws) as w:
         assert w.index.ids(w.store.pointer(indexing.ACTIVE_INDEX)) == set(w.store.passage_ids())
         assert w.store.scalar("SELECT status FROM model_versions WHERE version = 'ft-r1'") == "retired"
+
+
+@pytest.mark.slow
+def test_evaluate_gives_every_metric_an_interval(tmp_path, capsys):
+    """`embedloop evaluate` on a small BEIR folder with the bundled model: every metric (not only
+    NDCG@10) has its 95% bootstrap interval, in the JSON and in the text."""
+    from pydoc_data.topics import topics
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": t, "title": t, "text": topics[t][:600]}) + "\n" for t in TOPICS), encoding="utf-8")
+    queries = {"q1": "loop over the items of a list", "q2": "anonymous function expression",
+               "q3": "conditional branches", "q4": "context manager enter and exit"}
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()),
+                                        encoding="utf-8")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tfor\t1\nq2\tlambda\t1\nq3\tif\t1\n"
+                                             "q4\twith\t1\n", encoding="utf-8")
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main([*ws, "evaluate", "--beir", str(beir), "--json"]) == 0
+    [(version, model)] = json.loads(capsys.readouterr().out)["models"].items()
+    assert set(model["intervals"]) == set(model["metrics"]) >= {"ndcg@10", "recall@10", "mrr@10", "map"}
+    for name, (mean, lo, hi) in model["intervals"].items():
+        assert mean == pytest.approx(model["metrics"][name]) and lo <= mean <= hi
+    assert main([*ws, "evaluate", "--beir", str(beir)]) == 0
+    text = capsys.readouterr().out
+    for name in ("ndcg@10", "recall@1", "recall@100", "mrr@10", "map"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(name + " "))
+        assert "[" in line and "]" in line, line

@@ -162,3 +162,71 @@ def test_config_errors_do_not_echo_the_key(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as ei:
         load_settings(tmp_path / "ws")
     assert SECRET not in str(ei.value) and SECRET not in repr(ei.value.__cause__)
+
+
+def test_a_misspelt_environment_variable_is_warned_about_with_the_closest_setting(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EMBEDLOOP_CHUNK_TOKEN", "128")        # chunk_tokens, without the s
+    monkeypatch.setenv("EMBEDLOOP_LLM_BASEURL", "http://x/v1")  # llm_base_url
+    monkeypatch.setenv("EMBEDLOOP_CHUNK_OVERLAP", "8")        # right: no warning
+    monkeypatch.setenv("EMBEDLOOP_ONNX_CACHE", str(tmp_path))  # not a setting, but read elsewhere: no warning
+    with caplog.at_level("WARNING", logger="embedloop"):
+        s = load_settings(tmp_path / "ws")
+    assert (s.chunk_tokens, s.chunk_overlap) == (0, 8)  # the misspelt one is still ignored, not guessed
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("embedloop")]
+    assert len(warned) == 2, warned
+    assert "EMBEDLOOP_CHUNK_TOKEN " in warned[0] and "EMBEDLOOP_CHUNK_TOKENS" in warned[0]
+    assert "EMBEDLOOP_LLM_BASEURL" in warned[1] and "EMBEDLOOP_LLM_BASE_URL" in warned[1]
+
+
+def test_the_cli_shows_the_misspelt_variable_on_stderr(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EMBEDLOOP_DEVCE": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "loop.cli", "--workspace", str(tmp_path / "ws"), "status", "--json"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "EMBEDLOOP_DEVCE" in r.stderr and "EMBEDLOOP_DEVICE" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["llm_api_key", "OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY"])
+def test_an_api_key_in_the_config_file_is_refused_with_where_keys_go(tmp_path, name):
+    cfg = write_config(tmp_path / "ws", f'{name} = "{SECRET}"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_settings(tmp_path / "ws")
+    msg = str(ei.value)
+    assert str(cfg) in msg and name in msg
+    assert "OPENAI_API_KEY" in msg and "EMBEDLOOP_LLM_API_KEY" in msg and "Streamlit secrets" in msg
+    assert SECRET not in msg and SECRET not in repr(ei.value.__cause__)
+
+
+def test_the_key_is_read_from_the_two_documented_variables_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_API_KEY", SECRET)  # were read as well (field-name aliases, case-insensitive)
+    monkeypatch.setenv("LLM_BASE_URL", "http://bare/v1")
+    s = load_settings(tmp_path / "ws")
+    assert (s.llm_api_key, s.llm_base_url) == (None, "")
+    monkeypatch.setenv("EMBEDLOOP_LLM_API_KEY", SECRET)
+    assert load_settings(tmp_path / "ws").llm_api_key.get_secret_value() == SECRET
+    write_config(tmp_path / "ws", 'llm_base_url = "http://file/v1"\n')  # the file still uses field names
+    assert load_settings(tmp_path / "ws").llm_base_url == "http://file/v1"
+
+
+def test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key(tmp_path):
+    import tomllib
+
+    from loop.config import save_settings
+
+    cfg = write_config(tmp_path / "ws", '# top\ndevice = "cpu"   # why\n[loop]\ndomain = "law"\n')
+    save_settings(tmp_path / "ws", {"device": "auto", "llm_model": 'say "hi"\n', "llm_concurrency": 3})
+    text = cfg.read_text(encoding="utf-8")
+    assert text.startswith("# top\n") and text.index("llm_model") < text.index("[loop]")
+    assert tomllib.loads(text) == {"device": "auto", "llm_model": 'say "hi"\n', "llm_concurrency": 3,
+                                   "loop": {"domain": "law"}}
+    for bad, match in [({"llm_api_key": SECRET}, "never written"), ({"chunk_size": 1}, "chunk_size"),
+                       ({"llm_concurrency": 0}, "llm_concurrency"), ({"loop": {}}, "loop")]:
+        with pytest.raises(ConfigError, match=match) as ei:
+            save_settings(tmp_path / "ws", bad)
+        assert SECRET not in str(ei.value)
+    assert cfg.read_text(encoding="utf-8") == text  # a refused save changes nothing

@@ -295,6 +295,36 @@ def test_compare_pairs_by_query_and_flags_significance():
         compare(_report("a", base), _report("b", base), metric="map")
 
 
+def _report_of(version, per_query: dict[str, np.ndarray]) -> EvalReport:
+    n = len(next(iter(per_query.values())))
+    return EvalReport(
+        model_version=version, evalset_fingerprint="f", n_queries=n, n_docs=100, dim=8, k=100,
+        metrics={m: float(np.mean(v)) for m, v in per_query.items()},
+        per_query={m: [float(x) for x in v] for m, v in per_query.items()}, query_ids=[f"q{i}" for i in range(n)],
+    )
+
+
+def test_every_metric_gets_an_interval_from_one_resample_of_the_queries():
+    from loop.evaluate import compare_all, metric_names
+
+    rng = np.random.default_rng(7)
+    names = metric_names()
+    base = {m: rng.uniform(0.2, 0.8, 200) for m in names}
+    other = {m: v + 0.03 + rng.normal(0, 0.05, 200) for m, v in base.items()}
+    other["map"] = base["map"] + (other["ndcg@10"] - base["ndcg@10"])  # the same per-query differences as NDCG
+    a, b = _report_of("a", base), _report_of("b", other)
+    every = compare_all(a, b)
+    assert list(every) == names
+    for m, c in every.items():
+        assert c.metric == m and c.ci_low < c.delta < c.ci_high
+        assert c.delta == pytest.approx(float((other[m] - base[m]).mean()))
+    assert every["ndcg@10"] == compare(a, b)  # NDCG@10's interval is unchanged
+    # one resample of query indices serves every metric: equal differences, equal intervals
+    assert (every["map"].ci_low, every["map"].ci_high) == pytest.approx(
+        (every["ndcg@10"].ci_low, every["ndcg@10"].ci_high), abs=1e-12)  # other draws would differ by ~1e-3
+    assert compare_all(a, b) == every  # deterministic
+
+
 def test_score_distributions():
     emb = FakeEmbedder(dim=4096)
     pos, neg = score_distributions(
@@ -315,25 +345,25 @@ def test_evalset_from_store(workspace, tmp_path):
     (docs / "b.txt").write_text(long_text, encoding="utf-8")
     (docs / "c.txt").write_text("Governing law is the law of Delaware.", encoding="utf-8")
     workspace.ingest([docs])
-    b_passages = workspace.store.rows("SELECT passage_id FROM doc_passages WHERE doc_id = 'b.txt'")
+    b_passages = workspace.store.rows("SELECT passage_id FROM doc_passages WHERE doc_id = 'docs/b.txt'")
     assert len(b_passages) > 1  # chunked
     pairs = tmp_path / "eval.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in [
-        {"anchor": "indemnification losses", "positive_id": "a.txt"},
-        {"anchor": "termination notice days", "positive_id": "b.txt"},
+        {"anchor": "indemnification losses", "positive_id": "docs/a.txt"},
+        {"anchor": "termination notice days", "positive_id": "docs/b.txt"},
         {"anchor": "unlinked question", "positive": "a text that is in no document"},
     ]) + "\n", encoding="utf-8")
     workspace.import_pairs(pairs, split="eval")
     train = tmp_path / "train.jsonl"
-    train.write_text(json.dumps({"anchor": "delaware governing law", "positive_id": "c.txt"}) + "\n", encoding="utf-8")
+    train.write_text(json.dumps({"anchor": "delaware governing law", "positive_id": "docs/c.txt"}) + "\n", encoding="utf-8")
     workspace.import_pairs(train, split="train")
 
     evalset = evalset_from_store(workspace.store)
     assert sorted(evalset.queries) == ["indemnification losses", "termination notice days"]
     assert evalset.skipped == 1
-    assert sorted(d for q in evalset.qrels.values() for d in q) == ["a.txt", "b.txt"]
+    assert sorted(d for q in evalset.qrels.values() for d in q) == ["docs/a.txt", "docs/b.txt"]
     assert set(evalset.passage_ids) == set(workspace.store.passage_ids())
-    assert evalset.groups.doc_ids == ["a.txt", "b.txt", "c.txt"]
+    assert evalset.groups.doc_ids == ["docs/a.txt", "docs/b.txt", "docs/c.txt"]
     # the answer to "termination" is in b.txt's middle chunk, not its first: doc-level max finds it
     report = evaluate(FakeEmbedder(dim=4096), evalset, dims=())
     assert report.metrics["ndcg@10"] == pytest.approx(1.0)

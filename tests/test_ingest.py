@@ -238,7 +238,7 @@ def test_ingest_folder_into_workspace(workspace, doc_folder):
     counts, indexed = snapshot(workspace)
     assert counts["documents"] == 5 and counts["passages"] == 5 and indexed == 5
     hits = workspace.search("icing leading edge lift", k=1)
-    assert hits[0].doc_ids == ["d.pdf"]
+    assert hits[0].doc_ids == ["docs/d.pdf"]  # <folder>/<path inside it>
 
 
 def test_jsonl_and_csv_with_configurable_fields(tmp_path):
@@ -305,15 +305,15 @@ def test_document_passage_map_and_shared_passages(workspace, tmp_path):
     by_doc: dict[str, list[str]] = {}
     for r in m:
         by_doc.setdefault(r["doc_id"], []).append(r["passage_id"])
-    assert len(by_doc["long.txt"]) > 3
-    assert [r["ordinal"] for r in m if r["doc_id"] == "long.txt"] == list(range(len(by_doc["long.txt"])))
+    assert len(by_doc["c/long.txt"]) > 3
+    assert [r["ordinal"] for r in m if r["doc_id"] == "c/long.txt"] == list(range(len(by_doc["c/long.txt"])))
     # The first window holds the title (the file name) and differs; the rest are the same text.
-    assert by_doc["long.txt"][0] != by_doc["copy.txt"][0]
-    assert by_doc["long.txt"][1:] == by_doc["copy.txt"][1:]
-    n_passages = len(set(by_doc["long.txt"]) | set(by_doc["copy.txt"]))
-    assert store.counts()["passages"] == n_passages == len(by_doc["long.txt"]) + 1
-    shared_pid = by_doc["long.txt"][1]
-    assert store.docs_of_passages([shared_pid]) == {shared_pid: ["copy.txt", "long.txt"]}
+    assert by_doc["c/long.txt"][0] != by_doc["c/copy.txt"][0]
+    assert by_doc["c/long.txt"][1:] == by_doc["c/copy.txt"][1:]
+    n_passages = len(set(by_doc["c/long.txt"]) | set(by_doc["c/copy.txt"]))
+    assert store.counts()["passages"] == n_passages == len(by_doc["c/long.txt"]) + 1
+    shared_pid = by_doc["c/long.txt"][1]
+    assert store.docs_of_passages([shared_pid]) == {shared_pid: ["c/copy.txt", "c/long.txt"]}
 
     shared = "Bird strikes damage engine fan blades.\n"
     j = write(tmp_path / "same.jsonl", jsonl({"_id": "s1", "text": shared}, {"_id": "s2", "text": shared}))
@@ -340,7 +340,7 @@ def test_reimport_changes_no_count(workspace, doc_folder, beir):
 def test_changed_document_replaces_its_passages(workspace, tmp_path):
     p = write(tmp_path / "d" / "a.txt", "Original text about propeller efficiency.")
     workspace.ingest([tmp_path / "d"])
-    old_pid, _ = passage_of(workspace, "a.txt")
+    old_pid, _ = passage_of(workspace, "d/a.txt")
     write(p, "Revised text about rotor tip speed.")
     [r] = workspace.ingest([tmp_path / "d"])
     assert (r.documents_added, r.documents_updated, r.passages_added) == (0, 1, 1)
@@ -754,3 +754,68 @@ def test_queries_beir_folder_with_split_filter(workspace, beir):
     assert workspace.import_queries(beir, split="test").queries_added == 3
     assert workspace.import_queries(beir).queries_added == 0
     assert workspace.store.counts()["queries"] == 6
+
+
+# Document ids of folders -----------------------------------------------------------------------
+def doc_ids(ws: Workspace) -> list[str]:
+    return [r[0] for r in ws.store.execute("SELECT doc_id FROM documents ORDER BY doc_id").fetchall()]
+
+
+def test_same_relative_path_in_two_folders_is_two_documents(workspace, tmp_path):
+    write(tmp_path / "x" / "a.txt", "Ailerons roll the aircraft about its longitudinal axis.")
+    write(tmp_path / "y" / "a.txt", "Elevators pitch the nose up or down.")
+    write(tmp_path / "elsewhere" / "x" / "a.txt", "Rudders yaw the aircraft about its vertical axis.")
+    rx, ry = workspace.ingest([tmp_path / "x", tmp_path / "y"])
+    assert (ry.documents_added, ry.documents_updated) == (1, 0)  # was: 0 added, 1 updated (x's a.txt replaced)
+    [rz] = workspace.ingest([tmp_path / "elsewhere" / "x"])  # another folder named x
+    assert (rz.documents_added, rz.documents_updated) == (1, 0)
+    assert doc_ids(workspace) == ["x/a.txt", "x~2/a.txt", "y/a.txt"]
+    assert workspace.search("ailerons roll", k=1)[0].doc_ids == ["x/a.txt"]
+    assert workspace.search("rudders yaw", k=1)[0].doc_ids == ["x~2/a.txt"]
+    before = snapshot(workspace)
+    for folder in (tmp_path / "elsewhere" / "x", tmp_path / "y", tmp_path / "x"):  # any order: same ids
+        [r] = workspace.ingest([folder])
+        assert (r.documents_added, r.documents_updated, r.documents_unchanged, r.indexed) == (0, 0, 1, 0)
+    assert snapshot(workspace) == before
+
+
+def test_reingesting_a_folder_ingested_with_old_ids_adopts_them(workspace, tmp_path, monkeypatch):
+    """Before ids named their folder, a folder's documents were named by their path inside it."""
+    from loop.ingest import store_documents
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "docs" / "a.txt", "Fatigue cracks grow from rivet holes in aluminium skins.")
+    write(tmp_path / "docs" / "sub" / "e.txt", "Landing gear loads peak at touchdown.")
+    old = read_documents(Path("docs"))  # the old ids: a.txt, sub/e.txt; sources relative to the cwd
+    assert sorted(d.doc_id for d in old) == ["a.txt", "sub/e.txt"]
+    tokenize, max_tokens, overlap = workspace._chunk_args()
+    store_documents(workspace.store, old, tokenize, max_tokens, overlap, "docs")
+    workspace.ensure_index()
+    write(tmp_path / "docs" / "sub" / "e.txt", "Landing gear loads peak at touchdown, then decay.")  # changed since
+    before = snapshot(workspace)
+    [r] = workspace.ingest([tmp_path / "docs"])
+    assert (r.documents_added, r.documents_updated, r.documents_unchanged) == (0, 1, 1)
+    assert doc_ids(workspace) == ["docs/a.txt", "docs/sub/e.txt"]
+    counts, indexed = snapshot(workspace)
+    assert counts["documents"] == before[0]["documents"] == 2 and counts["passages"] == 2 and indexed == 2
+    m = workspace.store.rows("SELECT doc_id FROM doc_passages ORDER BY doc_id")
+    assert [x["doc_id"] for x in m] == ["docs/a.txt", "docs/sub/e.txt"]
+    [r] = workspace.ingest([tmp_path / "docs"])
+    assert (r.documents_added, r.documents_updated, r.documents_unchanged) == (0, 0, 2)
+
+
+def test_pairs_may_name_a_folder_document_by_its_path_inside_the_folder(workspace, tmp_path):
+    write(tmp_path / "x" / "a.txt", "Ailerons roll the aircraft about its longitudinal axis.")
+    write(tmp_path / "x" / "b.txt", "Flaps add lift at low speed.")
+    workspace.ingest([tmp_path / "x"])
+    pairs = write(tmp_path / "pairs.jsonl", jsonl({"anchor": "roll control", "positive": "a.txt"},  # as before prefixes
+                                                  {"anchor": "more lift", "positive_id": "x/b.txt"}))
+    workspace.import_pairs(pairs)
+    rows = workspace.store.rows("SELECT anchor, positive_id FROM pairs ORDER BY anchor")
+    assert [(r["anchor"], r["positive_id"]) for r in rows] == [
+        ("more lift", passage_of(workspace, "x/b.txt")[0]), ("roll control", passage_of(workspace, "x/a.txt")[0])]
+    write(tmp_path / "y" / "a.txt", "Elevators pitch the nose up or down.")
+    workspace.ingest([tmp_path / "y"])
+    other = write(tmp_path / "other.jsonl", jsonl({"anchor": "pitch", "positive_id": "a.txt"}))
+    with pytest.raises(InputError, match=r"several folders \(x/a.txt, y/a.txt\); use the full document id"):
+        workspace.import_pairs(other)

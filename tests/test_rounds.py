@@ -185,6 +185,8 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         assert snap["n_eval"] == held_out and snap["n_train"] == len(rounds.training_rows())
         assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m["metrics"]["candidate"])
         assert m["vs_base"]["ci_low"] <= m["vs_base"]["delta"] <= m["vs_base"]["ci_high"]
+        assert set(m["vs_base_by_metric"]) == set(m["metrics"]["candidate"])  # every metric has its interval
+        assert m["vs_base_by_metric"]["ndcg@10"] == m["vs_base"]
         assert m["promotion"]["reasons"]
         status = ws.status()
         if m["promotion"]["promote"]:

@@ -39,6 +39,17 @@ def rounds_table(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def metrics_table(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (round, metric): base, candidate, the difference and its 95% paired bootstrap
+    interval, for rounds whose manifest has every metric's interval (`vs_base_by_metric`)."""
+    rows = []
+    for r in history:
+        for metric, c in (r["manifest"].get("vs_base_by_metric") or {}).items():
+            rows.append({"round": r["round"], "metric": metric, "base": c.get("base"), "candidate": c.get("other"),
+                         "Δ vs base": c.get("delta"), "95% CI low": c.get("ci_low"), "95% CI high": c.get("ci_high")})
+    return pd.DataFrame(rows)
+
+
 def ndcg_chart(table: pd.DataFrame) -> alt.Chart:
     """Candidate NDCG@10 per round with its 95% interval against the base model (dashed rule)."""
     df = table.copy()

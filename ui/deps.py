@@ -80,7 +80,7 @@ class Jobs:
     runner: JobRunner
     latest: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
-    llm: dict[str, str] | None = None  # endpoint settings chosen on the Generate page (this process)
+    llm: dict[str, Any] | None = None  # endpoint settings saved on the Generate page (this process uses them now)
 
     def submit(self, kind: str, fn: Callable[[JobContext], Any], args: dict[str, Any] | None = None) -> str | None:
         """Start `fn(ctx)` as a job; its return value is kept in `results`. None if refused."""
@@ -183,11 +183,12 @@ def job_panel(kind: str, *, poll_s: float = 1.0, on_running: Callable[[], None] 
 
 # The LLM ---------------------------------------------------------------------------------------
 def llm_key() -> tuple[str | None, str]:
-    """The API key and where it came from: the environment (via settings) or Streamlit secrets.
+    """The API key and where it came from: the environment (via settings: OPENAI_API_KEY or
+    EMBEDLOOP_LLM_API_KEY) or Streamlit secrets (OPENAI_API_KEY, or api_key in an [llm] table).
     The value is only handed to the client; pages show the source, never the key."""
     key = workspace().settings.llm_api_key
     if key is not None and key.get_secret_value():
-        return key.get_secret_value(), "the environment (OPENAI_API_KEY)"
+        return key.get_secret_value(), "the environment (OPENAI_API_KEY or EMBEDLOOP_LLM_API_KEY)"
     try:
         value = st.secrets.get("OPENAI_API_KEY") or (st.secrets.get("llm") or {}).get("api_key")
     except Exception:  # no secrets file
@@ -197,13 +198,15 @@ def llm_key() -> tuple[str | None, str]:
     return None, "not set"
 
 
-def llm_endpoint() -> dict[str, str]:
-    """Base URL and model: chosen on the Generate page (this process), else from the settings."""
+def llm_endpoint() -> dict[str, Any]:
+    """Base URL, model, concurrency and requests per minute: as saved on the Generate page (this
+    process), else from the settings."""
     s = workspace().settings
-    return jobs().llm or {"base_url": s.llm_base_url, "model": s.llm_model}
+    return jobs().llm or {"base_url": s.llm_base_url, "model": s.llm_model, "concurrency": s.llm_concurrency,
+                          "requests_per_minute": s.llm_requests_per_minute}
 
 
-def llm_client(endpoint: dict[str, str] | None = None, **overrides: Any):
+def llm_client(endpoint: dict[str, Any] | None = None, **overrides: Any):
     """The LLM client for `endpoint` (default: the chosen one), or None: then the offline
     generator is used. `overrides` go to LLMSettings (e.g. a short timeout for a test)."""
     from loop.llm import LLMCache, LLMClient, LLMSettings
@@ -212,7 +215,9 @@ def llm_client(endpoint: dict[str, str] | None = None, **overrides: Any):
     key, _ = llm_key()
     if not (ep["base_url"] or key):
         return None
-    settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=key, **overrides)
+    limits = {k: ep[k] for k in ("concurrency", "requests_per_minute") if ep.get(k) is not None}
+    settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=key,
+                           **{**limits, **overrides})
     return LLMClient(settings, LLMCache(workspace().store))
 
 

@@ -4,6 +4,7 @@ with its reasons, and rollback of the active index."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from loop import indexing
@@ -24,6 +25,15 @@ if baseline is not None:
     lo, hi = baseline["ci"]
     st.markdown(f"Off-the-shelf baseline: **{baseline['report'].metrics['ndcg@10']:.4f}** "
                 f"(95% interval {lo:.4f} to {hi:.4f}, {baseline['report'].n_queries:,} queries).")
+    if baseline.get("intervals"):
+        with st.expander("The baseline's every metric, with 95% intervals"):
+            st.dataframe(
+                pd.DataFrame([{"metric": m, "baseline": mean, "95% CI low": low, "95% CI high": high}
+                              for m, (mean, low, high) in baseline["intervals"].items()]),
+                hide_index=True, width="stretch",
+                column_config={c: st.column_config.NumberColumn(format="%.4f")
+                               for c in ("baseline", "95% CI low", "95% CI high")},
+            )
 if table.empty:
     st.info("No round has been evaluated yet. Measure the baseline on the Overview page and run a round on the "
             "Train page.", icon=":material/hourglass_empty:")
@@ -34,6 +44,13 @@ else:
                        for c in ("base", "active then", "candidate NDCG@10", "Δ vs base", "95% CI low", "95% CI high")},
     )
     st.altair_chart(charts.ndcg_chart(table), width="stretch")
+    every = charts.metrics_table(history)
+    if not every.empty:
+        st.markdown("**Every metric, candidate vs base** (paired bootstrap 95% intervals, one resample of the "
+                    "queries for all metrics)")
+        st.dataframe(every, hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.4f")
+                                    for c in ("base", "candidate", "Δ vs base", "95% CI low", "95% CI high")})
 
     st.subheader("Promotion decision")
     decided = [h for h in history if h["manifest"].get("promotion")]

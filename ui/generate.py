@@ -4,11 +4,12 @@ the filter flags that send them to review."""
 
 from __future__ import annotations
 
-import json
+import os
 
 import pandas as pd
 import streamlit as st
 
+from loop.config import save_settings
 from loop.generate import FLAGS, recent_pairs
 from ui import deps, tasks
 from ui.text import clip, md_escape
@@ -27,18 +28,32 @@ with st.form("llm-settings"):
                              help="Any OpenAI-compatible endpoint: OpenAI, vLLM, Ollama, llama.cpp server, LiteLLM. "
                                   "Empty (and no key): the offline generator.")
     model = st.text_input("Model", value=endpoint["model"])
+    c = st.columns(2)
+    concurrency = c[0].number_input("Concurrent requests", 1, 256, int(endpoint["concurrency"]), key="llm_concurrency")
+    rpm = c[1].number_input("Requests per minute", 0.01, 1e6, float(endpoint["requests_per_minute"]), step=60.0,
+                            key="llm_requests_per_minute",
+                            help="A client-side cap; an endpoint's 429 still backs off (honouring Retry-After).")
     c = st.columns([1, 1, 3])
-    use = c[0].form_submit_button("Use these settings", type="primary")
+    save = c[0].form_submit_button("Save settings", type="primary",
+                                   help="Saved to the workspace's embedloop.toml (never the key) and used right away.")
     test = c[1].form_submit_button("Test connection")
 st.caption(f"API key: **{f'set, from {key_source}' if key else 'not set'}**. The key is read from the environment "
-           "(`OPENAI_API_KEY`) or Streamlit secrets (`OPENAI_API_KEY`) only; it is never shown, stored or logged.")
-typed = {"base_url": base_url.strip(), "model": model.strip()}
-if use:
-    jobs.llm = typed
-    st.success("The app uses these settings until it restarts. To keep them, add to the workspace's "
-               "embedloop.toml:", icon=":material/check:")
-    st.code(f"llm_base_url = {json.dumps(typed['base_url'])}\nllm_model = {json.dumps(typed['model'])}",
-            language="toml")
+           "(`OPENAI_API_KEY` or `EMBEDLOOP_LLM_API_KEY`) or Streamlit secrets (`OPENAI_API_KEY`, or `api_key` in "
+           "an `[llm]` table) only; it is never shown, stored or logged.")
+typed = {"base_url": base_url.strip(), "model": model.strip(), "concurrency": int(concurrency),
+         "requests_per_minute": float(rpm)}
+if save:
+    saved = deps.run_safely(save_settings, ws.settings.workspace, {
+        "llm_base_url": typed["base_url"], "llm_model": typed["model"] or "gpt-4o-mini",
+        "llm_concurrency": typed["concurrency"], "llm_requests_per_minute": typed["requests_per_minute"]})
+    if saved is not None:
+        jobs.llm = typed
+        st.success(f"Saved to {md_escape(str(saved))}; the app uses these settings now.", icon=":material/check:")
+        overridden = [n for n in ("EMBEDLOOP_LLM_BASE_URL", "OPENAI_BASE_URL", "EMBEDLOOP_LLM_MODEL",
+                                  "EMBEDLOOP_LLM_CONCURRENCY", "EMBEDLOOP_LLM_REQUESTS_PER_MINUTE") if n in os.environ]
+        if overridden:
+            st.warning(f"Set in the environment, which overrides the file at the next start: {', '.join(overridden)}.",
+                       icon=":material/warning:")
 if test:
     client = deps.run_safely(deps.llm_client, typed, timeout_s=10.0, max_retries=0)
     if client is None:

@@ -13,19 +13,27 @@ from ui.text import md_escape, text_block
 
 TOPK = 9  # passages offered to pick from: keys 1-9
 
-# "R" is Streamlit's own rerun key, so st.button(shortcut=...) refuses it. On this page, while
-# the Reject button exists and the focus is not in a text field, R clicks Reject instead (the
-# listener runs first, in the window's capture phase, and keeps the key from Streamlit).
-_REJECT_KEY_JS = """
+# Keys of this page, handled by one listener in the window's capture phase (it runs before
+# Streamlit's own):
+# - Enter in the reviewer-name box commits the name (Streamlit does) and then leaves the box, so
+#   the next keys (A, R, E, 1-9, U) decide instead of typing into the name.
+# - "R" is Streamlit's own rerun key, so st.button(shortcut=...) refuses it. While the Reject
+#   button exists and the focus is not in a text field, R clicks Reject instead (and is kept
+#   from Streamlit).
+_KEYS_JS = """
 <script>
 (() => {
   const w = window;
-  if (w.__embedloopRejectKey) return;
-  w.__embedloopRejectKey = true;
+  if (w.__embedloopReviewKeys) return;
+  w.__embedloopReviewKeys = true;
   w.addEventListener("keydown", (e) => {
+    const t = e.target;
+    if (e.key === "Enter" && t && t.closest && t.closest(".st-key-reviewer_name_input")) {
+      setTimeout(() => t.blur(), 0);  // after Streamlit's handler has committed the name
+      return;
+    }
     if (e.key !== "r" && e.key !== "R") return;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
-    const t = e.target;
     if (t && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;
     const btn = document.querySelector(".st-key-review_reject button");
     if (!btn) return;
@@ -39,6 +47,7 @@ _REJECT_KEY_JS = """
 
 st.title("Review")
 ws = deps.workspace()
+st.html(_KEYS_JS, unsafe_allow_javascript=True)  # before the name box: Enter there must already leave it
 who = deps.reviewer()
 if who is None:
     st.stop()
@@ -101,7 +110,6 @@ st.caption(
     "Keyboard: **A** accept · **R** reject · **E** edit the query · **1–9** pick the right passage "
     "from the model's top 9 · **U** undo your last decision"
 )
-st.html(_REJECT_KEY_JS, unsafe_allow_javascript=True)
 
 main, side = st.columns([3, 1])
 with main:

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 
 from loop import train
 from loop.errors import InputError
-from loop.evaluate import paired_bootstrap, score_distributions
+from loop.evaluate import intervals, score_distributions
 from loop.jobs import Cancelled, JobContext
 from loop.workspace import Workspace
 
@@ -155,8 +154,8 @@ def measure_baseline(ws: Workspace):
         evalset = rounds.evalset()
         ctx.progress(0, 0, f"Evaluating the base model on {len(evalset.query_ids)} held-out queries")
         report = rounds.report_for(ws.base_version, evalset)
-        per_query = np.asarray(report.per_query["ndcg@10"], dtype=np.float64)
-        _, lo, hi = paired_bootstrap(np.zeros_like(per_query), per_query)
+        every = intervals(report)  # every metric's 95% interval, one resample of the queries
+        _, lo, hi = every["ndcg@10"]
         ids = ws.store.passage_ids()[:64]
         texts = list(ws.store.passages(ids).values()) or ["a"]
         t0 = time.perf_counter()
@@ -164,7 +163,7 @@ def measure_baseline(ws: Workspace):
         speed = len(texts) / max(time.perf_counter() - t0, 1e-6)
         ctx.log(f"Baseline NDCG@10 {report.metrics['ndcg@10']:.4f} (95% interval {lo:.4f} to {hi:.4f}) on "
                 f"{report.n_queries} queries; encoding {speed:,.0f} passages/s.")
-        return {"report": report, "ci": (lo, hi), "speed": speed, "model": ws.base_version}
+        return {"report": report, "ci": (lo, hi), "intervals": every, "speed": speed, "model": ws.base_version}
 
     return run
 
