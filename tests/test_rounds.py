@@ -13,6 +13,7 @@ import pytest
 
 from loop.rounds import LeakageError, LoopConfig, RoundError, Rounds
 from loop.review import DecisionIn, decide, pending
+from tests.reliability_report import case
 
 TOPICS = {
     "indemnity": "Indemnification clauses allocate losses between the parties. The indemnifying party "
@@ -141,18 +142,27 @@ def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_pat
     rounds.training_rows()  # no leak
 
 
+@case("Stuck or wrong state", "a reviewer rejects one passage of a query and accepts another",
+      "the rejected passage is that query's hard negative in the training rows (preferred over a mined one)")
 def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
     rounds.advance(until="review")
-    card = pending(workspace.store)[0]
-    decide(workspace.store, DecisionIn(pair_id=card.pair_id, action="reject", reviewer="ann"))
-    rounds.ensure_eval_split()
+    rounds.ensure_eval_split()  # held out first: the reviewed query below stays a training query
+    # A logged query proposes several passages: reject one, accept another, so the query has an
+    # accepted training pair whose negative can come from the reviewer.
+    by_query: dict[str, list] = {}
+    for c in pending(workspace.store):
+        if c.source == "mined":
+            by_query.setdefault(c.anchor, []).append(c)
+    rejected, accepted = next(cards for cards in by_query.values() if len(cards) >= 2)[:2]
+    decide(workspace.store, DecisionIn(pair_id=rejected.pair_id, action="reject", reviewer="ann"))
+    decide(workspace.store, DecisionIn(pair_id=accepted.pair_id, action="accept", reviewer="ann"))
     rows = rounds.training_rows()
     assert rows and all(r["anchor"] and r["positive"] for r in rows)
     by_anchor = {r["anchor"]: r for r in rows}
-    if card.anchor in by_anchor:  # the reviewer's rejected passage is this anchor's negative
-        assert by_anchor[card.anchor]["negative"] == card.positive_text
+    assert by_anchor[rejected.anchor]["positive"] == accepted.positive_text
+    assert by_anchor[rejected.anchor]["negative"] == rejected.positive_text  # the reviewer's, not a mined one
     for r in rows:
         assert r.get("negative") != r["positive"]
 
