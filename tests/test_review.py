@@ -11,6 +11,7 @@ from loop.errors import InputError, NotFoundError
 from loop.records import Pair
 from loop.review import DecisionIn, ReviewConflict, claim_next, decide, read_decisions, release, undo_last
 from storage.db import Store
+from tests.reliability_report import case
 
 
 def _seed(store: Store, n: int = 3, priorities=None) -> list[str]:
@@ -155,6 +156,25 @@ def test_edit_to_the_same_query_is_refused(store):
         decide(store, _d(ids[0], "edit", query=" query   0 "))
     assert _status(store, ids[0]) == "pending"
     assert _decisions(store) == []
+
+
+@case("Stuck or wrong state", "a reviewer edits a card's query into a held-out evaluation query "
+                              "(in another case, spacing or trailing punctuation)",
+      "refused with a message that says the query is held out and what to do instead; the card stays "
+      "pending, nothing is written")
+def test_edit_onto_a_held_out_query_is_refused(store):
+    ids = _seed(store, 2)
+    with store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", [{"pair_id": "held", "anchor": "Where is the notice period set",
+                                            "positive_id": "p1", "positive_text": "passage number 1",
+                                            "source": "seed", "status": "accepted", "split": "eval"}])
+    before = store.rows("SELECT * FROM pairs ORDER BY pair_id")
+    with pytest.raises(InputError, match="held out for evaluation") as info:
+        decide(store, _d(ids[0], "edit", query="  where IS the notice   period set? "))
+    assert "Write a different query, or reject the card" in str(info.value)
+    assert store.rows("SELECT * FROM pairs ORDER BY pair_id") == before
+    assert _decisions(store) == []
+    decide(store, _d(ids[0], "edit", query="where is the notice period set for suppliers"))  # another query is fine
 
 
 def test_pick_replaces_the_positive_and_records_the_old_one_as_negative(store):

@@ -215,3 +215,55 @@ def test_recommendation_uses_baseline_pairs_and_speed(workspace, tmp_path):
     assert rec.generate_first and not rec.finetune  # far below 1,000 pairs
     assert rec.reindex_seconds > 0 and any("Re-indexing" in r for r in rec.reasons)
     assert 0 <= rec.baseline <= 1
+
+
+def _write_pairs(path: Path, anchors: list[str]) -> Path:
+    with path.open("w") as f:
+        for q, name in zip(anchors, TOPICS, strict=False):
+            f.write(json.dumps({"anchor": q, "positive_id": f"{name}.txt"}) + "\n")
+    return path
+
+
+def _variant(query: str, end: str = "") -> str:
+    """The same question as typed by someone else: upper case, extra spaces (and `end`)."""
+    return query.upper().replace(" ", "   ") + end
+
+
+@case("Stuck or wrong state", "labelled pairs imported twice, as written and upper-cased with extra spaces",
+      "the held-out set takes every form of a held-out query (one normalisation: case, spacing, trailing "
+      "punctuation); no training pair uses a held-out query, so training is not refused")
+def test_a_query_imported_in_two_forms_is_held_out_in_both(workspace, tmp_path):
+    _seed(workspace, tmp_path, n_pairs=12)
+    questions = [f"what does the {name} clause say" for name in TOPICS]
+    workspace.import_pairs(_write_pairs(tmp_path / "again.jsonl", [_variant(q, " ?") for q in questions]))
+    rounds, _ = _rounds(workspace)
+    assert rounds.ensure_eval_split() == 5  # 12 distinct queries, not 24: max(5, 20% of 12)
+    held = {r["anchor"] for r in workspace.store.rows("SELECT anchor FROM pairs WHERE split = 'eval'")}
+    assert len(held) == 10 and {_variant(q, " ?") for q in questions if q in held} <= held  # both forms, together
+    train = [r["anchor"] for r in rounds.training_rows()]  # no LeakageError
+    assert len(train) == 14 and not set(train) & held
+
+
+@case("Stuck or wrong state", "a training pair that repeats a held-out query in another case or spacing "
+                              "(imported eval pairs, then training pairs typed differently)",
+      "the train step drops it from training with the reason 'its query is held out for evaluation' and "
+      "says so; training goes ahead instead of failing with LeakageError on every run")
+def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, tmp_path):
+    _seed(workspace, tmp_path, n_pairs=12)
+    questions = [f"what does the {name} clause say" for name in TOPICS]
+    held_out = [f"how does the {name} clause work" for name in TOPICS][:6]
+    workspace.import_pairs(_write_pairs(tmp_path / "eval.jsonl", held_out), split="eval")
+    variants = [_variant(q) for q in held_out[:2]] + [_variant(q, "?!") for q in held_out[2:4]]
+    workspace.import_pairs(_write_pairs(tmp_path / "variants.jsonl", variants))
+    rounds, lines = _rounds(workspace)
+    for _ in range(2):  # the train step runs ensure_eval_split first; a rerun finds nothing more to do
+        assert rounds.ensure_eval_split() == 0  # the imported eval split is the held-out set
+        rows = rounds.training_rows()  # today: LeakageError "4 training pairs use a held-out query"
+        assert sorted(r["anchor"] for r in rows) == sorted(questions)
+    dropped = workspace.store.rows("SELECT anchor, status, split, reason FROM pairs WHERE status = 'dropped'")
+    assert sorted(r["anchor"] for r in dropped) == sorted(variants)
+    assert all(r["reason"] == "its query is held out for evaluation" and r["split"] == "train" for r in dropped)
+    assert [line for line in lines if "held out" in line] == [
+        "Dropped 4 accepted training pairs whose query is held out for evaluation (the same query, case, "
+        f"spacing and trailing punctuation aside), e.g. {sorted(variants)[0]!r}; they stay stored, marked dropped."]
+    assert len(rounds.evalset().query_ids) == 6  # the held-out set itself did not change
