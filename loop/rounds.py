@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from loop import indexing, train
 from loop.decide import Recommendation, promotion_gate, should_finetune
@@ -50,6 +50,13 @@ class LeakageError(RoundError):
 HELD_OUT_REASON = "its query is held out for evaluation"
 
 
+class TrainOverrides(train.TrainConfig):
+    """The `[loop.train]` table: TrainConfig keys, checked when the round settings load (not when
+    training starts, after the review work). The round fills in base_model."""
+
+    base_model: str = Field("", description="empty: the workspace's base model")
+
+
 class LoopConfig(BaseModel):
     """Knobs of a round. Defaults suit a team starting from a few hundred pairs."""
 
@@ -65,9 +72,13 @@ class LoopConfig(BaseModel):
     eval_max: int = Field(200, ge=1)
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides")
+    train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
     promote_min_delta: float = 0.0
     seed: int = 0
+
+    @field_serializer("train")
+    def _train_as_set(self, v: TrainOverrides) -> dict[str, Any]:
+        return v.model_dump(mode="json", exclude_unset=True)  # what was set, not every default
 
 
 def loop_config(settings_table: dict[str, Any], **overrides: Any) -> LoopConfig:
@@ -489,7 +500,8 @@ class Rounds:
             self.baseline()  # benchmark first, always: stored before any training
             if not (run / train.CONFIG_FILE).exists():
                 rows = self.training_rows()
-                cfg = {"base_model": str(self.ws.settings.base_model_path), **self.config.train}
+                overrides = self.config.train.model_dump(exclude_unset=True)
+                cfg = {**overrides, "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
                 # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
                 # training never sees anyway, instead of holding out a further share of the few labels.
                 held_out = self.store.rows(
