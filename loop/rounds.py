@@ -617,15 +617,21 @@ class Rounds:
     def reindex(self, r: dict[str, Any]) -> None:
         t0 = time.monotonic()
         version = r["manifest"]["model"]["version"]
-        emb = self.ws.embedder(version)
-        self.log(f"Re-indexing the corpus with {version}...")
-        name = indexing.build(self.store, self.ws.index, emb, precomputed=self._corpus_cache.get(version))
-        old = self.ws.active_model
-        indexing.activate(self.store, name)
+        # A rerun after a crash between the switch and the step record finds the switch done.
+        if self.ws.active_model != version:
+            emb = self.ws.embedder(version)
+            self.log(f"Re-indexing the corpus with {version}...")
+            name = indexing.build(self.store, self.ws.index, emb, precomputed=self._corpus_cache.get(version))
+            r["manifest"]["previous_model"] = self.ws.active_model  # the switch below replaces it
+            self._save(r)
+            indexing.activate(self.store, name)
+        name = self.store.pointer(indexing.ACTIVE_INDEX)
+        old = r["manifest"].get("previous_model")  # None only in a round stopped here by an earlier version
         self.store.execute("UPDATE model_versions SET status = 'active' WHERE version = ?", [version])
-        if old != self.ws.base_version:
+        if old not in (None, self.ws.base_version):
             self.store.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [old])
         r["manifest"]["collection"] = name
         r["manifest"]["finished"] = _now()
-        self.log(f"Index {name} verified and active; {collection_name(old)} kept for rollback.")
+        kept = collection_name(old) if old else "the previous index"
+        self.log(f"Index {name} verified and active; {kept} kept for rollback.")
         self._step_done(r, "reindex", {"collection": name, "previous_model": old}, t0)

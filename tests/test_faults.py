@@ -494,6 +494,52 @@ def test_kill_9_during_reindex_keeps_the_previous_index(tmp_path, drivers, recor
                                 f"switched; rollback returned to {old}")
 
 
+# The round of the previous test, killed later: after the switch is committed, before the step is recorded.
+def _promoted_round(ws_path: Path) -> str:
+    """A workspace of 12 documents whose round 1 trained 'r1-fake', promoted it and stopped before
+    its reindex step; returns the active collection."""
+    make_workspace(ws_path, 12)
+    with open_ws(ws_path) as ws:
+        ws.store.execute("INSERT INTO model_versions (version, path, parent, sha256, round, status) "
+                         "VALUES ('r1-fake', ?, ?, 'f00d', 1, 'candidate')",
+                         [str(ws.settings.base_model_path), ws.base_version])
+        manifest = {"round": 1, "steps": {}, "model": {"version": "r1-fake"}}
+        ws.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (1, 'reindex', ?)", [json.dumps(manifest)])
+        return ws.store.pointer(indexing.ACTIVE_INDEX)
+
+
+@pytest.mark.slow
+@case(FAULTS, "kill -9 the owner during re-index after the switch to the new index, before the step is recorded",
+      "the new index stays active and answers; running the round again finishes it (no 'is the active index' "
+      "error on every rerun) with the previous model recorded; rollback returns to the previous index")
+def test_kill_9_after_the_index_switch_then_rerun_finishes(tmp_path, drivers, record_property):
+    ws_path = tmp_path / "ws"
+    old = _promoted_round(ws_path)
+    new = collection_name("r1-fake")
+    drivers.append(d := Driver("reindex", ws_path, {"fake": {"r1-fake": 32}, "after_switch": True}))
+    d.wait_for(lambda: bool(d.markers("SWITCHED")), 120, "the switch")
+    assert d.markers("SWITCHED") == [[new]]
+    d.kill()
+
+    with open_ws(ws_path) as ws:
+        ws._embedders["r1-fake"] = FakeEmbedder("r1-fake", dim=32)
+        assert ws.store.pointer(indexing.ACTIVE_INDEX) == new and ws.active_model == "r1-fake"
+        assert table(ws, "SELECT state FROM rounds") == [{"state": "reindex"}]
+        assert ws.search(Q3, k=1)[0].doc_ids == ["doc003"]  # the new index answers meanwhile
+
+        r = Rounds(ws).advance(until="done")  # today: VectorIndexError "... is the active index", every time
+        assert r["state"] == "done", r.get("error")
+        assert r["manifest"]["steps"]["reindex"]["collection"] == r["manifest"]["collection"] == new
+        assert r["manifest"]["steps"]["reindex"]["previous_model"] == ws.base_version
+        assert table(ws, "SELECT status FROM model_versions WHERE version = 'r1-fake'") == [{"status": "active"}]
+        assert ws.index.count(new) == 12 and ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
+        assert indexing.rollback(ws.store, ws.index) == old
+        assert ws.active_model == ws.base_version
+    record_property("observed", f"killed after the switch to {new} was committed (round still at reindex); {new} "
+                                f"answered; the rerun finished the round (state done, previous model "
+                                f"{r['manifest']['steps']['reindex']['previous_model']}); rollback returned to {old}")
+
+
 # A damaged Chroma folder -------------------------------------------------------------------------
 def _damage(chroma: Path, how: str) -> None:
     db = chroma / "chroma.sqlite3"
