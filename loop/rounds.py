@@ -223,6 +223,14 @@ class Rounds:
             self.log(f"Generation skipped: {accepted} accepted training pairs (threshold {self.config.generate_threshold}).")
             self._step_done(r, "generate", {"skipped": True, "accepted_pairs": accepted}, t0)
             return
+        # Generation writes all its candidates in one transaction: if this round's are there, a
+        # crash came between that write and the step record. Generating again would pay twice.
+        written = int(self.store.scalar("SELECT count(*) FROM pairs WHERE source = 'synthetic' AND round = ?",
+                                        [r["round"]]))
+        if written:
+            self.log(f"Generation already wrote {written} candidates for round {r['round']}; not generating again.")
+            self._step_done(r, "generate", {"recovered": True, "requested": wanted, "written": written}, t0)
+            return
         who = f"LLM {self.llm.model}" if self.llm else "the offline generator (no LLM endpoint configured)"
         self.log(f"Generating up to {wanted} pairs with {who} ({accepted} accepted pairs so far)...")
         report = run_generation(

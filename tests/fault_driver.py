@@ -74,10 +74,22 @@ def open_workspace(path: str, fake: dict[str, int] | None = None) -> Workspace:
 def generate(ws: Workspace, opts: dict[str, Any]) -> str:
     """A round's generate step with the configured LLM (EMBEDLOOP_LLM_BASE_URL, OPENAI_API_KEY).
 
-    Options: generate_max (pairs wanted), concurrency.
+    Options: generate_max (pairs wanted), concurrency, after_write (stop once the candidates are
+    committed, before the step is recorded).
     """
+    import loop.rounds
     from loop.llm import LLMCache, LLMClient, LLMSettings
     from loop.rounds import LoopConfig, Rounds
+
+    if opts.get("after_write"):
+        run_generation = loop.rounds.run_generation
+
+        def write_then_wait(*args: Any, **kw: Any) -> Any:
+            report = run_generation(*args, **kw)
+            say("WRITTEN", report.written)
+            time.sleep(600)  # the test kills us here
+
+        loop.rounds.run_generation = write_then_wait
 
     class MarkingCache(LLMCache):
         def put(self, passage_hash: str, *args: Any, **kw: Any) -> None:

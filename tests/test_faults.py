@@ -195,6 +195,40 @@ def test_kill_9_during_generation_keeps_paid_answers(tmp_path, openai_server, mo
                                 f"{step['passages']} passages; {step['written']} candidates written once")
 
 
+@pytest.mark.slow
+@case(FAULTS, "kill -9 the owner after generation wrote the round's candidates, before the step was recorded",
+      "the rerun sees the round's candidates and generates nothing more: no LLM request, no new pair "
+      "(not a second batch of up to generate_max pairs, paid twice)")
+def test_kill_9_after_generation_wrote_does_not_generate_again(tmp_path, openai_server, monkeypatch, drivers,
+                                                              record_property):
+    ws_path = tmp_path / "ws"
+    make_workspace(ws_path, 16)
+    env = {"EMBEDLOOP_LLM_BASE_URL": openai_server.base_url, "EMBEDLOOP_LLM_MODEL": MODEL, "OPENAI_API_KEY": KEY}
+    loop_cfg = {"generate_max": 12, "generate_threshold": 10_000}
+    drivers.append(d := Driver("generate", ws_path, {**loop_cfg, "after_write": True}, env))
+    d.wait_for(lambda: bool(d.markers("WRITTEN")), 120, "the written candidates")
+    d.kill()
+    written = int(d.markers("WRITTEN")[0][0])
+    paid = openai_server.count
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with open_ws(ws_path) as ws:
+        pairs = table(ws, "SELECT pair_id FROM pairs ORDER BY pair_id")
+        assert written > 0 and len(pairs) == written
+        assert table(ws, "SELECT state FROM rounds") == [{"state": "generate"}]
+        lines: list[str] = []
+        rounds = Rounds(ws, LoopConfig(**loop_cfg), llm=ws.llm(), log=lines.append)
+        r = rounds.advance(until="review")
+        assert r["state"] == "review", r.get("error")
+        assert openai_server.count == paid, "the rerun asked the LLM again"
+        assert table(ws, "SELECT pair_id FROM pairs WHERE source = 'synthetic' ORDER BY pair_id") == pairs
+        step = r["manifest"]["steps"]["generate"]
+        assert step["written"] == written and step["recovered"] is True
+    record_property("observed", f"killed with {written} candidates written ({paid} LLM requests); the rerun made 0 "
+                                f"requests and wrote 0 pairs: {next(x for x in lines if 'already wrote' in x)}")
+
+
 # kill -9 during a burst of review decisions ------------------------------------------------------
 @pytest.mark.slow
 @case(FAULTS, "kill -9 the owner during a burst of review decisions (4 reviewer threads, all four actions); "
