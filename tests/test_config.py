@@ -10,7 +10,6 @@ from pydantic import SecretStr
 
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.errors import ConfigError
-from tests.reliability_report import case
 
 SECRET = "sk-test-DO-NOT-LEAK-4f9a2c"
 
@@ -171,10 +170,7 @@ def test_config_errors_do_not_echo_the_key(tmp_path, monkeypatch):
     ('[loop.train]\nbatch_size = "big"\n', "loop.train.batch_size: Input should be a valid integer"),
     ('[loop.train]\nloss = "triplet"\n', "loop.train.loss: Input should be 'mnrl', 'cached_mnrl' or 'gist'"),
     ("[loop.train]\nmatryoshka_dims = [0]\n", "loop.train.matryoshka_dims: Value error, matryoshka_dims must be"),
-])
-@case("What a user hits", "a bad [loop.train] setting in embedloop.toml (unknown key, wrong type, out of range)",
-      "ConfigError naming the key (e.g. loop.train.epochz) when the round settings load, before any "
-      "generation or review work, not at the train step")
+], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator"])
 def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, table, problem):
     from loop.rounds import Rounds, loop_config
     from loop.workspace import Workspace

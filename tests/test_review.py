@@ -11,7 +11,6 @@ from loop.errors import InputError, NotFoundError
 from loop.records import Pair
 from loop.review import DecisionIn, ReviewConflict, claim_next, decide, read_decisions, release, undo_last
 from storage.db import Store
-from tests.reliability_report import case
 
 
 def _seed(store: Store, n: int = 3, priorities=None) -> list[str]:
@@ -158,10 +157,6 @@ def test_edit_to_the_same_query_is_refused(store):
     assert _decisions(store) == []
 
 
-@case("Stuck or wrong state", "a reviewer edits a card's query into a held-out evaluation query "
-                              "(in another case, spacing or trailing punctuation)",
-      "refused with a message that says the query is held out and what to do instead; the card stays "
-      "pending, nothing is written")
 def test_edit_onto_a_held_out_query_is_refused(store):
     ids = _seed(store, 2)
     with store.transaction() as cur:

@@ -13,7 +13,6 @@ import pytest
 
 from loop.rounds import LeakageError, LoopConfig, RoundError, Rounds
 from loop.review import DecisionIn, decide, pending
-from tests.reliability_report import case
 
 TOPICS = {
     "indemnity": "Indemnification clauses allocate losses between the parties. The indemnifying party "
@@ -142,8 +141,6 @@ def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_pat
     rounds.training_rows()  # no leak
 
 
-@case("Stuck or wrong state", "a reviewer rejects one passage of a query and accepts another",
-      "the rejected passage is that query's hard negative in the training rows (preferred over a mined one)")
 def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
@@ -229,9 +226,6 @@ def _variant(query: str, end: str = "") -> str:
     return query.upper().replace(" ", "   ") + end
 
 
-@case("Stuck or wrong state", "labelled pairs imported twice, as written and upper-cased with extra spaces",
-      "the held-out set takes every form of a held-out query (one normalisation: case, spacing, trailing "
-      "punctuation); no training pair uses a held-out query, so training is not refused")
 def test_a_query_imported_in_two_forms_is_held_out_in_both(workspace, tmp_path):
     _seed(workspace, tmp_path, n_pairs=12)
     questions = [f"what does the {name} clause say" for name in TOPICS]
@@ -244,10 +238,6 @@ def test_a_query_imported_in_two_forms_is_held_out_in_both(workspace, tmp_path):
     assert len(train) == 14 and not set(train) & held
 
 
-@case("Stuck or wrong state", "a training pair that repeats a held-out query in another case or spacing "
-                              "(imported eval pairs, then training pairs typed differently)",
-      "the train step drops it from training with the reason 'its query is held out for evaluation' and "
-      "says so; training goes ahead instead of failing with LeakageError on every run")
 def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, tmp_path):
     _seed(workspace, tmp_path, n_pairs=12)
     questions = [f"what does the {name} clause say" for name in TOPICS]
