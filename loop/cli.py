@@ -95,7 +95,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"pairs {source + ':':<10}{', '.join(f'{k} {v}' for k, v in by_status.items())}")
     print(f"decisions      {st['decisions']}")
     print(f"active model   {st['active_model']['version']}")
-    print(f"active index   {idx.get('collection', '(none)')} ({idx.get('count', 0)} vectors)")
+    if idx.get("problem"):
+        print(f"active index   {idx['collection']} (unreadable: {idx['problem']})")
+    else:
+        line = f"active index   {idx.get('collection', '(none)')} ({idx.get('count', 0)} vectors)"
+        if idx and idx["count"] != st["passages"]:
+            line += f"; the corpus has {st['passages']} passages: `embedloop init` brings the index in line"
+        print(line)
     for r in st["rounds"]:
         line = f"round {r['round']:<9}{r['state']}"
         if r.get("ndcg@10"):
@@ -232,7 +238,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from loop import indexing
 
     with _open(args) as ws:
-        name = indexing.rollback(ws.store, ws.index)
+        name = indexing.rollback(ws.store, ws.index, ws.embedder, to=args.to, progress=_progress("syncing"))
         print(f"active index is now {name} (model {ws.active_model})")
     return 0
 
@@ -325,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("rollback", help="switch back to the previous index and model")
+    s = sub.add_parser("rollback", help="switch back to the previous index and model (synced and verified first)")
+    s.add_argument("--to", metavar="VERSION", default=None,
+                   help="any earlier model version whose index is kept (default: the previous one)")
     s.set_defaults(func=cmd_rollback)
 
     s = sub.add_parser("export", help="the active model (with a model card) and the accepted pairs")

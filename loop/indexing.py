@@ -2,7 +2,9 @@
 
 A new collection becomes active only after verification (its count equals the number of
 passages, and canary passages come back as their own nearest neighbour). The previous one is
-kept, `retired`, for rollback. The active pointers live in DuckDB (`pointers` table).
+kept, `retired`, for rollback; rolling back syncs it with the corpus and verifies it again first,
+since ingestion only updates the active collection. The active pointers live in DuckDB
+(`pointers` table); `model_versions.status` follows every switch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ from storage.index import VectorIndex, collection_name
 
 Progress = Callable[[int, int], None]
 ACTIVE_INDEX, ACTIVE_MODEL = "active_index", "active_model"
+
+
+def collection_for(store: Store, version: str) -> str:
+    """The Chroma collection of this workspace for model `version`: the one on record, else a new
+    name carrying the workspace id (so workspaces sharing a Chroma server never collide).
+
+    Collections named before workspace ids existed (`passages.<version>`) keep their names.
+    """
+    known = store.scalar(
+        "SELECT collection FROM index_versions WHERE model_version = ? ORDER BY created_at DESC LIMIT 1", [version]
+    )
+    return known or collection_name(version, store.workspace_id)
 
 
 def _embed_and_write(
@@ -68,7 +82,7 @@ def build(
         precomputed: passage id -> vector by this same model (e.g. from its evaluation), so
             the corpus is not encoded twice in a round; passages not in it are encoded.
     """
-    name = collection_name(embedder.version)
+    name = collection_for(store, embedder.version)
     if name == store.pointer(ACTIVE_INDEX):
         raise VectorIndexError(f"{name} is the active index; use sync() to refresh it in place.")
     store.execute(
@@ -94,38 +108,90 @@ def build(
 
 
 def activate(store: Store, name: str) -> None:
-    """Switch the active index (and model) to a verified collection; the old one is retired."""
-    row = store.rows("SELECT model_version, status FROM index_versions WHERE collection = ?", [name])
+    """Switch the active index (and model) to a verified collection; the old one is retired.
+
+    The model switched to becomes 'active' in `model_versions`, the one left 'retired' (the
+    base model keeps 'base').
+
+    Raises:
+        VectorIndexError: the collection is not verified, or its count at its last verification
+            is not the number of passages now (it missed an ingest: `sync` it first).
+    """
+    row = store.rows("SELECT model_version, status, count FROM index_versions WHERE collection = ?", [name])
     if not row or row[0]["status"] not in {"verified", "retired", "active"}:
         raise VectorIndexError(f"Index {name} is not verified; it cannot become active.")
+    passages = store.scalar("SELECT count(*) FROM passages")
+    if row[0]["count"] != passages:
+        raise VectorIndexError(
+            f"Index {name} held {row[0]['count']} vectors when last verified but the corpus has {passages} "
+            f"passages; it is stale and cannot become active. `embedloop rollback` brings a kept index up "
+            f"to date before switching to it."
+        )
+    version, previous = row[0]["model_version"], store.pointer(ACTIVE_MODEL)
     with store.transaction() as cur:
         cur.execute("UPDATE index_versions SET status = 'retired' WHERE status = 'active' AND collection <> ?", [name])
         cur.execute(
             "UPDATE index_versions SET status = 'active', activated_at = current_timestamp WHERE collection = ?", [name]
         )
         store.set_pointer(ACTIVE_INDEX, name, cur)
-        store.set_pointer(ACTIVE_MODEL, row[0]["model_version"], cur)
+        store.set_pointer(ACTIVE_MODEL, version, cur)
+        if previous and previous != version:
+            cur.execute("UPDATE model_versions SET status = 'retired' WHERE version = ? AND status <> 'base'",
+                        [previous])
+        cur.execute("UPDATE model_versions SET status = 'active' WHERE version = ? AND status <> 'base'", [version])
 
 
-def rollback(store: Store, index: VectorIndex) -> str:
-    """Re-activate the most recently retired collection that still exists; returns its name."""
+def rollback(store: Store, index: VectorIndex, embedder_of: Callable[[str], Embedder], to: str | None = None,
+             progress: Progress | None = None) -> str:
+    """Switch back to a kept (retired) collection: the one active before, or model version `to`'s.
+
+    The collection is first brought in line with the corpus (passages ingested since it was
+    active are embedded, removed ones deleted) and verified (count and canaries); when that
+    fails, nothing switches.
+
+    Args:
+        embedder_of: the embedder of a model version (e.g. `Workspace.embedder`).
+
+    Returns:
+        The collection now active.
+
+    Raises:
+        VectorIndexError: nothing is kept to roll back to, `to` has no kept collection or is
+            already active, or the kept collection fails verification.
+    """
     present = set(index.collections())
-    for r in store.rows(
-        "SELECT collection FROM index_versions WHERE status = 'retired' ORDER BY activated_at DESC NULLS LAST"
-    ):
-        if r["collection"] in present:
-            activate(store, r["collection"])
-            return r["collection"]
-    raise VectorIndexError("Nothing to roll back to: no earlier index is kept.")
+    kept = [r for r in store.rows(
+        "SELECT collection, model_version FROM index_versions WHERE status = 'retired' "
+        "ORDER BY activated_at DESC NULLS LAST"
+    ) if r["collection"] in present]
+    if to is None:
+        if not kept:
+            raise VectorIndexError("Nothing to roll back to: no earlier index is kept.")
+        target = kept[0]
+    else:
+        if to == store.pointer(ACTIVE_MODEL):
+            raise VectorIndexError(f"Model {to!r} is already active; nothing to roll back.")
+        target = next((r for r in kept if r["model_version"] == to), None)
+        if target is None:
+            versions = ", ".join(dict.fromkeys(r["model_version"] for r in kept)) or "none"
+            raise VectorIndexError(
+                f"There is no kept index for model {to!r}. Versions you can roll back to: {versions}."
+            )
+    _sync(store, index, target["collection"], embedder_of(target["model_version"]), progress)
+    return target["collection"]
 
 
 def sync(store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None) -> int:
-    """Make the active collection hold exactly the corpus's passages; returns vectors written.
+    """Make the collection of `embedder`'s model hold exactly the corpus's passages, verify it, and
+    make it active; returns vectors written.
 
     Creates the collection when it is missing (first start, or a lost/corrupted Chroma folder:
     it is rebuilt from DuckDB for the active model).
     """
-    name = collection_name(embedder.version)
+    return _sync(store, index, collection_for(store, embedder.version), embedder, progress)
+
+
+def _sync(store: Store, index: VectorIndex, name: str, embedder: Embedder, progress: Progress | None) -> int:
     if name not in index.collections():
         index.create(name, embedder.version, embedder.dim)
         # Keep the row (and its 'active' status) of a collection that is being rebuilt after

@@ -33,7 +33,6 @@ from loop.negatives import MiningPolicy, select_negatives
 from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, route
 from loop.workspace import Workspace
-from storage.index import collection_name
 
 STATES = ["generate", "select", "review", "train", "evaluate", "promote", "reindex", "done"]
 Log = Callable[[str], None]
@@ -304,7 +303,7 @@ class Rounds:
         sib = self._siblings([c["positive_id"] for c in cands if c["positive_id"]])
         positives = [sib.get(c["positive_id"], {c["positive_id"]}) if c["positive_id"] else set() for c in cands]
         base_topk = None
-        base_coll = collection_name(self.ws.base_version)
+        base_coll = indexing.collection_for(self.store, self.ws.base_version)
         if self.ws.active_model != self.ws.base_version and base_coll in self.ws.index.collections():
             base = self.ws.embedder(self.ws.base_version)
             base_topk, _ = self._topk(base, base_coll, base.encode([c["anchor"] for c in cands]), k)
@@ -427,7 +426,7 @@ class Rounds:
 
     def _indexed_corpus(self, version: str, evalset: EvalSet) -> CorpusEmbeddings | None:
         """The corpus vectors of `version` from its index, when it has one: no re-encoding."""
-        name = collection_name(version)
+        name = indexing.collection_for(self.store, version)
         if name not in self.ws.index.collections() or self.ws.index.count(name) != len(evalset.passage_ids):
             return None
         try:
@@ -640,6 +639,6 @@ class Rounds:
             self.store.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [old])
         r["manifest"]["collection"] = name
         r["manifest"]["finished"] = _now()
-        kept = collection_name(old) if old else "the previous index"
+        kept = indexing.collection_for(self.store, old) if old else "the previous index"
         self.log(f"Index {name} verified and active; {kept} kept for rollback.")
         self._step_done(r, "reindex", {"collection": name, "previous_model": old}, t0)

@@ -15,7 +15,7 @@ from typing import Any
 from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
-from loop.errors import ConfigError, InputError
+from loop.errors import ConfigError, InputError, VectorIndexError
 from loop.ingest import Fields, hf_offsets, import_pairs, import_queries, read_documents, store_documents
 from loop.records import Document, IngestReport, SearchHit
 from storage.db import Store
@@ -223,6 +223,10 @@ class Workspace:
                 [active_index],
             )
             index_info = row[0] if row else {"collection": active_index}
+            try:  # what the index really holds, not what DuckDB recorded
+                index_info["count"] = self.index.count(active_index)
+            except VectorIndexError as e:
+                index_info.update(count=None, problem=str(e))
         model = self.store.rows(
             "SELECT version, path, status, parent, round FROM model_versions WHERE version = ?", [self.active_model]
         )

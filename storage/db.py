@@ -61,6 +61,9 @@ class Store:
         self._lock = lock
         self._local = threading.local()
         self._migrate()
+        # Stable for the life of the workspace: its Chroma collections are named after it, so
+        # workspaces sharing one Chroma server never write into each other's collections.
+        self.workspace_id: str = self.scalar("SELECT workspace_id FROM workspace_info")
 
     # Opening and closing -----------------------------------------------------------------
     @classmethod

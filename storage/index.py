@@ -26,13 +26,19 @@ log = logging.getLogger("embedloop.index")
 MAX_HITS_PER_QUERY_CALL = 10_000  # query rows x k per Chroma call; SQLite allows 32,766 variables
 
 
-def collection_name(model_version: str) -> str:
-    """Chroma-legal collection name for a model version: `passages.<version>`."""
-    safe = re.sub(r"[^a-zA-Z0-9._-]", "-", model_version)
-    # Chroma also rejects two consecutive periods, and a name that does not end alphanumeric
-    # (which truncation could leave behind).
-    safe = re.sub(r"\.{2,}", ".", safe).strip("-._") or "model"
-    return f"passages.{safe}"[:500].rstrip("-._")
+def collection_name(model_version: str, workspace_id: str) -> str:
+    """Chroma-legal collection name for a workspace's model version: `passages.<workspace>.<version>`.
+
+    The workspace id keeps workspaces that share one Chroma server apart. Callers take names
+    from `loop.indexing.collection_for`, which also keeps the names already on record.
+    """
+    def safe(part: str, default: str) -> str:
+        part = re.sub(r"[^a-zA-Z0-9._-]", "-", part)
+        # Chroma also rejects two consecutive periods, and a name that does not end alphanumeric
+        # (which truncation could leave behind).
+        return re.sub(r"\.{2,}", ".", part).strip("-._") or default
+
+    return f"passages.{safe(workspace_id, 'workspace')}.{safe(model_version, 'model')}"[:500].rstrip("-._")
 
 
 class VectorIndex:

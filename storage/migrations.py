@@ -129,8 +129,17 @@ CREATE TABLE negatives (                                 -- hard negatives for a
 );
 """
 
+M003_WORKSPACE_ID = """
+CREATE TABLE workspace_info (                            -- one row
+    workspace_id  VARCHAR NOT NULL,                      -- in this workspace's Chroma collection names
+    created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+INSERT INTO workspace_info (workspace_id) VALUES (substr(replace(CAST(gen_random_uuid() AS VARCHAR), '-', ''), 1, 8));
+"""
+
 # (number, name, sql). The schema version of a database is the highest number applied.
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "create_tables", M001_CREATE_TABLES),
     (2, "review_queue", M002_REVIEW_QUEUE),
+    (3, "workspace_id", M003_WORKSPACE_ID),
 ]

@@ -111,6 +111,37 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_indexing.py::test_failed_build_is_recorded_and_not_activatable": (
         "Faults: lost or damaged index", "a re-index that fails verification",
         "recorded 'failed'; it cannot become active; the old index keeps answering"),
+    "tests/test_indexing.py::test_rollback_syncs_a_stale_collection_before_switching": (
+        "Stuck or wrong state", "rollback after an ingest that only the active index followed",
+        "the kept index is synced first (new passages embedded, removed ones deleted) and verified; "
+        "search finds the new documents"),
+    "tests/test_indexing.py::test_rollback_refuses_a_kept_index_that_fails_its_canaries": (
+        "Stuck or wrong state", "rollback to a kept index whose vectors sit on the wrong passages",
+        "VectorIndexError (canary); nothing switches; the active model stays 'active'"),
+    "tests/test_indexing.py::test_rollback_to_any_earlier_version_keeps_model_status_true": (
+        "Stuck or wrong state", "rollback to any earlier version (base, previous, older), back and forth",
+        "that version's index and model become active; model_versions.status: switched to 'active', left "
+        "'retired' (base stays 'base'); an active, unknown or never-indexed version is refused"),
+    "tests/test_indexing.py::test_activate_refuses_a_collection_whose_count_differs_from_passages": (
+        "Stuck or wrong state", "activating an index built before the corpus grew",
+        "VectorIndexError naming both counts; the active index and model are unchanged"),
+    "tests/test_indexing.py::test_collections_named_before_workspace_ids_keep_their_names": (
+        "Stuck or wrong state", "a workspace from before workspace ids, opened after the migration",
+        "gets an id; its collections keep their names (nothing re-embedded; search and rollback work); "
+        "collections built from then on carry the id"),
+    "tests/test_indexing.py::test_status_reports_the_count_the_index_really_holds": (
+        "What a user hits", "status after vectors vanished from the active collection, or it was dropped",
+        "the count Chroma really holds (None and the problem when it cannot be read), not DuckDB's record"),
+    "tests/test_index.py::test_two_workspaces_on_one_chroma_server_keep_their_own_vectors": (
+        "What a user hits", "two workspaces (same base model) on one `chroma run` server",
+        "each writes its own collection (named with its workspace id); A's 5 hits and its count are the "
+        "same after B ingests"),
+    "tests/test_cli.py::test_rollback_to_a_version_without_a_kept_index": (
+        "What a user hits", "`embedloop rollback --to` a version with no kept index",
+        "one-line error listing the versions one can roll back to"),
+    "tests/test_cli.py::test_cli_rollback_to_an_earlier_version_syncs_it_first": (
+        "What a user hits", "`embedloop rollback --to VERSION` after an ingest",
+        "VERSION is active, its index synced (count = passages); the model left is 'retired'"),
     "tests/test_ingest.py::test_bad_input_is_an_input_error_and_imports_nothing[": (
         "Bad input", "", ""),
     "tests/test_ingest.py::test_good_and_bad_file_together_import_nothing": (

@@ -138,6 +138,11 @@ def test_second_process_on_a_workspace_in_use(tmp_path):
     assert status(ws)["documents"] == 0
 
 
+def test_rollback_to_a_version_without_a_kept_index(tmp_path):
+    r = cli(tmp_path / "ws", "rollback", "--to", "ft-nope", timeout=120)
+    assert_one_line_error(r, "no kept index for model 'ft-nope'", "Versions you can roll back to: none")
+
+
 # Slow: the real bundled model ----------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_end_to_end_on_real_text(tmp_path, topics_folder):
@@ -221,3 +226,32 @@ def test_cli_ingest_cranfield(tmp_path, cranfield):
     ok(ws, "pairs", "import", str(cranfield), "--split", "train")
     st = status(ws)
     assert st["documents"] == 1400 and st["active_index"]["count"] == st["passages"]
+
+
+@pytest.mark.slow
+def test_cli_rollback_to_an_earlier_version_syncs_it_first(tmp_path, topics_folder):
+    """`rollback --to VERSION` brings the kept index up to date with the corpus before switching."""
+    from loop import indexing
+    from loop.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    ok(ws, "ingest", str(topics_folder))
+    with Workspace.open(ws) as w:  # a promoted fine-tune, as a round leaves it (same weights, new version)
+        base = w.base_version
+        w.store.execute("INSERT INTO model_versions (version, path, parent, sha256, status) "
+                        "SELECT 'ft-r1', path, version, sha256, 'candidate' FROM model_versions WHERE version = ?",
+                        [base])
+        indexing.activate(w.store, indexing.build(w.store, w.index, w.embedder("ft-r1")))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "harbor.txt").write_text("Ships dock at the harbor pier before the storm season.\n", encoding="utf-8")
+    ok(ws, "ingest", str(extra))  # only ft-r1's index follows
+
+    out = ok(ws, "rollback", "--to", base).stdout
+    assert f"(model {base})" in out
+    st = status(ws)
+    assert st["active_model"]["version"] == base
+    assert st["active_index"]["count"] == st["passages"] > len(TOPICS)
+    with Workspace.open(ws) as w:
+        assert w.index.ids(w.store.pointer(indexing.ACTIVE_INDEX)) == set(w.store.passage_ids())
+        assert w.store.scalar("SELECT status FROM model_versions WHERE version = 'ft-r1'") == "retired"

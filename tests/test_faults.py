@@ -31,7 +31,6 @@ from loop.review import DecisionIn, claim_next, decide
 from loop.rounds import LoopConfig, Rounds
 from loop.workspace import Workspace
 from storage.db import Store
-from storage.index import collection_name
 from tests.fakes import FakeEmbedder
 from tests.fault_driver import docs
 from tests.openai_server import MODEL, openai_server  # noqa: F401 - fixture
@@ -497,7 +496,8 @@ def test_kill_9_during_reindex_keeps_the_previous_index(tmp_path, drivers, recor
                          [str(ws.settings.base_model_path), ws.base_version])
         manifest = {"round": 1, "steps": {}, "model": {"version": "r1-fake"}}
         ws.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (1, 'reindex', ?)", [json.dumps(manifest)])
-    new = collection_name("r1-fake")
+    with open_ws(ws_path) as ws:
+        new = indexing.collection_for(ws.store, "r1-fake")
     drivers.append(d := Driver("reindex", ws_path, {"fake": {"r1-fake": 32}, "pause_after": 3, "query": Q3}))
     d.wait_for(lambda: bool(d.markers("SEARCH")), 120, "the half-written collection")
     assert d.markers("PARTIAL") == [[new, "3"]]
@@ -521,7 +521,7 @@ def test_kill_9_during_reindex_keeps_the_previous_index(tmp_path, drivers, recor
         assert ws.store.pointer(indexing.ACTIVE_INDEX) == new and ws.active_model == "r1-fake"
         assert ws.index.count(new) == 12
         assert ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
-        assert indexing.rollback(ws.store, ws.index) == old
+        assert indexing.rollback(ws.store, ws.index, ws.embedder) == old
         assert ws.active_model == ws.base_version
     record_property("observed", f"killed with 3 of 12 vectors in {new}; search kept answering from {old} (before "
                                 f"and after the kill, {new} stayed 'building'); the restart built 12, verified, "
@@ -549,7 +549,8 @@ def _promoted_round(ws_path: Path) -> str:
 def test_kill_9_after_the_index_switch_then_rerun_finishes(tmp_path, drivers, record_property):
     ws_path = tmp_path / "ws"
     old = _promoted_round(ws_path)
-    new = collection_name("r1-fake")
+    with open_ws(ws_path) as ws:
+        new = indexing.collection_for(ws.store, "r1-fake")
     drivers.append(d := Driver("reindex", ws_path, {"fake": {"r1-fake": 32}, "after_switch": True}))
     d.wait_for(lambda: bool(d.markers("SWITCHED")), 120, "the switch")
     assert d.markers("SWITCHED") == [[new]]
@@ -567,7 +568,7 @@ def test_kill_9_after_the_index_switch_then_rerun_finishes(tmp_path, drivers, re
         assert r["manifest"]["steps"]["reindex"]["previous_model"] == ws.base_version
         assert table(ws, "SELECT status FROM model_versions WHERE version = 'r1-fake'") == [{"status": "active"}]
         assert ws.index.count(new) == 12 and ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
-        assert indexing.rollback(ws.store, ws.index) == old
+        assert indexing.rollback(ws.store, ws.index, ws.embedder) == old
         assert ws.active_model == ws.base_version
     record_property("observed", f"killed after the switch to {new} was committed (round still at reindex); {new} "
                                 f"answered; the rerun finished the round (state done, previous model "

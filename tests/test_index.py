@@ -201,25 +201,25 @@ _LEGAL = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 @pytest.mark.parametrize(
     ("version", "expected"),
     [
-        ("base-0123456789", "passages.base-0123456789"),
-        ("r1.ft_v2", "passages.r1.ft_v2"),
-        ("org/model:v1", "passages.org-model-v1"),
-        ("my model é", "passages.my-model"),
-        ("--x--", "passages.x"),
-        ("", "passages.model"),
-        ("///", "passages.model"),
+        ("base-0123456789", "passages.1a2b3c4d.base-0123456789"),
+        ("r1.ft_v2", "passages.1a2b3c4d.r1.ft_v2"),
+        ("org/model:v1", "passages.1a2b3c4d.org-model-v1"),
+        ("my model é", "passages.1a2b3c4d.my-model"),
+        ("--x--", "passages.1a2b3c4d.x"),
+        ("", "passages.1a2b3c4d.model"),
+        ("///", "passages.1a2b3c4d.model"),
     ],
 )
 def test_collection_name_sanitising(version, expected):
-    assert collection_name(version) == expected
+    assert collection_name(version, "1a2b3c4d") == expected
 
 
 @pytest.mark.parametrize(
     "version",
-    ["a..b", "a...b.", "x" * 600, "a" * 490 + "-tail", "a" * 489 + "..tail", "._-", "v1/../v2"],
+    ["a..b", "a...b.", "x" * 600, "a" * 490 + "-tail", "a" * 480 + "..tail", "._-", "v1/../v2"],
 )
 def test_collection_name_is_always_chroma_legal(index, version):
-    name = collection_name(version)
+    name = collection_name(version, "1a2b3c4d")
     assert _LEGAL.match(name) and ".." not in name and len(name) <= 500, name
     index.create(name, version, 4)  # Chroma itself accepts it
     assert index.model_version(name) == version
@@ -306,7 +306,7 @@ def test_server_mode_index_and_workspace(chroma_server, tmp_path, monkeypatch):
         reports = ws.ingest([doc_a, doc_b])
         assert sum(r.indexed for r in reports) == 2
         name = ws.store.pointer("active_index")
-        assert name == collection_name(ws.active_model)
+        assert name == collection_name(ws.active_model, ws.store.workspace_id)
         assert ws.index.count(name) == ws.store.scalar("SELECT count(*) FROM passages") == 2
         assert ws.index.ids(name) == set(ws.store.passage_ids())
         assert ws.search("tenant rent landlord", k=1)[0].doc_ids == ["b.txt"]
@@ -317,3 +317,45 @@ def test_server_mode_index_and_workspace(chroma_server, tmp_path, monkeypatch):
         ws.close()
     # A fresh client sees what the workspace wrote: it lives on the server.
     assert VectorIndex(url=chroma_server).count(name) == 2
+
+
+@pytest.mark.slow
+def test_two_workspaces_on_one_chroma_server_keep_their_own_vectors(chroma_server, tmp_path, cranfield):
+    """Issue 13: workspace B (same base model) used to write into, and empty, workspace A's collection."""
+    from loop.workspace import Workspace
+
+    corpus = tmp_path / "cranfield-100.jsonl"
+    lines = (cranfield / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:100]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = tmp_path / "b-docs"
+    folder.mkdir()
+    (folder / "lease.txt").write_text("The tenant pays rent to the landlord every month.\n", encoding="utf-8")
+    query = "boundary layer flow over a flat plate"
+
+    a = Workspace.open(tmp_path / "a", chroma_url=chroma_server)
+    b = Workspace.open(tmp_path / "b", chroma_url=chroma_server)
+    try:
+        for ws in (a, b):
+            ws._embedders[ws.active_model] = FakeEmbedder(ws.active_model)
+        assert a.base_version == b.base_version
+        a.ingest([corpus])
+        n_a = a.store.scalar("SELECT count(*) FROM passages")
+        hits_before = a.search(query, k=5)
+        assert len(hits_before) == 5
+
+        b.ingest([folder])
+        a_name, b_name = a.store.pointer("active_index"), b.store.pointer("active_index")
+        assert a_name != b_name and {a_name, b_name} <= set(a.index.collections())
+        assert a.search(query, k=5) == hits_before
+        assert a.index.count(a_name) == a.status()["active_index"]["count"] == n_a
+        assert b.index.count(b_name) == b.status()["active_index"]["count"] == 1
+        assert b.search("rent landlord", k=5)[0].doc_ids == ["lease.txt"]
+        assert len(b.search("rent landlord", k=5)) == 1  # none of A's passages
+
+        # A keeps working on its own collection; B's is untouched.
+        assert a.ensure_index() == 0
+        assert b.index.ids(b_name) == set(b.store.passage_ids())
+        assert a.store.workspace_id in a_name and b.store.workspace_id in b_name
+    finally:
+        a.close()
+        b.close()

@@ -9,7 +9,6 @@ import pytest
 
 from loop import indexing
 from loop.errors import IndexMismatchError, VectorIndexError
-from storage.index import collection_name
 from tests.fakes import FakeEmbedder
 
 DOCS = {
@@ -55,7 +54,8 @@ def ingested(workspace, tmp_path):
 
 def test_ingest_activates_the_base_index(ingested):
     ws = ingested
-    base = collection_name(ws.base_version)
+    base = indexing.collection_for(ws.store, ws.base_version)
+    assert base == f"passages.{ws.store.workspace_id}.{ws.base_version}"
     assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
     assert ws.store.pointer(indexing.ACTIVE_MODEL) == ws.base_version
     assert _status(ws) == {base: "active"}
@@ -68,12 +68,12 @@ def test_ingest_activates_the_base_index(ingested):
 
 def test_build_activate_rollback(ingested, tmp_path):
     ws = ingested
-    base = collection_name(ws.base_version)
+    base = indexing.collection_for(ws.store, ws.base_version)
     v2 = _register(ws, "ft-r1", tmp_path)
     written: list[tuple[int, int]] = []
 
     name = indexing.build(ws.store, ws.index, v2, progress=lambda done, total: written.append((done, total)))
-    assert name == collection_name("ft-r1") != base
+    assert name == indexing.collection_for(ws.store, "ft-r1") != base
     assert written and written[-1] == (len(DOCS), len(DOCS))
     # Built and verified, but nothing switched yet.
     assert _status(ws) == {base: "active", name: "verified"}
@@ -94,14 +94,14 @@ def test_build_activate_rollback(ingested, tmp_path):
     assert ws.search("floods storms", k=1)[0].doc_ids == ["weather.txt"]
     assert v2.calls == calls + 1  # the query went through the new model
 
-    assert indexing.rollback(ws.store, ws.index) == base
+    assert indexing.rollback(ws.store, ws.index, ws.embedder) == base
     assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
     assert ws.store.pointer(indexing.ACTIVE_MODEL) == ws.base_version
     assert _status(ws) == {base: "active", name: "retired"}
     assert ws.search("Delaware law", k=1)[0].doc_ids == ["law.txt"]
 
     # And forward again: the most recently retired collection comes back.
-    assert indexing.rollback(ws.store, ws.index) == name
+    assert indexing.rollback(ws.store, ws.index, ws.embedder) == name
     assert ws.store.pointer(indexing.ACTIVE_INDEX) == name
 
 
@@ -109,7 +109,7 @@ def test_build_refuses_the_active_collection(ingested):
     ws = ingested
     with pytest.raises(VectorIndexError, match="active index"):
         indexing.build(ws.store, ws.index, ws.embedder())
-    assert _status(ws) == {collection_name(ws.base_version): "active"}
+    assert _status(ws) == {indexing.collection_for(ws.store, ws.base_version): "active"}
 
 
 def test_activate_refuses_unverified(ingested, tmp_path):
@@ -121,20 +121,20 @@ def test_activate_refuses_unverified(ingested, tmp_path):
     )
     with pytest.raises(VectorIndexError, match="not verified"):
         indexing.activate(ws.store, "passages.half")
-    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name(ws.base_version)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == indexing.collection_for(ws.store, ws.base_version)
 
 
 def test_rollback_without_a_retired_collection(ingested, tmp_path):
     ws = ingested
     with pytest.raises(VectorIndexError, match="Nothing to roll back"):
-        indexing.rollback(ws.store, ws.index)
+        indexing.rollback(ws.store, ws.index, ws.embedder)
     # A retired collection that Chroma lost is skipped too.
     v2 = _register(ws, "ft-r1", tmp_path)
     indexing.activate(ws.store, indexing.build(ws.store, ws.index, v2))
-    ws.index.drop(collection_name(ws.base_version))
+    ws.index.drop(indexing.collection_for(ws.store, ws.base_version))
     with pytest.raises(VectorIndexError, match="Nothing to roll back"):
-        indexing.rollback(ws.store, ws.index)
-    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name("ft-r1")
+        indexing.rollback(ws.store, ws.index, ws.embedder)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == indexing.collection_for(ws.store, "ft-r1")
 
 
 def test_verify_fails_when_count_differs(ingested):
@@ -186,12 +186,12 @@ def test_failed_build_is_recorded_and_not_activatable(ingested, tmp_path, monkey
     monkeypatch.setattr(ws.index, "upsert", misattached)
     with pytest.raises(VectorIndexError, match="canary"):
         indexing.build(ws.store, ws.index, v2)
-    name = collection_name("ft-broken")
+    name = indexing.collection_for(ws.store, "ft-broken")
     row = ws.store.rows("SELECT status, detail FROM index_versions WHERE collection = ?", [name])[0]
     assert row["status"] == "failed" and "canary" in row["detail"]
     with pytest.raises(VectorIndexError, match="not verified"):
         indexing.activate(ws.store, name)
-    assert ws.store.pointer(indexing.ACTIVE_INDEX) == collection_name(ws.base_version)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == indexing.collection_for(ws.store, ws.base_version)
 
 
 def test_failed_build_on_missing_vectors(ingested, tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_failed_build_on_missing_vectors(ingested, tmp_path, monkeypatch):
     monkeypatch.setattr(ws.index, "upsert", lambda n, i, e, d: real_upsert(n, i[1:], e[1:], d[1:]))
     with pytest.raises(VectorIndexError, match="holds"):
         indexing.build(ws.store, ws.index, v2)
-    assert _status(ws)[collection_name("ft-short")] == "failed"
+    assert _status(ws)[indexing.collection_for(ws.store, "ft-short")] == "failed"
 
 
 def test_search_with_another_model_version_raises(ingested):
@@ -224,7 +224,7 @@ def test_lost_chroma_folder_is_rebuilt_from_duckdb(workspace, tmp_path):
 
     ws = workspace
     _ingest(ws, tmp_path)
-    base = collection_name(ws.base_version)
+    base = indexing.collection_for(ws.store, ws.base_version)
     n = ws.index.count(base)
     assert n == len(DOCS)
     ids = ws.index.ids(base)
@@ -252,13 +252,13 @@ def test_rebuilt_active_index_can_still_be_retired_and_rolled_back(workspace, tm
     """A rebuild must not lose the 'active' status, or the next switch cannot retire it."""
     ws = workspace
     _ingest(ws, tmp_path)
-    base = collection_name(ws.base_version)
+    base = indexing.collection_for(ws.store, ws.base_version)
     ws.index.drop(base)  # lost
     assert ws.ensure_index() == len(DOCS)
     v2 = _register(ws, "ft-r1", tmp_path)
     indexing.activate(ws.store, indexing.build(ws.store, ws.index, v2))
-    assert _status(ws) == {base: "retired", collection_name("ft-r1"): "active"}
-    assert indexing.rollback(ws.store, ws.index) == base
+    assert _status(ws) == {base: "retired", indexing.collection_for(ws.store, "ft-r1"): "active"}
+    assert indexing.rollback(ws.store, ws.index, ws.embedder) == base
 
 
 def test_changed_document_replaces_its_passages(ingested, tmp_path):
@@ -294,3 +294,142 @@ def test_sync_refuses_a_collection_built_by_another_model(ingested):
     ws.index.create(name, "other-model", impostor.dim)
     with pytest.raises(VectorIndexError, match="another model"):
         indexing.sync(ws.store, ws.index, impostor)
+
+
+# Rollback: verified, synced, to any kept version (issue 13) ----------------------------------
+MORE = {
+    "harbor.txt": "Ships dock at the harbor pier before the storm season.",
+    "lease.txt": "Subletting the apartment requires written consent of the owner.",  # changed
+}
+
+
+def _model_status(ws) -> dict[str, str]:
+    return dict(ws.store.execute("SELECT version, status FROM model_versions").fetchall())
+
+
+def _promote(ws, emb) -> str:
+    name = indexing.build(ws.store, ws.index, emb)
+    indexing.activate(ws.store, name)
+    return name
+
+
+def test_rollback_syncs_a_stale_collection_before_switching(ingested, tmp_path):
+    ws = ingested
+    base = indexing.collection_for(ws.store, ws.base_version)
+    _promote(ws, _register(ws, "ft-r1", tmp_path))
+    _ingest(ws, tmp_path, MORE)  # only the active (ft-r1) collection follows this ingest
+    want = set(ws.store.passage_ids())
+    assert ws.index.ids(base) != want  # the kept one is stale: no harbor, the old lease
+
+    assert indexing.rollback(ws.store, ws.index, ws.embedder) == base
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
+    assert ws.index.ids(base) == want  # missing passages embedded, removed ones gone
+    assert ws.store.scalar("SELECT count FROM index_versions WHERE collection = ?", [base]) == len(want)
+    assert ws.search("ships harbor pier", k=1)[0].doc_ids == ["harbor.txt"]
+    assert ws.search("subletting written consent", k=1)[0].doc_ids == ["lease.txt"]
+
+
+def test_rollback_refuses_a_kept_index_that_fails_its_canaries(ingested, tmp_path):
+    ws = ingested
+    base = indexing.collection_for(ws.store, ws.base_version)
+    v2 = _promote(ws, _register(ws, "ft-r1", tmp_path))
+    ids = ws.store.passage_ids()
+    texts = ws.store.passages(ids)
+    emb = ws.embedder(ws.base_version)
+    # Right ids, right count, wrong vectors: each passage holds its neighbour's.
+    ws.index.upsert(base, ids, np.roll(emb.encode([texts[i] for i in ids]), 1, axis=0), [texts[i] for i in ids])
+    with pytest.raises(VectorIndexError, match="canary"):
+        indexing.rollback(ws.store, ws.index, ws.embedder)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == v2
+    assert ws.active_model == "ft-r1"
+    assert _model_status(ws)["ft-r1"] == "active"
+
+
+def test_rollback_to_any_earlier_version_keeps_model_status_true(ingested, tmp_path):
+    ws = ingested
+    base_version = ws.base_version
+    base = indexing.collection_for(ws.store, base_version)
+    r1 = _promote(ws, _register(ws, "ft-r1", tmp_path))
+    assert _model_status(ws) == {base_version: "base", "ft-r1": "active"}
+    r2 = _promote(ws, _register(ws, "ft-r2", tmp_path))
+    assert _model_status(ws) == {base_version: "base", "ft-r1": "retired", "ft-r2": "active"}
+
+    # Past the previous one, straight to the base model.
+    assert indexing.rollback(ws.store, ws.index, ws.embedder, to=base_version) == base
+    assert ws.active_model == base_version
+    assert _status(ws) == {base: "active", r1: "retired", r2: "retired"}
+    assert _model_status(ws) == {base_version: "base", "ft-r1": "retired", "ft-r2": "retired"}
+    # Plain rollback goes to the previous one: the index just left.
+    assert indexing.rollback(ws.store, ws.index, ws.embedder) == r2
+    assert _model_status(ws) == {base_version: "base", "ft-r1": "retired", "ft-r2": "active"}
+    assert indexing.rollback(ws.store, ws.index, ws.embedder, to="ft-r1") == r1
+    assert ws.active_model == "ft-r1"
+    assert _status(ws) == {base: "retired", r1: "active", r2: "retired"}
+    assert _model_status(ws) == {base_version: "base", "ft-r1": "active", "ft-r2": "retired"}
+
+    # A version that is active, unknown or never indexed: a clear error, nothing switched.
+    with pytest.raises(VectorIndexError, match="already active"):
+        indexing.rollback(ws.store, ws.index, ws.embedder, to="ft-r1")
+    _register(ws, "ft-r3", tmp_path)
+    for version in ("nope", "ft-r3"):
+        with pytest.raises(VectorIndexError, match=f"no kept index for model '{version}'.*ft-r2"):
+            indexing.rollback(ws.store, ws.index, ws.embedder, to=version)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == r1
+
+
+def test_activate_refuses_a_collection_whose_count_differs_from_passages(ingested, tmp_path):
+    ws = ingested
+    base = ws.store.pointer(indexing.ACTIVE_INDEX)
+    name = indexing.build(ws.store, ws.index, _register(ws, "ft-r1", tmp_path))
+    _ingest(ws, tmp_path, {"harbor.txt": MORE["harbor.txt"]})  # the corpus grows after the build
+    with pytest.raises(VectorIndexError, match=f"{name} held {len(DOCS)} vectors .* the corpus has {len(DOCS) + 1}"):
+        indexing.activate(ws.store, name)
+    assert ws.store.pointer(indexing.ACTIVE_INDEX) == base
+    assert ws.active_model == ws.base_version
+
+
+def test_status_reports_the_count_the_index_really_holds(ingested):
+    ws = ingested
+    name = ws.store.pointer(indexing.ACTIVE_INDEX)
+    assert ws.status()["active_index"]["count"] == len(DOCS)
+    ws.index.delete(name, ws.store.passage_ids()[:1])  # behind the workspace's back
+    assert ws.status()["active_index"]["count"] == len(DOCS) - 1
+    ws.index.drop(name)
+    idx = ws.status()["active_index"]
+    assert idx["count"] is None and "does not exist" in idx["problem"]
+
+
+def test_collections_named_before_workspace_ids_keep_their_names(workspace, tmp_path):
+    """A workspace from before workspace ids keeps using (and rolls back to) its `passages.<version>`
+    collections; only collections built from now on carry the id."""
+    from loop.workspace import Workspace
+
+    ws = workspace
+    _ingest(ws, tmp_path)
+    # Make it look like a workspace created before migration 3: old collection name, no id.
+    legacy = f"passages.{ws.base_version}"
+    ws.index._get(ws.store.pointer(indexing.ACTIVE_INDEX)).modify(name=legacy)
+    ws.store.execute("UPDATE index_versions SET collection = ?", [legacy])
+    ws.store.set_pointer(indexing.ACTIVE_INDEX, legacy)
+    ws.store.execute("DROP TABLE workspace_info")
+    ws.store.execute("DELETE FROM schema_migrations WHERE version = 3")
+    ws_path = ws.settings.workspace
+    ws.close()
+
+    ws2 = Workspace.open(ws_path)
+    try:
+        ws2._embedders[ws2.active_model] = FakeEmbedder(ws2.active_model)
+        wid = ws2.store.workspace_id
+        assert len(wid) == 8 and ws2.store.schema_version == 3
+        assert indexing.collection_for(ws2.store, ws2.base_version) == legacy
+        assert ws2.ensure_index() == 0  # nothing re-embedded: the old collection is used as it is
+        assert ws2.store.pointer(indexing.ACTIVE_INDEX) == legacy
+        assert ws2.status()["active_index"]["count"] == len(DOCS)
+        assert ws2.search("Delaware law", k=1)[0].doc_ids == ["law.txt"]
+        new = _promote(ws2, _register(ws2, "ft-r1", tmp_path))
+        assert new == f"passages.{wid}.ft-r1"
+        assert indexing.rollback(ws2.store, ws2.index, ws2.embedder) == legacy
+    finally:
+        ws2.close()
+    with Workspace.open(ws_path) as ws3:
+        assert ws3.store.workspace_id == wid  # stable across opens

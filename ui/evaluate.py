@@ -81,8 +81,10 @@ idx = status["active_index"] or {}
 st.markdown(f"Active model **{md_escape(ws.active_model)}**, index **{md_escape(idx.get('collection') or 'none')}**. "
             "Each promotion builds a new collection and keeps the previous one, so a bad switch can be undone.")
 with st.popover("Roll back to the previous index", icon=":material/history:"):
-    st.write("Re-activates the most recently retired index and its model. Nothing is deleted.")
+    st.write("Re-activates the most recently retired index and its model, after bringing it up to date with "
+             "the corpus (passages added since are embedded, removed ones deleted) and verifying it. Nothing "
+             "else is deleted.")
     if st.button("Roll back now", type="primary", key="rollback"):
-        name = deps.run_safely(indexing.rollback, ws.store, ws.index)
+        name = deps.run_safely(indexing.rollback, ws.store, ws.index, ws.embedder)
         if name:
             st.success(f"The active index is now {md_escape(name)} (model {md_escape(ws.active_model)}).")

@@ -10,7 +10,7 @@ from loop.decide import should_finetune
 from loop.review import queue_counts
 from loop.rounds import Rounds
 from ui import charts, deps, tasks
-from ui.text import md_code
+from ui.text import md_code, md_escape
 
 st.title("embedloop")
 st.caption("Fine-tune an embedding model on your own domain: generate, review, train, evaluate, re-index.")
@@ -73,7 +73,8 @@ with right:
     st.markdown(
         f"- active model: {md_code(model.get('version') or '?')}"
         + (" (the off-the-shelf base model)" if model.get("version") == ws.base_version else "")
-        + f"\n- active index: {md_code(idx.get('collection') or 'none yet')}, {idx.get('count') or 0:,} vectors"
+        + f"\n- active index: {md_code(idx.get('collection') or 'none yet')}, "
+        + (f"cannot be read: {md_escape(idx['problem'])}" if idx.get("problem") else f"{idx.get('count') or 0:,} vectors")
         + f"\n- workspace: {md_code(status['workspace'])}"
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from storage.index import collection_name
+from loop.indexing import collection_for
 from ui import deps
 from ui.text import md_escape, text_block
 
@@ -28,7 +28,7 @@ def show(hits: list[tuple[str, float, str, list[str]]]) -> None:
 
 def base_hits(q: str, n: int) -> list[tuple[str, float, str, list[str]]]:
     """The base model on its own collection (searched with queries it embedded)."""
-    name = collection_name(ws.base_version)
+    name = collection_for(ws.store, ws.base_version)
     emb = ws.embedder(ws.base_version)
     rows = ws.index.search(name, emb.encode([q]), ws.base_version, k=n)[0]
     docs = ws.store.docs_of_passages([pid for pid, _, _ in rows])
@@ -47,7 +47,7 @@ if submitted and query.strip():
         with left:
             st.subheader("Base model")
             st.caption(md_escape(ws.base_version))
-            if collection_name(ws.base_version) not in ws.index.collections():
+            if collection_for(ws.store, ws.base_version) not in ws.index.collections():
                 st.info("The base model's collection is not kept in this index, so it cannot be searched.")
             else:
                 show(deps.run_safely(base_hits, query, k) or [])
