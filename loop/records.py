@@ -21,7 +21,7 @@ def content_hash(text: str) -> str:
 
 def query_key(text: str) -> str:
     """How a query is matched against the held-out set: case, spacing and trailing punctuation
-    do not make it another query ("What is X?" is "what is  x")."""
+    do not make it another query ("What  is X?" is "what is x")."""
     key = " ".join(text.casefold().split())
     while key and (key[-1] == " " or unicodedata.category(key[-1]).startswith("P")):
         key = key[:-1]

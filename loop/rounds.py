@@ -508,7 +508,8 @@ class Rounds:
             if not (run / train.CONFIG_FILE).exists():
                 rows = self.training_rows()
                 overrides = self.config.train.model_dump(exclude_unset=True)
-                cfg = {**overrides, "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
+                cfg = {**overrides,
+                       "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
                 # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
                 # training never sees anyway, instead of holding out a further share of the few labels.
                 held_out = self.store.rows(
@@ -632,11 +633,8 @@ class Rounds:
             r["manifest"]["previous_model"] = self.ws.active_model  # the switch below replaces it
             self._save(r)
             indexing.activate(self.store, name)
-        name = self.store.pointer(indexing.ACTIVE_INDEX)
+        name = self.store.pointer(indexing.ACTIVE_INDEX)  # activate also set the models' status, in one go
         old = r["manifest"].get("previous_model")  # None only in a round stopped here by an earlier version
-        self.store.execute("UPDATE model_versions SET status = 'active' WHERE version = ?", [version])
-        if old not in (None, self.ws.base_version):
-            self.store.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [old])
         r["manifest"]["collection"] = name
         r["manifest"]["finished"] = _now()
         kept = indexing.collection_for(self.store, old) if old else "the previous index"
