@@ -18,15 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from loop.errors import IndexMismatchError, InputError
 from loop.ingest import iter_jsonl, read_qrels
-from loop.records import content_hash
+from loop.records import content_hash, query_key
 from storage.db import Store
+
+if TYPE_CHECKING:
+    import duckdb
 
 Progress = Callable[[int, int], None]
 Gain = Literal["linear", "exponential"]
@@ -322,6 +325,15 @@ class EvalSet(BaseModel):
             for pid in self.passage_ids:
                 h.update(f"{pid}\x00{sorted(self.passage_docs[pid])}\x01".encode())
         return h.hexdigest()[:16]
+
+
+def held_out_keys(con: Store | duckdb.DuckDBPyConnection) -> set[str]:
+    """The `query_key` of every query of the eval and test splits: training must not use one.
+
+    `con` is the store or a cursor of an open transaction (a review decision checks inside its own).
+    """
+    rows = con.execute("SELECT DISTINCT anchor FROM pairs WHERE split IN ('eval', 'test')").fetchall()
+    return {query_key(a) for (a,) in rows}
 
 
 def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test")) -> EvalSet:

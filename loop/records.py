@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +17,15 @@ def content_hash(text: str) -> str:
     """Stable id of a text: the first 16 hex digits of its SHA-256 after whitespace folding."""
     folded = " ".join(text.split())
     return hashlib.sha256(folded.encode("utf-8")).hexdigest()[:16]
+
+
+def query_key(text: str) -> str:
+    """How a query is matched against the held-out set: case, spacing and trailing punctuation
+    do not make it another query ("What  is X?" is "what is x")."""
+    key = " ".join(text.casefold().split())
+    while key and (key[-1] == " " or unicodedata.category(key[-1]).startswith("P")):
+        key = key[:-1]
+    return key
 
 
 class _Record(BaseModel):

@@ -19,7 +19,8 @@ import duckdb
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from loop.errors import EmbedloopError, InputError, NotFoundError, validation_problems
-from loop.records import Pair
+from loop.evaluate import held_out_keys
+from loop.records import Pair, query_key
 from storage.db import Store
 
 Action = Literal["accept", "reject", "edit", "pick"]
@@ -180,6 +181,12 @@ def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
                 if query == " ".join(anchor.split()):
                     # The same pair id: its insert would be ignored and the pair end up rejected.
                     raise InputError("the edited query is the same as the original; use accept instead")
+                if query_key(query) in held_out_keys(cur):
+                    raise InputError(
+                        f"the edited query {query!r} is a query held out for evaluation (case, spacing and "
+                        f"trailing punctuation aside); a training pair on it would leak the evaluation. Write a "
+                        f"different query, or reject the card."
+                    )
                 new_pair = {"anchor": query, "positive_id": pos_id, "positive_text": pos_text}
                 payload["query"] = query
             elif d.action == "pick":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from loop import indexing, train
 from loop.decide import Recommendation, promotion_gate, should_finetune
@@ -28,10 +28,11 @@ from loop.embed import Embedder, model_hash
 from loop.errors import EmbedloopError, InputError, VectorIndexError
 from loop.evaluate import (
     PRIMARY_METRIC, CorpusEmbeddings, EvalReport, EvalSet, compare, compare_all, evaluate, evalset_from_store,
+    held_out_keys,
 )
 from loop.generate import needs_generation, run_generation
 from loop.negatives import MiningPolicy, select_negatives
-from loop.records import Pair
+from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, route
 from loop.workspace import Workspace
 
@@ -50,9 +51,11 @@ class LeakageError(RoundError):
 HELD_OUT_REASON = "its query is held out for evaluation"
 
 
-def _query_key(text: str) -> str:
-    """How held-out queries are matched: case and whitespace do not make a query new."""
-    return " ".join(text.lower().split())
+class TrainOverrides(train.TrainConfig):
+    """The `[loop.train]` table: TrainConfig keys, checked when the round settings load (not when
+    training starts, after the review work). The round fills in base_model."""
+
+    base_model: str = Field("", description="empty: the workspace's base model")
 
 
 class LoopConfig(BaseModel):
@@ -70,9 +73,13 @@ class LoopConfig(BaseModel):
     eval_max: int = Field(200, ge=1)
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides")
+    train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
     promote_min_delta: float = 0.0
     seed: int = 0
+
+    @field_serializer("train")
+    def _train_as_set(self, v: TrainOverrides) -> dict[str, Any]:
+        return v.model_dump(mode="json", exclude_unset=True)  # what was set, not every default
 
 
 def loop_config(settings_table: dict[str, Any], **overrides: Any) -> LoopConfig:
@@ -183,9 +190,31 @@ class Rounds:
         return [[h.passage_id for h in hits] for hits in indexing.search(
             self.store, self.ws.index, self.ws.embedder(), queries, k)]
 
-    def _eval_anchors(self) -> set[str]:
-        rows = self.store.execute("SELECT DISTINCT anchor FROM pairs WHERE split IN ('eval', 'test')").fetchall()
-        return {_query_key(a) for (a,) in rows}
+    def _drop_held_out_training_pairs(self) -> None:
+        """Training pairs and open cards whose query is held out leave training, with the reason.
+
+        They can appear after the held-out set was fixed: pairs imported or typed in another
+        case, spacing or punctuation, or a generated query that repeats an evaluation query.
+        Dropped, not moved to the eval split: the held-out set stays the one fixed at the start.
+        """
+        held_out = held_out_keys(self.store)
+        rows = self.store.execute(
+            "SELECT pair_id, anchor, status FROM pairs WHERE split = 'train' "
+            "AND status IN ('accepted', 'candidate', 'pending') ORDER BY anchor, pair_id"
+        ).fetchall()
+        leaking = [(pid, anchor, status) for pid, anchor, status in rows if query_key(anchor) in held_out]
+        if not leaking:
+            return
+        self.store.execute(
+            "UPDATE pairs SET status = 'dropped', reason = ?, claimed_by = NULL, claim_expires = NULL, "
+            "updated_at = current_timestamp WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))",
+            [HELD_OUT_REASON, [pid for pid, _, _ in leaking]],
+        )
+        accepted = [anchor for _, anchor, status in leaking if status == "accepted"]
+        if accepted:
+            self.log(f"Dropped {len(accepted)} accepted training pairs whose query is held out for evaluation (the "
+                     f"same query, case, spacing and trailing punctuation aside), e.g. {accepted[0]!r}; they stay "
+                     f"stored, marked dropped.")
 
     def generate(self, r: dict[str, Any]) -> None:
         t0 = time.monotonic()
@@ -194,6 +223,14 @@ class Rounds:
         if wanted == 0:
             self.log(f"Generation skipped: {accepted} accepted training pairs (threshold {self.config.generate_threshold}).")
             self._step_done(r, "generate", {"skipped": True, "accepted_pairs": accepted}, t0)
+            return
+        # Generation writes all its candidates in one transaction: if this round's are there, a
+        # crash came between that write and the step record. Generating again would pay twice.
+        written = int(self.store.scalar("SELECT count(*) FROM pairs WHERE source = 'synthetic' AND round = ?",
+                                        [r["round"]]))
+        if written:
+            self.log(f"Generation already wrote {written} candidates for round {r['round']}; not generating again.")
+            self._step_done(r, "generate", {"recovered": True, "requested": wanted, "written": written}, t0)
             return
         who = f"LLM {self.llm.model}" if self.llm else "the offline generator (no LLM endpoint configured)"
         self.log(f"Generating up to {wanted} pairs with {who} ({accepted} accepted pairs so far)...")
@@ -206,12 +243,12 @@ class Rounds:
 
     def _mine_query_log(self, r: dict[str, Any]) -> int:
         """Unlabelled queries + the current model's top passage become 'mined' candidates."""
-        held_out = self._eval_anchors()
+        held_out = held_out_keys(self.store)
         rows = self.store.execute(
             "SELECT query_id, text FROM queries q WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.query_id = q.query_id) "
             "AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.anchor = q.text) ORDER BY query_id"
         ).fetchall()
-        rows = [(qid, text) for qid, text in rows if _query_key(text) not in held_out]
+        rows = [(qid, text) for qid, text in rows if query_key(text) not in held_out]
         if not rows:
             return 0
         # Each logged query proposes its top `mine_top` passages: a query usually has several
@@ -248,16 +285,11 @@ class Rounds:
         """Score every open candidate with the current model and route it."""
         t0 = time.monotonic()
         mined = self._mine_query_log(r)
+        self._drop_held_out_training_pairs()  # e.g. a generated query that is word for word an evaluation query
         cands = self.store.rows(
             "SELECT pair_id, anchor, positive_id, positive_text, source, meta FROM pairs WHERE status = 'candidate' "
             "ORDER BY pair_id"
         )
-        held_out = self._eval_anchors()
-        leaking = {c["pair_id"] for c in cands if _query_key(c["anchor"]) in held_out}
-        if leaking:  # e.g. a generated query that is word for word an evaluation query
-            self.store.execute("UPDATE pairs SET status = 'dropped', reason = ? WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))",
-                               [HELD_OUT_REASON, sorted(leaking)])
-            cands = [c for c in cands if c["pair_id"] not in leaking]
         if not cands:
             self.log("No candidates to route.")
             self._step_done(r, "select", {"mined": mined, "candidates": 0}, t0)
@@ -337,32 +369,43 @@ class Rounds:
 
     # Held-out set and baseline --------------------------------------------------------------
     def ensure_eval_split(self) -> int:
-        """Fix the held-out set once: a seeded share of human-verified pairs, by anchor.
+        """Fix the held-out set once, then keep training off it; returns the queries held out now.
 
-        Nothing moves when an eval or test split exists already (e.g. an imported BEIR test).
+        The held-out set is a seeded share of the human-verified queries, each with all its
+        accepted pairs. A query is matched by `query_key` (case, spacing and trailing punctuation
+        do not make it another query), so every form of a held-out query goes to the eval split.
+        Nothing moves when an eval or test split exists already (e.g. an imported BEIR test). Each
+        call then drops the training pairs and open cards of held-out queries, with the reason.
         """
-        if self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split IN ('eval', 'test')"):
-            return 0
+        n = 0
+        if not self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split IN ('eval', 'test')"):
+            n = self._hold_out()
+        self._drop_held_out_training_pairs()
+        return n
+
+    def _hold_out(self) -> int:
         anchors = [a for (a,) in self.store.execute(
             "SELECT DISTINCT anchor FROM pairs WHERE status = 'accepted' AND split = 'train' AND positive_id IS NOT NULL "
             "AND (source IN ('seed', 'edited') OR pair_id IN (SELECT pair_id FROM decisions WHERE action = 'accept')) "
             "ORDER BY anchor"
         ).fetchall()]
-        if len(anchors) < 10:
+        queries: dict[str, str] = {}  # query key -> its first form, in anchor order
+        for a in anchors:
+            queries.setdefault(query_key(a), a)
+        if len(queries) < 10:
             raise RoundError(
-                f"Only {len(anchors)} human-verified queries exist; at least 10 are needed to hold out an evaluation "
+                f"Only {len(queries)} human-verified queries exist; at least 10 are needed to hold out an evaluation "
                 f"set. Import labelled pairs (`embedloop pairs import`) or review more cards."
             )
-        n = min(self.config.eval_max, max(5, round(len(anchors) * self.config.eval_fraction)))
-        chosen = random.Random(self.config.seed).sample(anchors, n)
-        with self.store.transaction() as cur:
-            cur.execute("UPDATE pairs SET split = 'eval' WHERE status = 'accepted' AND anchor IN (SELECT unnest(?::VARCHAR[]))",
-                        [chosen])
-            # Their other open cards (a logged query proposes several passages) are not asked any
-            # more: an answer would be a training label for an evaluation query.
-            cur.execute("UPDATE pairs SET status = 'dropped', reason = ?, updated_at = current_timestamp "
-                        "WHERE status IN ('candidate', 'pending') AND anchor IN (SELECT unnest(?::VARCHAR[]))",
-                        [HELD_OUT_REASON, chosen])
+        n = min(self.config.eval_max, max(5, round(len(queries) * self.config.eval_fraction)))
+        chosen = {query_key(a) for a in random.Random(self.config.seed).sample(list(queries.values()), n)}
+        moved = [pid for pid, a in self.store.execute(
+            "SELECT pair_id, anchor FROM pairs WHERE status = 'accepted' AND split = 'train'").fetchall()
+            if query_key(a) in chosen]
+        # Their open cards (a logged query proposes several passages) are dropped next, by
+        # `_drop_held_out_training_pairs`: an answer would be a training label for an evaluation query.
+        self.store.execute("UPDATE pairs SET split = 'eval', updated_at = current_timestamp "
+                           "WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))", [moved])
         self.log(f"Held out {n} human-verified queries as the fixed evaluation set.")
         return n
 
@@ -419,12 +462,13 @@ class Rounds:
             "SELECT anchor, positive_id, positive_text, negative_text FROM pairs "
             "WHERE status = 'accepted' AND split = 'train' ORDER BY pair_id"
         )
-        held_out = self._eval_anchors()
-        leaks = [p["anchor"] for p in pairs if _query_key(p["anchor"]) in held_out]
-        if leaks:
+        held_out = held_out_keys(self.store)
+        leaks = [p["anchor"] for p in pairs if query_key(p["anchor"]) in held_out]
+        if leaks:  # the train step runs ensure_eval_split first, which drops them
             raise LeakageError(
                 f"{len(leaks)} training pairs use a held-out query (e.g. {leaks[0][:80]!r}); "
-                f"refusing to train on evaluation data."
+                f"refusing to train on evaluation data. Rounds.ensure_eval_split() (the train step's "
+                f"first action) drops them from training."
             )
         reviewed = {}
         for a, pid, text in self.store.execute(
@@ -465,7 +509,9 @@ class Rounds:
             self.baseline()  # benchmark first, always: stored before any training
             if not (run / train.CONFIG_FILE).exists():
                 rows = self.training_rows()
-                cfg = {"base_model": str(self.ws.settings.base_model_path), **self.config.train}
+                overrides = self.config.train.model_dump(exclude_unset=True)
+                cfg = {**overrides,
+                       "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
                 # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
                 # training never sees anyway, instead of holding out a further share of the few labels.
                 held_out = self.store.rows(
@@ -583,15 +629,18 @@ class Rounds:
     def reindex(self, r: dict[str, Any]) -> None:
         t0 = time.monotonic()
         version = r["manifest"]["model"]["version"]
-        emb = self.ws.embedder(version)
-        self.log(f"Re-indexing the corpus with {version}...")
-        name = indexing.build(self.store, self.ws.index, emb, precomputed=self._corpus_cache.get(version))
-        old = self.ws.active_model
-        indexing.activate(self.store, name)
-        self.store.execute("UPDATE model_versions SET status = 'active' WHERE version = ?", [version])
-        if old != self.ws.base_version:
-            self.store.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [old])
+        # A rerun after a crash between the switch and the step record finds the switch done.
+        if self.ws.active_model != version:
+            emb = self.ws.embedder(version)
+            self.log(f"Re-indexing the corpus with {version}...")
+            name = indexing.build(self.store, self.ws.index, emb, precomputed=self._corpus_cache.get(version))
+            r["manifest"]["previous_model"] = self.ws.active_model  # the switch below replaces it
+            self._save(r)
+            indexing.activate(self.store, name)
+        name = self.store.pointer(indexing.ACTIVE_INDEX)  # activate also set the models' status, in one go
+        old = r["manifest"].get("previous_model")  # None only in a round stopped here by an earlier version
         r["manifest"]["collection"] = name
         r["manifest"]["finished"] = _now()
-        self.log(f"Index {name} verified and active; {indexing.collection_for(self.store, old)} kept for rollback.")
+        kept = indexing.collection_for(self.store, old) if old else "the previous index"
+        self.log(f"Index {name} verified and active; {kept} kept for rollback.")
         self._step_done(r, "reindex", {"collection": name, "previous_model": old}, t0)

@@ -12,6 +12,8 @@ every durable step (flushed at once), so the test knows when to `kill -9` it:
     CLAIMED <pair id> <reviewer>         review: a card was claimed (the reviewer now "reads" it)
     PARTIAL <collection> <n>             reindex: n vectors of the new collection were written
     SEARCH <model version> <doc id>      reindex: the active index answered during the build
+    SWITCHED <collection>                reindex: the switch to the new collection was committed
+    WRITTEN <n>                          generate: the round's n candidates were committed
     DONE <state>                         the work finished (a test that wanted a kill failed)
 
 Scenarios: generate, review, train, reindex (see the functions below for their options).
@@ -72,10 +74,22 @@ def open_workspace(path: str, fake: dict[str, int] | None = None) -> Workspace:
 def generate(ws: Workspace, opts: dict[str, Any]) -> str:
     """A round's generate step with the configured LLM (EMBEDLOOP_LLM_BASE_URL, OPENAI_API_KEY).
 
-    Options: generate_max (pairs wanted), concurrency.
+    Options: generate_max (pairs wanted), concurrency, after_write (stop once the candidates are
+    committed, before the step is recorded).
     """
+    import loop.rounds
     from loop.llm import LLMCache, LLMClient, LLMSettings
     from loop.rounds import LoopConfig, Rounds
+
+    if opts.get("after_write"):
+        run_generation = loop.rounds.run_generation
+
+        def write_then_wait(*args: Any, **kw: Any) -> Any:
+            report = run_generation(*args, **kw)
+            say("WRITTEN", report.written)
+            time.sleep(600)  # the test kills us here
+
+        loop.rounds.run_generation = write_then_wait
 
     class MarkingCache(LLMCache):
         def put(self, passage_hash: str, *args: Any, **kw: Any) -> None:
@@ -153,13 +167,26 @@ def train(ws: Workspace, opts: dict[str, Any]) -> str:
 
 
 def reindex(ws: Workspace, opts: dict[str, Any]) -> str:
-    """The open round's reindex step; the first write to the new collection stops half-way.
+    """The open round's reindex step; the first write to the new collection stops half-way, or
+    (`after_switch`) the step stops once the switch is committed, before the step is recorded.
 
-    Options: pause_after (vectors written before the pause), query (searched during the pause).
+    Options: pause_after (vectors written before the pause), query (searched during the pause),
+    after_switch.
     """
     from loop import indexing
     from loop.rounds import Rounds
     from storage.index import VectorIndex
+
+    if opts.get("after_switch"):
+        activate = indexing.activate
+
+        def activate_then_wait(store, name: str) -> None:
+            activate(store, name)
+            say("SWITCHED", name)
+            time.sleep(600)  # the test kills us here
+
+        indexing.activate = activate_then_wait
+        return Rounds(ws, log=lambda m: say("LOG", m)).advance(until="done")["state"]
 
     original = VectorIndex.upsert
     paused = threading.Event()

@@ -59,6 +59,26 @@ def case(section: str, title: str, expected: str) -> Callable[[Callable[..., Any
 # test, ending in "[") -> (section, title, expected). The bad-input rows of test_ingest take
 # their expected error from the row itself.
 EXISTING: dict[str, tuple[str, str, str]] = {
+    "tests/test_rounds.py::test_a_query_imported_in_two_forms_is_held_out_in_both": (
+        "Stuck or wrong state", "labelled pairs imported twice, as written and upper-cased with extra spaces",
+        "the held-out set takes every form of a held-out query (one normalisation: case, spacing, trailing "
+        "punctuation); no training pair uses a held-out query, so training is not refused"),
+    "tests/test_rounds.py::test_a_stuck_workspace_drops_training_pairs_of_held_out_queries": (
+        "Stuck or wrong state", "training pairs that repeat a held-out query in another case, spacing or "
+        "trailing punctuation (eval pairs imported, then training pairs typed differently)",
+        "the train step drops them from training with the reason 'its query is held out for evaluation' and "
+        "says so; training goes ahead instead of failing with LeakageError on every run"),
+    "tests/test_review.py::test_edit_onto_a_held_out_query_is_refused": (
+        "Stuck or wrong state", "a reviewer edits a card's query into a held-out evaluation query (in another "
+        "case, spacing or trailing punctuation)",
+        "InputError saying the query is held out and what to do instead; the card stays pending, nothing written"),
+    "tests/test_rounds.py::test_training_rows_prefer_reviewer_negatives_and_never_use_own_document": (
+        "Stuck or wrong state", "a reviewer rejects one passage of a query and accepts another",
+        "the rejected passage is that query's hard negative in the training rows (preferred over a mined one)"),
+    "tests/test_config.py::test_bad_loop_train_settings_fail_when_the_round_settings_load[": (
+        "What a user hits", "a bad [loop.train] setting in embedloop.toml",
+        "ConfigError naming the key (e.g. loop.train.epochz) when the round settings load, before any "
+        "generation or review work, not at the train step"),
     "tests/test_review.py::test_twenty_reviewers_decide_a_thousand_cards_exactly_once": (
         "Concurrency", "20 reviewers x 50 decisions at once (claim_next + decide, require_claim)",
         "exactly 1,000 decisions, each card once, no error for any reviewer"),

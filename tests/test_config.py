@@ -230,3 +230,32 @@ def test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key(tmp_pat
             save_settings(tmp_path / "ws", bad)
         assert SECRET not in str(ei.value)
     assert cfg.read_text(encoding="utf-8") == text  # a refused save changes nothing
+
+
+@pytest.mark.parametrize("table, problem", [
+    ("[loop.train]\nepochz = 3\n", "loop.train.epochz: Extra inputs are not permitted"),
+    ("[loop.train]\nepochs = 0\n", "loop.train.epochs: Input should be greater than or equal to 1"),
+    ('[loop.train]\nbatch_size = "big"\n', "loop.train.batch_size: Input should be a valid integer"),
+    ('[loop.train]\nloss = "triplet"\n', "loop.train.loss: Input should be 'mnrl', 'cached_mnrl' or 'gist'"),
+    ("[loop.train]\nmatryoshka_dims = [0]\n", "loop.train.matryoshka_dims: Value error, matryoshka_dims must be"),
+], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator"])
+def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, table, problem):
+    from loop.rounds import Rounds, loop_config
+    from loop.workspace import Workspace
+
+    write_config(tmp_path / "ws", table)
+    with pytest.raises(ConfigError) as info:
+        loop_config(load_settings(tmp_path / "ws").loop)
+    assert problem in str(info.value)
+    with Workspace.open(tmp_path / "ws") as ws, pytest.raises(ConfigError, match=r"loop\.train\."):
+        Rounds(ws)  # what `embedloop round` and the app's round pages start with
+    assert loop_config({"train": {"epochs": 1, "matryoshka_dims": [64, 384]}}).train.model_dump(
+        exclude_unset=True) == {"epochs": 1, "matryoshka_dims": [384, 64]}
+
+
+def test_loop_train_settings_reach_the_manifest_as_written(tmp_path):
+    from loop.rounds import loop_config
+
+    write_config(tmp_path / "ws", "[loop]\nreview_budget = 5\n[loop.train]\nepochs = 2\n")
+    cfg = loop_config(load_settings(tmp_path / "ws").loop)
+    assert cfg.model_dump(mode="json")["train"] == {"epochs": 2}  # only what was set, not every default

@@ -194,6 +194,40 @@ def test_kill_9_during_generation_keeps_paid_answers(tmp_path, openai_server, mo
                                 f"{step['passages']} passages; {step['written']} candidates written once")
 
 
+@pytest.mark.slow
+@case(FAULTS, "kill -9 the owner after generation wrote the round's candidates, before the step was recorded",
+      "the rerun sees the round's candidates and generates nothing more: no LLM request, no new pair "
+      "(not a second batch of up to generate_max pairs, paid twice)")
+def test_kill_9_after_generation_wrote_does_not_generate_again(tmp_path, openai_server, monkeypatch, drivers,
+                                                              record_property):
+    ws_path = tmp_path / "ws"
+    make_workspace(ws_path, 16)
+    env = {"EMBEDLOOP_LLM_BASE_URL": openai_server.base_url, "EMBEDLOOP_LLM_MODEL": MODEL, "OPENAI_API_KEY": KEY}
+    loop_cfg = {"generate_max": 12, "generate_threshold": 10_000}
+    drivers.append(d := Driver("generate", ws_path, {**loop_cfg, "after_write": True}, env))
+    d.wait_for(lambda: bool(d.markers("WRITTEN")), 120, "the written candidates")
+    d.kill()
+    written = int(d.markers("WRITTEN")[0][0])
+    paid = openai_server.count
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with open_ws(ws_path) as ws:
+        pairs = table(ws, "SELECT pair_id FROM pairs ORDER BY pair_id")
+        assert written > 0 and len(pairs) == written
+        assert table(ws, "SELECT state FROM rounds") == [{"state": "generate"}]
+        lines: list[str] = []
+        rounds = Rounds(ws, LoopConfig(**loop_cfg), llm=ws.llm(), log=lines.append)
+        r = rounds.advance(until="review")
+        assert r["state"] == "review", r.get("error")
+        assert openai_server.count == paid, "the rerun asked the LLM again"
+        assert table(ws, "SELECT pair_id FROM pairs WHERE source = 'synthetic' ORDER BY pair_id") == pairs
+        step = r["manifest"]["steps"]["generate"]
+        assert step["written"] == written and step["recovered"] is True
+    record_property("observed", f"killed with {written} candidates written ({paid} LLM requests); the rerun made 0 "
+                                f"requests and wrote 0 pairs: {next(x for x in lines if 'already wrote' in x)}")
+
+
 # kill -9 during a burst of review decisions ------------------------------------------------------
 @pytest.mark.slow
 @case(FAULTS, "kill -9 the owner during a burst of review decisions (4 reviewer threads, all four actions); "
@@ -492,6 +526,53 @@ def test_kill_9_during_reindex_keeps_the_previous_index(tmp_path, drivers, recor
     record_property("observed", f"killed with 3 of 12 vectors in {new}; search kept answering from {old} (before "
                                 f"and after the kill, {new} stayed 'building'); the restart built 12, verified, "
                                 f"switched; rollback returned to {old}")
+
+
+# The round of the previous test, killed later: after the switch is committed, before the step is recorded.
+def _promoted_round(ws_path: Path) -> str:
+    """A workspace of 12 documents whose round 1 trained 'r1-fake', promoted it and stopped before
+    its reindex step; returns the active collection."""
+    make_workspace(ws_path, 12)
+    with open_ws(ws_path) as ws:
+        ws.store.execute("INSERT INTO model_versions (version, path, parent, sha256, round, status) "
+                         "VALUES ('r1-fake', ?, ?, 'f00d', 1, 'candidate')",
+                         [str(ws.settings.base_model_path), ws.base_version])
+        manifest = {"round": 1, "steps": {}, "model": {"version": "r1-fake"}}
+        ws.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (1, 'reindex', ?)", [json.dumps(manifest)])
+        return ws.store.pointer(indexing.ACTIVE_INDEX)
+
+
+@pytest.mark.slow
+@case(FAULTS, "kill -9 the owner during re-index after the switch to the new index, before the step is recorded",
+      "the new index stays active and answers; running the round again finishes it (no 'is the active index' "
+      "error on every rerun) with the previous model recorded; rollback returns to the previous index")
+def test_kill_9_after_the_index_switch_then_rerun_finishes(tmp_path, drivers, record_property):
+    ws_path = tmp_path / "ws"
+    old = _promoted_round(ws_path)
+    with open_ws(ws_path) as ws:
+        new = indexing.collection_for(ws.store, "r1-fake")
+    drivers.append(d := Driver("reindex", ws_path, {"fake": {"r1-fake": 32}, "after_switch": True}))
+    d.wait_for(lambda: bool(d.markers("SWITCHED")), 120, "the switch")
+    assert d.markers("SWITCHED") == [[new]]
+    d.kill()
+
+    with open_ws(ws_path) as ws:
+        ws._embedders["r1-fake"] = FakeEmbedder("r1-fake", dim=32)
+        assert ws.store.pointer(indexing.ACTIVE_INDEX) == new and ws.active_model == "r1-fake"
+        assert table(ws, "SELECT state FROM rounds") == [{"state": "reindex"}]
+        assert ws.search(Q3, k=1)[0].doc_ids == ["doc003"]  # the new index answers meanwhile
+
+        r = Rounds(ws).advance(until="done")  # today: VectorIndexError "... is the active index", every time
+        assert r["state"] == "done", r.get("error")
+        assert r["manifest"]["steps"]["reindex"]["collection"] == r["manifest"]["collection"] == new
+        assert r["manifest"]["steps"]["reindex"]["previous_model"] == ws.base_version
+        assert table(ws, "SELECT status FROM model_versions WHERE version = 'r1-fake'") == [{"status": "active"}]
+        assert ws.index.count(new) == 12 and ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
+        assert indexing.rollback(ws.store, ws.index, ws.embedder) == old
+        assert ws.active_model == ws.base_version
+    record_property("observed", f"killed after the switch to {new} was committed (round still at reindex); {new} "
+                                f"answered; the rerun finished the round (state done, previous model "
+                                f"{r['manifest']['steps']['reindex']['previous_model']}); rollback returned to {old}")
 
 
 # A damaged Chroma folder -------------------------------------------------------------------------

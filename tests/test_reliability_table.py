@@ -234,17 +234,10 @@ def llm_injection(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
 
 
 # Training (a round's train step; the trainer subprocess with EMBEDLOOP_TRAIN_FAULT) --------------
-def training(fault: str | None = None, **train_cfg: Any) -> Callable[..., str]:
+def training(fault: str) -> Callable[..., str]:
     def run(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
         before_models = env.ws.store.scalar("SELECT count(*) FROM model_versions")
-        cfg = {**TRAIN_LOOP, "train": {**TINY_TRAIN, **train_cfg}}
-        trainer_env = {**ONE_THREAD, **({train.FAULT_ENV: fault} if fault else {})}
-        rounds = Rounds(env.ws, LoopConfig(**cfg), train_env=trainer_env)
-        if fault is None:  # a config the trainer is never started with
-            msg = raises(ConfigError, lambda: rounds.advance(until="evaluate", force=True))
-            r = rounds.current()
-            assert r["state"] == "train" and not (rounds.run_dir(r) / train.CONFIG_FILE).exists()
-            return msg
+        rounds = Rounds(env.ws, LoopConfig(**TRAIN_LOOP), train_env={**ONE_THREAD, train.FAULT_ENV: fault})
         r = rounds.advance(until="evaluate", force=True)
         assert r["state"] == "failed", r
         result = train.read_result(rounds.run_dir(r))
@@ -258,15 +251,14 @@ def training(fault: str | None = None, **train_cfg: Any) -> Callable[..., str]:
 
 
 def training_leak(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
+    """The last guard: training rows read before the train step's clean-up (`ensure_eval_split`,
+    which drops such pairs, tests/test_rounds.py) refuse a held-out query."""
     eval_anchor = env.ws.store.scalar("SELECT anchor FROM pairs WHERE split = 'eval' LIMIT 1")
     with env.ws.store.transaction() as cur:  # a held-out query slipped into the training data
         Store.insert_ignore(cur, "pairs", [{"pair_id": "leak", "anchor": eval_anchor.upper(), "positive_text": "x",
                                             "source": "seed", "status": "accepted", "split": "train"}])
     try:
-        rounds = Rounds(env.ws, LoopConfig(**TRAIN_LOOP))
-        msg = raises(LeakageError, lambda: rounds.advance(until="evaluate", force=True))
-        assert not (rounds.run_dir(rounds.current()) / train.CONFIG_FILE).exists()
-        return msg
+        return raises(LeakageError, Rounds(env.ws, LoopConfig(**TRAIN_LOOP)).training_rows)
     finally:
         env.ws.store.execute("DELETE FROM pairs WHERE pair_id = 'leak'")
 
@@ -513,10 +505,14 @@ ROWS = [
         training("disk_full_at_step=1")),
     Row("training", "a malformed fault/diagnostic setting", "EMBEDLOOP_TRAIN_FAULT: bad item 'explode=1'",
         training("explode=1")),
-    Row("training", "unknown training setting", "epochz: unknown setting", training(epochz=3)),
-    Row("training", "training setting of the wrong type", "batch_size: Input should be a valid integer",
-        training(batch_size="big")),
-    Row("training", "training data containing a held-out query", "refusing to train on evaluation data",
+    # Training settings are checked with the round settings, before any generation or review work.
+    Row("training", "unknown training setting ([loop.train] epochz)",
+        "loop.train.epochz: Extra inputs are not permitted", config_loop_table("[loop.train]\nepochz = 3\n")),
+    Row("training", "training setting of the wrong type ([loop.train] batch_size)",
+        "loop.train.batch_size: Input should be a valid integer",
+        config_loop_table('[loop.train]\nbatch_size = "big"\n')),
+    Row("training", "training rows read with a held-out query in the training data",
+        "refusing to train on evaluation data",
         training_leak),
     # Configuration.
     Row("config", "unknown key in embedloop.toml", "colour: Extra inputs are not permitted",

@@ -157,6 +157,21 @@ def test_edit_to_the_same_query_is_refused(store):
     assert _decisions(store) == []
 
 
+def test_edit_onto_a_held_out_query_is_refused(store):
+    ids = _seed(store, 2)
+    with store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", [{"pair_id": "held", "anchor": "Where is the notice period set",
+                                            "positive_id": "p1", "positive_text": "passage number 1",
+                                            "source": "seed", "status": "accepted", "split": "eval"}])
+    before = store.rows("SELECT * FROM pairs ORDER BY pair_id")
+    with pytest.raises(InputError, match="held out for evaluation") as info:
+        decide(store, _d(ids[0], "edit", query="  where IS the notice   period set? "))
+    assert "Write a different query, or reject the card" in str(info.value)
+    assert store.rows("SELECT * FROM pairs ORDER BY pair_id") == before
+    assert _decisions(store) == []
+    decide(store, _d(ids[0], "edit", query="where is the notice period set for suppliers"))  # another query is fine
+
+
 def test_pick_replaces_the_positive_and_records_the_old_one_as_negative(store):
     ids = _seed(store, 2)
     decide(store, _d(ids[0], "pick", passage_id="other"))

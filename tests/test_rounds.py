@@ -145,14 +145,21 @@ def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(work
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
     rounds.advance(until="review")
-    card = pending(workspace.store)[0]
-    decide(workspace.store, DecisionIn(pair_id=card.pair_id, action="reject", reviewer="ann"))
-    rounds.ensure_eval_split()
+    rounds.ensure_eval_split()  # held out first: the reviewed query below stays a training query
+    # A logged query proposes several passages: reject one, accept another, so the query has an
+    # accepted training pair whose negative can come from the reviewer.
+    by_query: dict[str, list] = {}
+    for c in pending(workspace.store):
+        if c.source == "mined":
+            by_query.setdefault(c.anchor, []).append(c)
+    rejected, accepted = next(cards for cards in by_query.values() if len(cards) >= 2)[:2]
+    decide(workspace.store, DecisionIn(pair_id=rejected.pair_id, action="reject", reviewer="ann"))
+    decide(workspace.store, DecisionIn(pair_id=accepted.pair_id, action="accept", reviewer="ann"))
     rows = rounds.training_rows()
     assert rows and all(r["anchor"] and r["positive"] for r in rows)
     by_anchor = {r["anchor"]: r for r in rows}
-    if card.anchor in by_anchor:  # the reviewer's rejected passage is this anchor's negative
-        assert by_anchor[card.anchor]["negative"] == card.positive_text
+    assert by_anchor[rejected.anchor]["positive"] == accepted.positive_text
+    assert by_anchor[rejected.anchor]["negative"] == rejected.positive_text  # the reviewer's, not a mined one
     for r in rows:
         assert r.get("negative") != r["positive"]
 
@@ -207,3 +214,48 @@ def test_recommendation_uses_baseline_pairs_and_speed(workspace, tmp_path):
     assert rec.generate_first and not rec.finetune  # far below 1,000 pairs
     assert rec.reindex_seconds > 0 and any("Re-indexing" in r for r in rec.reasons)
     assert 0 <= rec.baseline <= 1
+
+
+def _write_pairs(path: Path, anchors: list[str]) -> Path:
+    with path.open("w") as f:
+        for q, name in zip(anchors, TOPICS, strict=False):
+            f.write(json.dumps({"anchor": q, "positive_id": f"{name}.txt"}) + "\n")
+    return path
+
+
+def _variant(query: str, end: str = "") -> str:
+    """The same question as typed by someone else: upper case, extra spaces (and `end`)."""
+    return query.upper().replace(" ", "   ") + end
+
+
+def test_a_query_imported_in_two_forms_is_held_out_in_both(workspace, tmp_path):
+    _seed(workspace, tmp_path, n_pairs=12)
+    questions = [f"what does the {name} clause say" for name in TOPICS]
+    workspace.import_pairs(_write_pairs(tmp_path / "again.jsonl", [_variant(q, " ?") for q in questions]))
+    rounds, _ = _rounds(workspace)
+    assert rounds.ensure_eval_split() == 5  # 12 distinct queries, not 24: max(5, 20% of 12)
+    held = {r["anchor"] for r in workspace.store.rows("SELECT anchor FROM pairs WHERE split = 'eval'")}
+    assert len(held) == 10 and {_variant(q, " ?") for q in questions if q in held} <= held  # both forms, together
+    train = [r["anchor"] for r in rounds.training_rows()]  # no LeakageError
+    assert len(train) == 14 and not set(train) & held
+
+
+def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, tmp_path):
+    _seed(workspace, tmp_path, n_pairs=12)
+    questions = [f"what does the {name} clause say" for name in TOPICS]
+    held_out = [f"how does the {name} clause work" for name in TOPICS][:6]
+    workspace.import_pairs(_write_pairs(tmp_path / "eval.jsonl", held_out), split="eval")
+    variants = [_variant(q) for q in held_out[:2]] + [_variant(q, "?!") for q in held_out[2:4]]
+    workspace.import_pairs(_write_pairs(tmp_path / "variants.jsonl", variants))
+    rounds, lines = _rounds(workspace)
+    for _ in range(2):  # the train step runs ensure_eval_split first; a rerun finds nothing more to do
+        assert rounds.ensure_eval_split() == 0  # the imported eval split is the held-out set
+        rows = rounds.training_rows()  # today: LeakageError "4 training pairs use a held-out query"
+        assert sorted(r["anchor"] for r in rows) == sorted(questions)
+    dropped = workspace.store.rows("SELECT anchor, status, split, reason FROM pairs WHERE status = 'dropped'")
+    assert sorted(r["anchor"] for r in dropped) == sorted(variants)
+    assert all(r["reason"] == "its query is held out for evaluation" and r["split"] == "train" for r in dropped)
+    assert [line for line in lines if "held out" in line] == [
+        "Dropped 4 accepted training pairs whose query is held out for evaluation (the same query, case, "
+        f"spacing and trailing punctuation aside), e.g. {sorted(variants)[0]!r}; they stay stored, marked dropped."]
+    assert len(rounds.evalset().query_ids) == 6  # the held-out set itself did not change
