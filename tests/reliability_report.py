@@ -115,6 +115,13 @@ EXISTING: dict[str, tuple[str, str, str]] = {
         "Security", "app: the Generate page with a key set", "the key is never rendered ('API key: set')"),
     "tests/test_app.py::test_a_zip_with_an_unsafe_path_is_refused": (
         "Security", "app: BEIR zip upload with ../ in a member name", "refused as 'unsafe path'; nothing written outside"),
+    "tests/test_rounds.py::test_training_rows_never_use_a_known_positive_as_a_negative": (
+        "Stuck or wrong state", "training labels: a query with several accepted positives (mine_top 3), a variant "
+        "in case or punctuation, a multi-chunk positive, a reviewer's reject later accepted",
+        "no known positive of the query is its hard negative; each row lists them in `exclude` for the trainer"),
+    "tests/test_rounds.py::test_select_does_not_score_a_known_positive_as_the_hard_negative": (
+        "Stuck or wrong state", "routing a card whose query already has an accepted positive ranked above it",
+        "the margin is measured against the best passage that is not a known positive"),
 }
 
 
