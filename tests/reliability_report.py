@@ -122,6 +122,9 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_rounds.py::test_select_does_not_score_a_known_positive_as_the_hard_negative": (
         "Stuck or wrong state", "routing a card whose query already has an accepted positive ranked above it",
         "the margin is measured against the best passage that is not a known positive"),
+    "tests/test_ingest.py::test_demo_ingest_imports_its_query_log_and_rerunning_changes_nothing": (
+        "What a user hits", "the demo (`ingest --demo`, the app's first start) on an empty workspace, twice",
+        "the corpus and its query log of questions (no labels) are imported; the second run adds nothing"),
 }
 
 
