@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="import documents: files, folders, .jsonl/.csv or BEIR folders")
     s.add_argument("paths", nargs="*", type=Path)
-    s.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus (Python docs topics) and its query log")
+    s.add_argument("--demo", action="store_true",
+                   help="ingest the bundled demo corpus (Python docs topics) and its query log")
     s.add_argument("--id-field", default="_id")
     s.add_argument("--title-field", default="title")
     s.add_argument("--text-field", default="text")
