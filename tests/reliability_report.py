@@ -125,6 +125,13 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_ingest.py::test_demo_ingest_imports_its_query_log_and_rerunning_changes_nothing": (
         "What a user hits", "the demo (`ingest --demo`, the app's first start) on an empty workspace, twice",
         "the corpus and its query log of questions (no labels) are imported; the second run adds nothing"),
+    "tests/test_bench.py::test_seeds_combine_into_means_promotions_and_pooled_intervals_of_the_active_model": (
+        "What a user hits", "a benchmark over several seeds where the gate promotes in one seed and not another",
+        "seed means in the same keys, promotions per seed, and intervals pooled over seeds and queries that "
+        "compare the model the user has (the base when nothing was promoted)"),
+    "tests/test_bench.py::test_pooled_bootstrap_resamples_seeds_and_queries": (
+        "What a user hits", "a benchmark gain that one seed shows and another reverses",
+        "the pooled interval spans both (-1..+1), where a query bootstrap alone would say 0 +- 0"),
 }
 
 
