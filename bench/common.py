@@ -7,6 +7,8 @@ text); otherwise, when one of the model's top-k passages for the anchor belongs 
 document, it is picked (the shown passage becomes a hard negative); otherwise rejected. A
 synthetic query that is not a judged query has no answer in the qrels: it is rejected,
 which is pessimistic (a person would accept a good synthetic query) and is said in the README.
+With a seed, it decides the cards it is given (the queue's highest-priority ones) in a seeded
+order, so seeds differ in which cards a pick answers without a review.
 """
 
 from __future__ import annotations
@@ -92,13 +94,16 @@ class SimulatedReviewer:
         ws: the workspace (its store, and `ws.search` for the shown top-k).
         queries, qrels: the judged queries and their relevant documents (train split only).
         k: how many passages the reviewer is shown for a pick.
+        seed: the order in which it decides the cards it takes (None: queue order).
     """
 
     name = "simulated-qrels"
 
-    def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = 10):
+    def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = 10,
+                 seed: int | None = None):
         self.ws = ws
         self.k = k
+        self.rng = random.Random(seed) if seed is not None else None
         self.relevant: dict[str, set[str]] = {}
         for qid, docs in qrels.items():
             if qid in queries:
@@ -118,10 +123,17 @@ class SimulatedReviewer:
                 return "pick", hit.passage_id
         return "reject", None
 
+    def order(self, limit: int) -> list[Any]:
+        """The `limit` highest-priority pending cards, in the order this reviewer decides them."""
+        cards = pending(self.ws.store, limit=limit)
+        if self.rng is not None:
+            self.rng.shuffle(cards)
+        return cards
+
     def review(self, limit: int) -> int:
-        """Decide up to `limit` pending cards, highest priority first; returns how many."""
+        """Decide up to `limit` pending cards (the highest-priority ones); returns how many."""
         done = 0
-        for card in pending(self.ws.store, limit=limit):
+        for card in self.order(limit):
             action, pid = self.answer(card.anchor, card.positive_id)
             try:
                 decide(self.ws.store, DecisionIn(pair_id=card.pair_id, action=action, reviewer=self.name,
@@ -148,6 +160,78 @@ def vs(a: EvalReport, b: EvalReport) -> dict[str, Any]:
     """b - a on NDCG@10, paired over test queries."""
     c = compare(a, b)
     return {"delta": round(c.delta, 4), "ci95": [round(c.ci_low, 4), round(c.ci_high, 4)], "significant": c.significant}
+
+
+def pooled_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of `b - a` over seeds and queries, and its 95% interval from resampling both.
+
+    `a` and `b` are (seeds x queries) arrays of one metric: row s is seed s's run, column q the
+    same test query in every row. Each resample draws seeds and queries with replacement (a
+    two-way bootstrap), so the interval covers both the seed-to-seed spread of training and the
+    choice of test queries; with one seed it is the usual paired bootstrap over queries.
+
+    Returns:
+        (mean difference, 2.5th percentile, 97.5th percentile). Deterministic for a seed.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"pooled_bootstrap needs two seeds x queries arrays of one shape, got {a.shape} "
+                         f"and {b.shape}.")
+    diff = b - a
+    n_seeds, n_queries = diff.shape
+    rng = np.random.default_rng(seed)
+    seed_w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot).astype(np.float64)
+    query_w = rng.multinomial(n_queries, np.full(n_queries, 1 / n_queries), size=n_boot).astype(np.float64)
+    means = ((seed_w @ diff) * query_w).sum(axis=1) / (n_seeds * n_queries)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def pooled_vs(a: list[EvalReport], b: list[EvalReport]) -> dict[str, Any]:
+    """`vs` over several seeds: b - a on NDCG@10, `a[s]` and `b[s]` being seed s's reports."""
+    order = list(a[0].query_ids)
+
+    def rows(reports: list[EvalReport]) -> np.ndarray:
+        out = []
+        for r in reports:
+            if set(r.query_ids) != set(order):
+                raise ValueError(f"{r.model_version} was judged on other queries; evaluate every seed alike.")
+            pos = {q: i for i, q in enumerate(r.query_ids)}
+            out.append([r.per_query["ndcg@10"][pos[q]] for q in order])
+        return np.asarray(out, dtype=np.float64)
+
+    delta, lo, hi = pooled_bootstrap(rows(a), rows(b))
+    return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
+
+
+_DROP = object()
+
+
+def seed_means(items: list[Any]) -> Any:
+    """Per-seed results folded into one, in the same keys: a number becomes its mean over seeds
+    (4 decimals; an integer all seeds share stays as it is), a bool the share of seeds where it
+    holds; dicts and lists of one length are
+    folded entry by entry; anything else (a model version, say) stays when every seed has the
+    same value and is left out otherwise, as is a key some seed lacks."""
+    out = _fold(items)
+    return None if out is _DROP else out
+
+
+def _fold(items: list[Any]) -> Any:
+    if all(type(v) is int for v in items) and len(set(items)) == 1:
+        return items[0]  # a round number, a budget: the same in every seed
+    if all(isinstance(v, bool) for v in items) or all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+        return round(float(np.mean([float(v) for v in items])), 4)
+    if all(isinstance(v, dict) for v in items):
+        keys = [k for k in items[0] if all(k in v for v in items)]
+        folded = {k: _fold([v[k] for v in items]) for k in keys}
+        return {k: v for k, v in folded.items() if v is not _DROP}
+    if all(isinstance(v, list) for v in items) and len({len(v) for v in items}) == 1:
+        folded = [_fold([v[i] for v in items]) for i in range(len(items[0]))]
+        return _DROP if any(v is _DROP for v in folded) else folded
+    return items[0] if all(v == items[0] for v in items) else _DROP
 
 
 def report_from_rankings(name: str, template: EvalReport, ranked: list[list[str]],

@@ -1,6 +1,6 @@
 """Quality benchmark: the real loop against four controls at the same label budget.
 
-    python -m bench.quality --data DIR --budget N --rounds R --out FILE.json [--seed-pairs K]
+    python -m bench.quality --data DIR --budget N --rounds R --out FILE.json [--seeds S] [--seed-pairs K]
                             [--generator offline|llm] [--skip ARM ...]
 
 Protocol (any BEIR folder): ingest the corpus into a temporary workspace; import K seed pairs
@@ -12,6 +12,12 @@ choice of which candidates are reviewed (every candidate is a random-control car
 auto-accepted or dropped); (c) the stock sentence-transformers fine-tune (MNRL, batch 32,
 1 epoch, defaults) on N random gold train pairs; (d) BM25. NDCG uses exponential gains
 (2**grade - 1) throughout; see bench/README.md.
+
+Each trained arm runs once per seed (`--seeds`, default 3; seed s = `--seed` + s offsets the
+loop's seed, the stock arm's, the random control's sampling and the simulated reviewer's order).
+The loop reports, per round, its candidate and the model its user would have (the active one:
+the base while nothing was promoted). The figures are seed means, with paired bootstrap
+intervals pooled over seeds and test queries; `per_seed` keeps each seed's own result.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, sample, stock_finetune,
-                          summary, vs)
+from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, pooled_vs, sample,
+                          seed_means, stock_finetune, summary, vs)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evaluate import EvalReport, EvalSet, evalset_from_beir, evaluate
@@ -80,9 +86,10 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         overrides = dict(loop_overrides or {})
         if random_control:
             overrides["routing"] = {**overrides.get("routing", {}), "random_fraction": 1.0}
-        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], k=overrides.get("k", 20))
+        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], k=overrides.get("k", 20), seed=seed)
         reviews = 0
         out_rounds = []
+        judged = {ws.base_version: base}  # model version -> its test report
         for n in range(1, rounds + 1):
             per_round = math.ceil((budget - reviews) / (rounds - n + 1))
             cfg = LoopConfig(**{**overrides, "review_budget": max(0, per_round), "seed": seed})
@@ -99,19 +106,31 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             model = r["manifest"]["model"]
             emb = (embedder_factory or Embedder)(model["path"], model["version"])
             report = _eval(emb, evalset)
+            judged[model["version"]] = report
             promoted = bool(r["manifest"].get("promotion", {}).get("promote"))
-            row = {"round": n, "reviews": reviews, **summary(report, base), "promoted": promoted,
-                   "train_pairs": r["manifest"].get("train_config") and _n_train(loop.run_dir(r)),
-                   "decisions": dict(reviewer.counts), "select": r["manifest"]["steps"].get("select", {}),
-                   "internal_eval": {k: round(v, 4) for k, v in r["manifest"].get("metrics", {}).get("candidate", {}).items()
-                                     if k in ("ndcg@10",)}}
-            row["_report"] = report
+            active = ws.active_model  # what the user has after this round: base until a candidate is promoted
+            row = round_row(
+                n, report, judged[active], base, reviews=reviews, promoted=promoted,
+                active_model="base" if active == ws.base_version else active,
+                train_pairs=r["manifest"].get("train_config") and _n_train(loop.run_dir(r)),
+                decisions=dict(reviewer.counts), select=r["manifest"]["steps"].get("select", {}),
+                internal_eval={k: round(v, 4) for k, v in r["manifest"].get("metrics", {}).get("candidate", {}).items()
+                               if k in ("ndcg@10",)})
             out_rounds.append(row)
             log(f"  {'random' if random_control else 'loop'} round {n}: {reviews} reviews, NDCG@10 "
-                f"{report.metrics['ndcg@10']:.4f} (base {base.metrics['ndcg@10']:.4f}), promoted={promoted}")
+                f"{report.metrics['ndcg@10']:.4f} (base {base.metrics['ndcg@10']:.4f}), promoted={promoted}, "
+                f"active {row['active_model']} {row['active_ndcg@10']:.4f}")
         return {"rounds": out_rounds, "wall_s": round(time.perf_counter() - t0, 1)}
     finally:
         ws.close()
+
+
+def round_row(n: int, report: EvalReport, active: EvalReport, base: EvalReport, **extra: Any) -> dict[str, Any]:
+    """One round's figures: the candidate's (`ndcg@10`, `delta_vs_base` ...) and `active_ndcg@10`,
+    the model the user has after the round (the base while nothing was promoted). The reports
+    themselves ride along as `_report` / `_active` for the pooled figures (not written out)."""
+    row = {"round": n, **extra, **summary(report, base), "active_ndcg@10": round(active.metrics["ndcg@10"], 4)}
+    return {**row, "_report": report, "_active": active}
 
 
 def _n_train(run: Path) -> int | None:
@@ -125,6 +144,90 @@ def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
+def _targets(loop_vs: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    return {
+        "beats_all_controls": all(v["delta"] > 0 for v in loop_vs.values()),
+        "beats_stock_by_0.03_ci_excludes_0": bool(
+            "stock" in loop_vs and loop_vs["stock"]["delta"] >= 0.03 and loop_vs["stock"]["ci95"][0] > 0),
+    }
+
+
+def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str, Any]] | None,
+                randoms: list[dict[str, Any]] | None, stock_pairs: int | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One seed's result (its JSON) and the reports that the pooled figures need.
+
+    Args:
+        reports: "base", and "bm25" / "stock" when those arms ran.
+        rounds, randoms: `round_row`s of the loop and of the random control (None: skipped).
+
+    `loop_vs` compares the loop's active model after the last round (what its user has) with
+    each control (the random control's active model too); `candidate_vs` compares the last
+    candidates (the random control's last candidate too).
+    """
+    base = reports["base"]
+    result: dict[str, Any] = {"seed": seed, "base": summary(base)}
+    if "bm25" in reports:
+        result["bm25"] = summary(reports["bm25"], base)
+    if "stock" in reports:
+        result["stock_finetune"] = {**summary(reports["stock"], base), "train_pairs": stock_pairs}
+    active, candidate = dict(reports), dict(reports)
+    if rounds:
+        result["rounds"] = _strip(rounds)
+        active["loop"], candidate["loop"] = rounds[-1]["_active"], rounds[-1]["_report"]
+    if randoms:
+        result["random_control"] = {**_strip(randoms)[-1], "rounds": _strip(randoms)}
+        active["random"], candidate["random"] = randoms[-1]["_active"], randoms[-1]["_report"]
+    # Per-query values, so runs of separate invocations can still be compared with intervals.
+    result["per_query_ndcg@10"] = {
+        "query_ids": list(base.query_ids),
+        **{n: [round(v, 5) for v in r.per_query["ndcg@10"]] for n, r in active.items()},
+        **{f"{n}_candidate": [round(v, 5) for v in candidate[n].per_query["ndcg@10"]]
+           for n in ("loop", "random") if n in candidate},
+    }
+    if "loop" in active:
+        result["loop_vs"] = {n: vs(r, active["loop"]) for n, r in active.items() if n != "loop"}
+        result["candidate_vs"] = {n: vs(r, candidate["loop"]) for n, r in candidate.items() if n != "loop"}
+        result["targets"] = _targets(result["loop_vs"])
+    return result, {"active": active, "candidate": candidate, "rounds": [r["_report"] for r in rounds or []],
+                    "random_rounds": [r["_report"] for r in randoms or []]}
+
+
+def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """The seeds' results as one: seed means in the same keys (`seed_means`), with every interval
+    (`ci95_vs_base`, `loop_vs`, `candidate_vs`) replaced by the paired bootstrap pooled over seeds
+    and test queries; plus `seeds`, `promotions_per_seed` and `per_seed` (each seed's own result)."""
+    results = [r for r, _ in seeds]
+    reports = [rep for _, rep in seeds]
+    out = seed_means(results)
+    out.pop("seed", None)
+    base = [rep["active"]["base"] for rep in reports]
+
+    def vs_base(entry: dict[str, Any], others: list[EvalReport]) -> None:
+        pooled = pooled_vs(base, others)
+        entry["delta_vs_base"], entry["ci95_vs_base"] = pooled["delta"], pooled["ci95"]
+
+    for key, name in (("bm25", "bm25"), ("stock_finetune", "stock")):
+        if key in out:
+            vs_base(out[key], [rep["active"][name] for rep in reports])
+    for i, row in enumerate(out.get("rounds", [])):
+        vs_base(row, [rep["rounds"][i] for rep in reports])
+    if "random_control" in out:
+        for i, row in enumerate(out["random_control"]["rounds"]):
+            vs_base(row, [rep["random_rounds"][i] for rep in reports])
+        vs_base(out["random_control"], [rep["random_rounds"][-1] for rep in reports])
+    out["seeds"] = [r["seed"] for r in results]
+    if "rounds" in results[0]:
+        out["promotions_per_seed"] = [sum(bool(row["promoted"]) for row in r["rounds"]) for r in results]
+    if "loop" in reports[0]["active"]:
+        for key, which in (("loop_vs", "active"), ("candidate_vs", "candidate")):
+            out[key] = {n: pooled_vs([rep[which][n] for rep in reports], [rep[which]["loop"] for rep in reports])
+                        for n in reports[0][which] if n != "loop"}
+        out["targets"] = _targets(out["loop_vs"])
+    out["per_seed"] = results
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
@@ -133,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed-pairs", type=int, default=0, help="gold train pairs imported before round 1")
     p.add_argument("--generator", choices=["offline", "llm"], default="offline")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (also the dev split's)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="run each trained arm with seeds SEED, SEED+1, ...: this many (figures are seed means)")
     p.add_argument("--skip", nargs="*", default=[], choices=["loop", "random", "stock", "bm25"])
     p.add_argument("--loop-config", type=json.loads, default={}, help="LoopConfig overrides as JSON (tuning)")
     p.add_argument("--eval-split", default="test", help="judge split (test; a dev split when tuning)")
@@ -143,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tuning: judge on this share of the TRAIN queries (as 'test') and draw labels from the "
                         "rest; qrels/test is not read")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
     dev_root: Path | None = None
     if args.dev_split:
         from bench.common import make_dev_split
@@ -167,50 +274,40 @@ def main(argv: list[str] | None = None) -> int:
         base_path = bundled_model_path()
         with timer("base"):
             base = _eval(Embedder(base_path, "base"), evalset)
-        result["base"] = summary(base)
         log(f"base NDCG@10 {base.metrics['ndcg@10']:.4f}")
-        reports: dict[str, EvalReport] = {"base": base}
+        fixed: dict[str, EvalReport] = {"base": base}  # the arms that do not depend on a seed
         if "bm25" not in args.skip:
             with timer("bm25"):
-                bm = bm25_report(beir, evalset, base)
-            result["bm25"] = summary(bm, base)
-            reports["bm25"] = bm
-            log(f"bm25 NDCG@10 {bm.metrics['ndcg@10']:.4f}")
-        if "stock" not in args.skip:
-            with timer("stock_finetune"):
-                pairs = sample(beir.gold_pairs("train"), args.budget, args.seed)
-                model = stock_finetune(base_path, pairs, tmp / "stock", seed=args.seed)
-                st = _eval(Embedder(model, "stock"), evalset)
-            result["stock_finetune"] = {**summary(st, base), "train_pairs": len(pairs)}
-            reports["stock"] = st
-            log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {st.metrics['ndcg@10']:.4f}")
+                fixed["bm25"] = bm25_report(beir, evalset, base)
+            log(f"bm25 NDCG@10 {fixed['bm25'].metrics['ndcg@10']:.4f}")
         common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
-                      seed=args.seed, loop_overrides=args.loop_config, log=log)
+                      loop_overrides=args.loop_config, log=log)
         if {"loop", "random"} - set(args.skip):
             with timer("ingest"):
                 common["template"] = ingested(beir, tmp / "ingested")
-        if "loop" not in args.skip:
-            with timer("loop"):
-                lp = run_loop(beir, evalset, base, workdir=tmp / "loop", **common)
-            result["rounds"] = _strip(lp["rounds"])
-            reports["loop"] = lp["rounds"][-1]["_report"]
-        if "random" not in args.skip:
-            with timer("random_control"):
-                rc = run_loop(beir, evalset, base, workdir=tmp / "random", random_control=True, **common)
-            result["random_control"] = {**{k: v for k, v in rc["rounds"][-1].items() if not k.startswith("_")},
-                                        "rounds": _strip(rc["rounds"])}
-            reports["random"] = rc["rounds"][-1]["_report"]
-        # Per-query values, so runs of separate invocations can still be compared with intervals.
-        result["per_query_ndcg@10"] = {"query_ids": list(base.query_ids),
-                                       **{n: [round(v, 5) for v in r.per_query["ndcg@10"]] for n, r in reports.items()}}
-        if "loop" in reports:
-            result["loop_vs"] = {name: vs(reports[name], reports["loop"]) for name in reports if name != "loop"}
-            lv = result["loop_vs"]
-            result["targets"] = {
-                "beats_all_controls": all(lv[n]["delta"] > 0 for n in lv),
-                "beats_stock_by_0.03_ci_excludes_0": bool(
-                    "stock" in lv and lv["stock"]["delta"] >= 0.03 and lv["stock"]["ci95"][0] > 0),
-            }
+        seeds = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            log(f"seed {seed}")
+            reports, stock_pairs, lp, rc = dict(fixed), None, None, None
+            if "stock" not in args.skip:
+                with timer("stock_finetune"):
+                    pairs = sample(beir.gold_pairs("train"), args.budget, seed)
+                    model = stock_finetune(base_path, pairs, tmp / f"stock-{seed}", seed=seed)
+                    reports["stock"] = _eval(Embedder(model, "stock"), evalset)
+                stock_pairs = len(pairs)
+                shutil.rmtree(tmp / f"stock-{seed}", ignore_errors=True)
+                log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {reports['stock'].metrics['ndcg@10']:.4f}")
+            if "loop" not in args.skip:
+                with timer("loop"):
+                    lp = run_loop(beir, evalset, base, workdir=tmp / f"loop-{seed}", seed=seed, **common)["rounds"]
+                shutil.rmtree(tmp / f"loop-{seed}", ignore_errors=True)
+            if "random" not in args.skip:
+                with timer("random_control"):
+                    rc = run_loop(beir, evalset, base, workdir=tmp / f"random-{seed}", random_control=True, seed=seed,
+                                  **common)["rounds"]
+                shutil.rmtree(tmp / f"random-{seed}", ignore_errors=True)
+            seeds.append(seed_result(seed, reports, lp, rc, stock_pairs))
+        result.update(combine_seeds(seeds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if dev_root is not None:
@@ -218,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = {**timer.t, "total": round(time.perf_counter() - t_all, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "loop_vs", "targets", "wall_s")
-                    if k in result}, indent=1))
+    log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
+                                           "loop_vs", "targets", "wall_s") if k in result}, indent=1))
     return 0
 
 

@@ -50,9 +50,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with _open(args) as ws:
         reports = []
         if args.demo:
-            from loop.demo import DEMO_SOURCE, demo_documents
+            from loop.demo import ingest_demo
 
-            reports.append(ws.add_documents(demo_documents(), DEMO_SOURCE, _progress("indexing")))
+            corpus, log = ingest_demo(ws, _progress("indexing"))
+            reports.append(corpus)
+            print(f"{log.path}: {log.queries_added} queries added (the demo's query log)")
         if args.paths:
             fields = Fields(id=args.id_field, title=args.title_field, text=args.text_field)
             reports += ws.ingest(args.paths, fields, _progress("indexing"))
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="import documents: files, folders, .jsonl/.csv or BEIR folders")
     s.add_argument("paths", nargs="*", type=Path)
-    s.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus (Python docs topics)")
+    s.add_argument("--demo", action="store_true",
+                   help="ingest the bundled demo corpus (Python docs topics) and its query log")
     s.add_argument("--id-field", default="_id")
     s.add_argument("--title-field", default="title")
     s.add_argument("--text-field", default="text")

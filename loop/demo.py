@@ -3,13 +3,26 @@
 `pydoc_data.topics` is the text `help('TOPIC')` shows (assignment, for, with, classes, ...),
 written by the Python documentation team and installed with the interpreter, so the app's
 embedded default has a real corpus on any machine, offline.
+
+It comes with a query log (`loop/data/demo_queries.txt`): questions a Python user would ask,
+written for this project, each answerable by one of the topics. It holds queries only, no
+relevance labels: the loop mines it (each query proposes its top passages for review) and holds
+out reviewed queries for evaluation, as it would a real log.
 """
 
 from __future__ import annotations
 
-from loop.records import Document
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from loop.indexing import Progress
+from loop.records import Document, IngestReport
+
+if TYPE_CHECKING:
+    from loop.workspace import Workspace
 
 DEMO_SOURCE = "python-docs:pydoc_data.topics"
+DEMO_QUERY_LOG = "demo_queries.txt"
 
 
 def demo_documents() -> list[Document]:
@@ -20,3 +33,21 @@ def demo_documents() -> list[Document]:
         for name, text in sorted(topics.items())
         if text.strip()
     ]
+
+
+def demo_queries() -> list[str]:
+    """The demo's query log, one question a line."""
+    text = (resources.files("loop") / "data" / DEMO_QUERY_LOG).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def ingest_demo(ws: Workspace, progress: Progress | None = None) -> tuple[IngestReport, IngestReport]:
+    """Ingest the demo corpus and import its query log; running it again adds nothing.
+
+    Returns:
+        (the corpus's report, the query log's report).
+    """
+    docs = ws.add_documents(demo_documents(), DEMO_SOURCE, progress)
+    with resources.as_file(resources.files("loop") / "data" / DEMO_QUERY_LOG) as path:
+        queries = ws.import_queries(path)
+    return docs, queries

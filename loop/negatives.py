@@ -3,15 +3,21 @@
 Mining follows NV-Retriever's TopK-PercPos (the method sentence-transformers'
 `util.mine_hard_negatives` recommends): take the top candidates from a rank window, and keep
 only those scoring at least `relative_margin` (5%) below the positive, which filters most
-false negatives. Chunks of the positive's own document are never negatives. We mine against
-the active index (its vectors are already computed) instead of re-encoding the corpus, which
-is what `mine_hard_negatives` would do on every call.
+false negatives. A known positive of the query is never its negative: `known_positives` says
+which those are (every accepted positive of the query, in any case, spacing or trailing
+punctuation, and the other chunks of their documents). We mine against the active index (its
+vectors are already computed) instead of re-encoding the corpus, which is what
+`mine_hard_negatives` would do on every call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from loop.records import query_key
 
 
 class MiningPolicy(BaseModel):
@@ -48,4 +54,17 @@ def select_negatives(
                 continue
             chosen.append(pid)
         out.append(chosen)
+    return out
+
+
+def known_positives(pairs: Iterable[tuple[str, str]], siblings: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """Per `records.query_key`, the passage ids known to answer it: none of them is ever its negative.
+
+    Args:
+        pairs: (anchor, positive passage id) of every accepted pair (picks and edits included).
+        siblings: passage id -> the passages of its documents (the other chunks answer too).
+    """
+    out: dict[str, set[str]] = {}
+    for anchor, pid in pairs:
+        out.setdefault(query_key(anchor), set()).update(siblings.get(pid, ()), (pid,))
     return out

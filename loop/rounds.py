@@ -31,7 +31,7 @@ from loop.evaluate import (
     held_out_keys,
 )
 from loop.generate import needs_generation, run_generation
-from loop.negatives import MiningPolicy, select_negatives
+from loop.negatives import MiningPolicy, known_positives, select_negatives
 from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, route
 from loop.workspace import Workspace
@@ -275,6 +275,15 @@ class Rounds:
         out = {pid: set(sib) for pid, sib in rows}
         return {pid: out.get(pid, {pid}) for pid in passage_ids}
 
+    def known_positives(self) -> dict[str, set[str]]:
+        """Per `records.query_key`, the passages known to answer that query (`negatives.known_positives`
+        over every accepted pair, with their documents' other chunks): never its negatives, in
+        mining, in select's margins or from a reviewer."""
+        rows = self.store.execute(
+            "SELECT anchor, positive_id FROM pairs WHERE status = 'accepted' AND positive_id IS NOT NULL"
+        ).fetchall()
+        return known_positives(rows, self._siblings([pid for _, pid in rows]))
+
     def _topk(self, embedder: Embedder, collection: str, q_emb: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         hits = self.ws.index.search(collection, q_emb, embedder.version, k=k)
         ids = [[h[0] for h in row] for row in hits]
@@ -303,7 +312,9 @@ class Rounds:
         active = self.store.pointer(indexing.ACTIVE_INDEX)
         topk_ids, topk_scores = self._topk(emb, active, q_emb, k)
         sib = self._siblings([c["positive_id"] for c in cands if c["positive_id"]])
-        positives = [sib.get(c["positive_id"], {c["positive_id"]}) if c["positive_id"] else set() for c in cands]
+        known = self.known_positives()  # another accepted answer of the query is not a negative to beat
+        positives = [(sib.get(c["positive_id"], {c["positive_id"]}) if c["positive_id"] else set())
+                     | known.get(query_key(c["anchor"]), set()) for c in cands]
         base_topk = None
         base_coll = indexing.collection_for(self.store, self.ws.base_version)
         if self.ws.active_model != self.ws.base_version and base_coll in self.ws.index.collections():
@@ -456,8 +467,15 @@ class Rounds:
                                self.ws.encode_speed(), ci=ci)
 
     # Training -----------------------------------------------------------------------------
-    def training_rows(self) -> list[dict[str, str]]:
-        """Accepted train pairs with one hard negative each (a reviewer's first, else mined)."""
+    def training_rows(self) -> list[dict[str, Any]]:
+        """Accepted train pairs with one hard negative each (a reviewer's first, else mined).
+
+        A known positive of the row's query (`known_positives`) is never its negative. Each row is
+        `{anchor, positive[, negative], exclude}`: `exclude` lists the texts of the query's other
+        known positives that occur in the training data (as a positive or negative of any row), so
+        the trainer never uses one as this row's negative either (a random fill-in, or an in-batch
+        negative); the row's own positive is not listed.
+        """
         pairs = self.store.rows(
             "SELECT anchor, positive_id, positive_text, negative_text FROM pairs "
             "WHERE status = 'accepted' AND split = 'train' ORDER BY pair_id"
@@ -470,13 +488,28 @@ class Rounds:
                 f"refusing to train on evaluation data. Rounds.ensure_eval_split() (the train step's "
                 f"first action) drops them from training."
             )
-        reviewed = {}
+        known = self.known_positives()
+        keys = [query_key(p["anchor"]) for p in pairs]
+        passage_text = self.store.passages(sorted(set().union(*known.values())))
+        known_text = {key: {passage_text[pid] for pid in ids if pid in passage_text} for key, ids in known.items()}
+        for p, key in zip(pairs, keys, strict=True):
+            known_text.setdefault(key, set()).add(p["positive_text"])
+
+        def usable(i: int, text: str | None) -> bool:
+            return bool(text) and text != pairs[i]["positive_text"] and text not in known_text[keys[i]]
+
+        reviewed: dict[str, str] = {}
         for a, pid, text in self.store.execute(
             "SELECT n.anchor, n.passage_id, p.text FROM negatives n JOIN passages p USING (passage_id) ORDER BY n.created_at"
         ).fetchall():
-            reviewed.setdefault(a, text)
-        need = [i for i, p in enumerate(pairs) if not p["negative_text"] and p["anchor"] not in reviewed]
-        mined: dict[int, str] = {}
+            if pid not in known.get(query_key(a), ()):  # e.g. rejected once, accepted (picked) later
+                reviewed.setdefault(a, text)
+        negative: dict[int, str] = {}
+        for i, p in enumerate(pairs):
+            given = next((t for t in (p["negative_text"], reviewed.get(p["anchor"])) if usable(i, t)), None)
+            if given:
+                negative[i] = given
+        need = [i for i in range(len(pairs)) if i not in negative]
         if need:
             emb = self.ws.embedder()
             policy = self.config.mining
@@ -484,16 +517,18 @@ class Rounds:
             p_emb = emb.encode([pairs[i]["positive_text"] for i in need])
             ids, scores = self._topk(emb, self.store.pointer(indexing.ACTIVE_INDEX), q_emb, policy.range_max)
             sib = self._siblings([pairs[i]["positive_id"] for i in need if pairs[i]["positive_id"]])
-            excluded = [sib.get(pairs[i]["positive_id"], set()) | {pairs[i]["positive_id"]} for i in need]
+            excluded = [sib.get(pairs[i]["positive_id"], set()) | {pairs[i]["positive_id"]} | known.get(keys[i], set())
+                        for i in need]
             chosen = select_negatives(ids, scores, np.einsum("ij,ij->i", q_emb, p_emb), excluded, policy)
             texts = self.store.passages(sorted({c[0] for c in chosen if c}))
-            mined = {i: texts[c[0]] for i, c in zip(need, chosen, strict=True) if c}
-        rows = []
+            negative.update({i: texts[c[0]] for i, c in zip(need, chosen, strict=True) if c and usable(i, texts[c[0]])})
+        in_data = {p["positive_text"] for p in pairs} | set(negative.values())
+        rows: list[dict[str, Any]] = []
         for i, p in enumerate(pairs):
-            row = {"anchor": p["anchor"], "positive": p["positive_text"]}
-            neg = p["negative_text"] or reviewed.get(p["anchor"]) or mined.get(i)
-            if neg and neg != p["positive_text"]:
-                row["negative"] = neg
+            row: dict[str, Any] = {"anchor": p["anchor"], "positive": p["positive_text"]}
+            if i in negative:
+                row["negative"] = negative[i]
+            row["exclude"] = sorted((known_text[keys[i]] & in_data) - {p["positive_text"]})
             rows.append(row)
         return rows
 

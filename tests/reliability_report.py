@@ -208,6 +208,23 @@ EXISTING: dict[str, tuple[str, str, str]] = {
     "tests/test_config.py::test_the_key_is_read_from_the_two_documented_variables_only": (
         "Security", "LLM key in undocumented variables (LLM_API_KEY)",
         "not read: only OPENAI_API_KEY and EMBEDLOOP_LLM_API_KEY, as the README says"),
+    "tests/test_rounds.py::test_training_rows_never_use_a_known_positive_as_a_negative": (
+        "Stuck or wrong state", "training labels: a query with several accepted positives (mine_top 3), a variant "
+        "in case or punctuation, a multi-chunk positive, a reviewer's reject later accepted",
+        "no known positive of the query is its hard negative; each row lists them in `exclude` for the trainer"),
+    "tests/test_rounds.py::test_select_does_not_score_a_known_positive_as_the_hard_negative": (
+        "Stuck or wrong state", "routing a card whose query already has an accepted positive ranked above it",
+        "the margin is measured against the best passage that is not a known positive"),
+    "tests/test_ingest.py::test_demo_ingest_imports_its_query_log_and_rerunning_changes_nothing": (
+        "What a user hits", "the demo (`ingest --demo`, the app's first start) on an empty workspace, twice",
+        "the corpus and its query log of questions (no labels) are imported; the second run adds nothing"),
+    "tests/test_bench.py::test_seeds_combine_into_means_promotions_and_pooled_intervals_of_the_active_model": (
+        "What a user hits", "a benchmark over several seeds where the gate promotes in one seed and not another",
+        "seed means in the same keys, promotions per seed, and intervals pooled over seeds and queries that "
+        "compare the model the user has (the base when nothing was promoted)"),
+    "tests/test_bench.py::test_pooled_bootstrap_resamples_seeds_and_queries": (
+        "What a user hits", "a benchmark gain that one seed shows and another reverses",
+        "the pooled interval spans both (-1..+1), where a query bootstrap alone would say 0 +- 0"),
 }
 
 

@@ -443,6 +443,9 @@ def test_first_start_ingests_the_demo_corpus_as_a_job(tmp_path):
         state = wait_job(w, deps.DEMO_JOB, timeout=120)
         assert state["status"] == "done", state
         assert w.status()["documents"] > 50
+        from loop.demo import demo_queries
+
+        assert w.status()["queries"] == len(demo_queries())  # the demo's query log came with it
         at.run()  # a rerun does not ingest again
         assert deps.jobs(w).latest[deps.DEMO_JOB] == state["job_id"]
         assert not deps.jobs(w).running(deps.DEMO_JOB)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.common import Beir, SimulatedReviewer, bm25_report, summary, vs
-from loop.evaluate import evalset_from_beir, evaluate
+from loop.evaluate import EvalReport, evalset_from_beir, evaluate
+from loop.review import pending
 from loop.rounds import LoopConfig, Rounds
 from tests.fakes import FakeEmbedder
 
@@ -123,3 +125,101 @@ def test_dev_split_judges_on_train_queries_only(beir_dir, tmp_path):
     dev = Beir.read(make_dev_split(beir_dir, tmp_path / "dev", 0.34, seed=0))
     assert set(dev.qrels["train"]) | set(dev.qrels["test"]) == set(TRAIN)
     assert not set(dev.qrels["train"]) & set(dev.qrels["test"]) and len(dev.qrels["test"]) == 1
+
+
+# Several seeds: pooled intervals and seed means ------------------------------------------------
+def test_pooled_bootstrap_resamples_seeds_and_queries():
+    from bench.common import pooled_bootstrap
+    from loop.evaluate import paired_bootstrap
+
+    a = np.full((2, 50), 0.5)
+    assert pooled_bootstrap(a, a + 0.1) == pytest.approx((0.1, 0.1, 0.1))  # a constant gain has no spread
+    # One seed gains 1 on every query, the other loses 1: a query bootstrap alone would say 0 +- 0;
+    # resampling the seeds gives means -1, 0, +1 with chances 1/4, 1/2, 1/4.
+    b = np.vstack([np.ones(50), -np.ones(50)]) + 0.5
+    assert pooled_bootstrap(a, b) == pytest.approx((0.0, -1.0, 1.0))
+    # One seed: the usual paired bootstrap over queries (same mean, an interval of the same width).
+    rng = np.random.default_rng(1)
+    x, y = rng.random((1, 300)), rng.random((1, 300))
+    delta, lo, hi = pooled_bootstrap(x, y)
+    d2, lo2, hi2 = paired_bootstrap(x[0], y[0])
+    assert delta == pytest.approx(d2) and lo < delta < hi
+    assert hi - lo == pytest.approx(hi2 - lo2, rel=0.15)
+    assert pooled_bootstrap(x, y) == (delta, lo, hi)  # deterministic
+    with pytest.raises(ValueError, match="seeds x queries"):
+        pooled_bootstrap(x[0], y[0])
+
+
+def test_seed_means_keep_the_keys():
+    from bench.common import seed_means
+
+    runs = [
+        {"seed": 0, "base": {"ndcg@10": 0.5}, "rounds": [{"round": 1, "ndcg@10": 0.7, "promoted": True,
+                                                          "active_model": "r1-a", "decisions": {"accept": 4}}],
+         "ci": [0.1, 0.3], "note": "same"},
+        {"seed": 1, "base": {"ndcg@10": 0.5}, "rounds": [{"round": 1, "ndcg@10": 0.6, "promoted": False,
+                                                          "active_model": "base", "decisions": {"accept": 2}}],
+         "ci": [0.0, 0.2], "note": "same"},
+    ]
+    assert type(seed_means(runs)["rounds"][0]["round"]) is int
+    assert seed_means(runs) == {
+        "seed": 0.5, "base": {"ndcg@10": 0.5},
+        # a bool becomes a share of seeds; a string that differs between seeds is left out
+        "rounds": [{"round": 1, "ndcg@10": 0.65, "promoted": 0.5, "decisions": {"accept": 3}}],
+        "ci": [0.05, 0.25], "note": "same",
+    }
+
+
+def _report(name: str, values: list[float]) -> EvalReport:
+    return EvalReport(model_version=name, evalset="tiny", evalset_fingerprint="f", n_queries=len(values), n_docs=10,
+                      dim=4, k=100, metrics={"ndcg@10": float(np.mean(values)), "recall@100": 1.0, "mrr@10": 0.5},
+                      per_query={"ndcg@10": values}, query_ids=[f"q{i}" for i in range(len(values))],
+                      gain="exponential")
+
+
+def test_seeds_combine_into_means_promotions_and_pooled_intervals_of_the_active_model():
+    from bench.quality import combine_seeds, round_row, seed_result
+
+    base = _report("base", [0.5] * 4)
+    seeds = []
+    # Seed 0: the gate promotes round 1 (active = the candidate); seed 1: it does not (active = base).
+    for seed, cand, promoted, stock in ((0, 0.7, True, 0.6), (1, 0.6, False, 0.4)):
+        c = _report(f"r1-{seed}", [cand] * 4)
+        rounds = [round_row(1, c, c if promoted else base, base, reviews=10, promoted=promoted)]
+        randoms = [round_row(1, _report("rand", [0.55] * 4), base, base, reviews=10, promoted=False)]
+        reports = {"base": base, "bm25": _report("bm25", [0.45] * 4), "stock": _report("stock", [stock] * 4)}
+        seeds.append(seed_result(seed, reports, rounds, randoms, stock_pairs=10))
+    one = seeds[0][0]
+    assert one["rounds"][0]["ndcg@10"] == 0.7 and one["rounds"][0]["active_ndcg@10"] == 0.7
+    assert one["loop_vs"]["base"]["delta"] == pytest.approx(0.2)              # the active model after the last round
+    assert one["candidate_vs"]["random"]["delta"] == pytest.approx(0.15)      # candidate vs candidate
+    assert seeds[1][0]["loop_vs"]["base"]["delta"] == 0.0                     # nothing promoted: the user has the base
+    out = combine_seeds(seeds)
+    assert out["seeds"] == [0, 1] and out["promotions_per_seed"] == [1, 0]
+    assert [s["seed"] for s in out["per_seed"]] == [0, 1] and "_report" not in json.dumps(out)
+    r = out["rounds"][0]
+    assert (r["ndcg@10"], r["active_ndcg@10"], r["promoted"]) == (pytest.approx(0.65), pytest.approx(0.6), 0.5)
+    assert out["stock_finetune"]["ndcg@10"] == pytest.approx(0.5)
+    # Pooled over seeds and queries: active - base is +0.2 in seed 0 and 0 in seed 1.
+    assert out["loop_vs"]["base"] == {"delta": 0.1, "ci95": [0.0, 0.2], "significant": False}
+    assert out["loop_vs"]["bm25"]["delta"] == pytest.approx(0.15)
+    assert out["loop_vs"]["stock"] == {"delta": 0.1, "ci95": [0.1, 0.1], "significant": True}  # +0.1 in both
+    assert out["candidate_vs"]["base"]["delta"] == pytest.approx(0.15)
+    assert out["stock_finetune"]["delta_vs_base"] == 0.0 and out["stock_finetune"]["ci95_vs_base"] == [-0.1, 0.1]
+    assert out["targets"]["beats_all_controls"] is True
+    assert out["per_query_ndcg@10"]["loop"] == [0.6] * 4
+    json.dumps(out)  # plain JSON
+
+
+def test_reviewer_order_follows_its_seed(workspace, beir_dir):
+    beir = _ingested(workspace, beir_dir)
+    Rounds(workspace, LoopConfig(generate_max=6, review_budget=50, routing={"random_fraction": 1.0})).advance(
+        until="review")
+    cards = [c.pair_id for c in pending(workspace.store, limit=3)]
+    orders = [SimulatedReviewer(workspace, beir.queries, beir.qrels["train"], seed=s).order(3) for s in (0, 1, 2, 3)]
+    assert all(sorted(c.pair_id for c in o) == sorted(cards) for o in orders)  # the same top cards ...
+    assert len({tuple(c.pair_id for c in o) for o in orders}) > 1              # ... in a seeded order
+    again = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"], seed=1).order(3)
+    assert [c.pair_id for c in again] == [c.pair_id for c in orders[1]]
+    unseeded = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"]).order(3)
+    assert [c.pair_id for c in unseeded] == cards  # no seed: queue order, highest priority first

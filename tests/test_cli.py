@@ -203,16 +203,18 @@ def test_cli_end_to_end_on_real_text(tmp_path, topics_folder):
 
 @pytest.mark.slow
 def test_ingest_demo(tmp_path):
-    from loop.demo import demo_documents
+    from loop.demo import demo_documents, demo_queries
 
     ws = tmp_path / "ws"
     t0 = time.monotonic()
     ok(ws, "ingest", "--demo")
     st = status(ws)
     assert st["documents"] == len(demo_documents()) > 50
+    assert st["queries"] == len(demo_queries()) >= 120
     assert st["active_index"]["count"] == st["passages"] > st["documents"]
     out = ok(ws, "ingest", "--demo").stdout
-    assert "0 documents added" in out and "0 vectors indexed" in out
+    assert "0 documents added" in out and "0 vectors indexed" in out and "0 queries added" in out
+    assert status(ws) == st
     r = json.loads(ok(ws, "search", "for loop over an iterable", "--json").stdout)
     assert any(d.startswith("pydoc/") for h in r["hits"] for d in h["doc_ids"])
     print(f"\ningest --demo: {time.monotonic() - t0:.1f}s")

@@ -819,3 +819,24 @@ def test_pairs_may_name_a_folder_document_by_its_path_inside_the_folder(workspac
     other = write(tmp_path / "other.jsonl", jsonl({"anchor": "pitch", "positive_id": "a.txt"}))
     with pytest.raises(InputError, match=r"several folders \(x/a.txt, y/a.txt\); use the full document id"):
         workspace.import_pairs(other)
+
+
+# The demo corpus and its query log ---------------------------------------------------------
+def test_demo_ingest_imports_its_query_log_and_rerunning_changes_nothing(workspace):
+    """The demo ships a query log (questions only, no labels), so the loop has real queries to
+    mine and hold out; `embedloop ingest --demo` and the app's first start both use `ingest_demo`."""
+    from loop.demo import demo_queries, ingest_demo
+
+    queries = demo_queries()
+    assert 120 <= len(queries) <= 200
+    assert len({" ".join(q.lower().split()) for q in queries}) == len(queries)  # no duplicates
+    docs, log = ingest_demo(workspace)
+    assert docs.documents_added > 50 and log.queries_added == len(queries)
+    stored = workspace.store.rows("SELECT text, source FROM queries ORDER BY text")
+    assert sorted(r["text"] for r in stored) == sorted(queries)
+    assert {r["source"] for r in stored} == {"demo_queries.txt"}
+    assert workspace.store.scalar("SELECT count(*) FROM pairs") == 0  # a query log carries no labels
+    before = workspace.store.counts()
+    docs, log = ingest_demo(workspace)
+    assert (docs.documents_added, docs.documents_updated, docs.indexed, log.queries_added) == (0, 0, 0, 0)
+    assert workspace.store.counts() == before

@@ -78,3 +78,26 @@ def test_policy_rejects_unknown_and_nonsense_settings():
                 {"relative_margin": -0.1}, {"relative_margin": 1.5}):
         with pytest.raises(ValueError):
             MiningPolicy(**bad)
+
+
+# Known positives: never an anchor's negative ------------------------------------------------
+def test_query_key_ignores_case_spacing_and_trailing_punctuation():
+    from loop.records import query_key as anchor_key
+
+    assert anchor_key("How  does a LOOP work ?") == anchor_key("how does a loop work") == "how does a loop work"
+    assert anchor_key("what is __init__") == "what is __init__"  # only sentence punctuation is trailing
+    assert anchor_key("x == y?!.") == "x == y"
+    assert anchor_key("what is a loop") != anchor_key("what is a loop body")
+
+
+def test_known_positives_groups_anchor_variants_with_document_siblings():
+    from loop.negatives import known_positives
+
+    pairs = [("how do loops work", "p1"), ("How do loops work?", "p2"), ("what is a class", "c1"),
+             ("what is a class", "c1")]
+    siblings = {"p1": {"p1", "p1b", "p1c"}, "c1": {"c1"}}  # p2: not in the map, stands alone
+    assert known_positives(pairs, siblings) == {
+        "how do loops work": {"p1", "p1b", "p1c", "p2"},
+        "what is a class": {"c1"},
+    }
+    assert known_positives([], {}) == {}

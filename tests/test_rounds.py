@@ -259,3 +259,94 @@ def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, t
         "Dropped 4 accepted training pairs whose query is held out for evaluation (the same query, case, "
         f"spacing and trailing punctuation aside), e.g. {sorted(variants)[0]!r}; they stay stored, marked dropped."]
     assert len(rounds.evalset().query_ids) == 6  # the held-out set itself did not change
+
+
+# Known positives are never negatives --------------------------------------------------------
+LOOP_DOCS = {
+    "for": "A for loop will iterate over the items of a sequence, one item at a time.",
+    "while": "A while loop repeats its body; each pass is one loop over the items left.",
+    "range": "The range type gives numbers to iterate over in a loop.",
+    "dict": "Dictionaries map keys to values; iterate over items to get key and value pairs.",
+    "class": "A class statement defines a new type with methods and attributes.",
+    "raise": "The raise statement signals an error; an exception propagates up the stack.",
+    # long enough for several chunks with the fake model (62 tokens): its chunks are siblings
+    "guide": " ".join(["The loop guide explains how a loop can iterate over items."]
+                      + ["Filler words about nothing in particular go here to make the text long enough."] * 8
+                      + ["Finally a loop may iterate over items and stop early with break."]),
+}
+Q = "how does a loop iterate over items"
+Q2 = "which loop iterates over items"
+
+
+def _loop_corpus(ws, tmp_path: Path) -> dict[str, str]:
+    """Ingest LOOP_DOCS; returns doc name (or 'guide#N' for guide's chunks) -> passage id."""
+    folder = tmp_path / "loopdocs"
+    folder.mkdir()
+    for name, text in LOOP_DOCS.items():
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    ws.ingest([folder])
+    ids = {}
+    for doc, ordinal, pid in ws.store.execute("SELECT doc_id, ordinal, passage_id FROM doc_passages").fetchall():
+        name = doc.rsplit("/", 1)[-1].removesuffix(".txt")  # folder documents are "<folder>/<path>"
+        ids[name if name != "guide" else f"guide#{ordinal}"] = pid
+    return ids
+
+
+def _accepted(ws, rows: list[tuple[str, str]], ids: dict[str, str], status: str = "accepted",
+              source: str = "seed") -> None:
+    texts = ws.store.passages(list(ids.values()))
+    with ws.store.transaction() as cur:
+        ws.store.insert_ignore(cur, "pairs", [
+            {"pair_id": f"{status}-{n}", "anchor": a, "positive_id": ids[d], "positive_text": texts[ids[d]],
+             "source": source, "status": status, "split": "train"} for n, (a, d) in enumerate(rows)])
+
+
+def test_training_rows_never_use_a_known_positive_as_a_negative(workspace, tmp_path):
+    """With mine_top 3 a query gets several accepted positives: none may be another's hard negative
+    (nor a chunk of a positive's document, nor a positive of the same query in another case or
+    punctuation, nor a reviewer's rejected passage that is also an accepted positive)."""
+    ids = _loop_corpus(workspace, tmp_path)
+    text = workspace.store.passages(list(ids.values()))
+    by = {d: text[pid] for d, pid in ids.items()}
+    # Fake-model scores for Q: for .649, while .507, guide#0 .479, range .473, guide#3 .469, class .378 ...
+    _accepted(workspace, [(Q, "for"), ("How does a LOOP iterate over items ?", "while"), (Q, "guide#3"),
+                          (Q2, "for"), (Q2, "range")], ids)
+    with workspace.store.transaction() as cur:  # a reviewer rejected `range` for Q2, then `class`
+        workspace.store.insert_ignore(cur, "negatives", [
+            {"anchor": Q2, "passage_id": ids["range"], "source": "review", "created_at": "2026-01-01 00:00:00"},
+            {"anchor": Q2, "passage_id": ids["class"], "source": "review", "created_at": "2026-01-02 00:00:00"}])
+    rounds, _ = _rounds(workspace)
+    rows = {(r["anchor"], r["positive"]): r for r in rounds.training_rows()}
+    variant = "How does a LOOP iterate over items ?"
+    # Mined: the best passage below the margin that no variant of the query has as a positive.
+    assert rows[(Q, by["for"])]["negative"] == by["range"]       # was `while` (a positive of Q's variant)
+    assert rows[(variant, by["while"])]["negative"] == by["range"]  # was guide#0 (a chunk of Q's positive)
+    assert rows[(Q, by["guide#3"])]["negative"] == by["class"]
+    # Reviewer negatives: `range` is an accepted positive of Q2, so the next one is used.
+    assert rows[(Q2, by["for"])]["negative"] == by["class"]
+    assert rows[(Q2, by["range"])]["negative"] == by["class"]
+    # Each row names the known positives of its query that occur in the training data (for the trainer).
+    assert rows[(Q, by["for"])]["exclude"] == sorted([by["while"], by["guide#3"]])
+    assert rows[(variant, by["while"])]["exclude"] == sorted([by["for"], by["guide#3"]])
+    assert rows[(Q, by["guide#3"])]["exclude"] == sorted([by["for"], by["while"]])
+    assert rows[(Q2, by["for"])]["exclude"] == [by["range"]]
+    assert rows[(Q2, by["range"])]["exclude"] == [by["for"]]
+
+
+def test_select_does_not_score_a_known_positive_as_the_hard_negative(workspace, tmp_path):
+    """A query's accepted positive is not a negative that outranks its next proposed passage."""
+    ids = _loop_corpus(workspace, tmp_path)
+    _accepted(workspace, [(Q, "for"), ("How does a LOOP iterate over items?", "while"), (Q, "guide#3")], ids)
+    _accepted(workspace, [(Q, "dict")], ids, status="candidate", source="synthetic")
+    rounds, _ = _rounds(workspace, routing={"random_fraction": 0.0})
+    rounds.select(rounds.open())
+    meta = json.loads(workspace.store.scalar("SELECT meta FROM pairs WHERE pair_id = 'candidate-0'"))
+    emb = workspace.embedder()
+    texts = workspace.store.passages([ids["dict"], ids["range"]])
+    q = emb.encode([Q])[0]
+    score = {d: float(emb.encode([texts[ids[d]]])[0] @ q) for d in ("dict", "range")}
+    # The hardest negative is `range` (not `for`, `while` or a guide chunk, all known positives of Q);
+    # the query's known positives lead the ranking, so the query counts as answered at rank 0.
+    assert meta["features"]["hard_neg_score"] == pytest.approx(score["range"], abs=1e-4)
+    assert meta["features"]["margin"] == pytest.approx(score["dict"] - score["range"], abs=1e-4)
+    assert meta["features"]["rank"] == 0

@@ -249,17 +249,18 @@ def first_start(ws: Workspace) -> None:
             return
 
         def ingest_demo(ctx: JobContext) -> Any:
-            from loop.demo import DEMO_SOURCE, demo_documents
+            from loop import demo
 
-            docs = demo_documents()
-            ctx.log(f"First start: ingesting the demo corpus ({len(docs)} Python language reference topics)…")
+            ctx.log(f"First start: ingesting the demo corpus ({len(demo.demo_documents())} Python language "
+                    f"reference topics) and its query log…")
             ctx.progress(0, 0, "Loading the embedding model…")
 
             def progress(done: int, total: int) -> None:
                 ctx.progress(done, total, "Indexing the demo corpus")
 
-            report = ws.add_documents(docs, DEMO_SOURCE, progress)
-            ctx.log(f"{report.documents_added} documents, {report.passages_added} passages, {report.indexed} vectors.")
+            report, log = demo.ingest_demo(ws, progress)
+            ctx.log(f"{report.documents_added} documents, {report.passages_added} passages, {report.indexed} vectors; "
+                    f"{log.queries_added} logged queries.")
             return report
 
         j.submit(DEMO_JOB, ingest_demo)
@@ -267,8 +268,8 @@ def first_start(ws: Workspace) -> None:
     if j.running(DEMO_JOB) or failed:
         st.info(
             "First start: the workspace is empty, so embedloop loads its embedded default: the bundled "
-            "all-MiniLM-L6-v2 model, a demo corpus (Python's language reference topics) and the offline "
-            "pair generator. Import your own data on the Data page at any time.",
+            "all-MiniLM-L6-v2 model, a demo corpus (Python's language reference topics) with a log of "
+            "questions about it, and the offline pair generator. Import your own data on the Data page at any time.",
             icon=":material/rocket_launch:",
         )
         job_panel(DEMO_JOB)
