@@ -545,7 +545,7 @@ class Rounds:
             if not (run / train.CONFIG_FILE).exists():
                 rows = self.training_rows()
                 overrides = self.config.train.model_dump(exclude_unset=True)
-                cfg = {**overrides,
+                cfg = {"device": self.ws.settings.device, **overrides,  # the workspace's device unless [loop.train] says
                        "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
                 # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
                 # training never sees anyway, instead of holding out a further share of the few labels.
@@ -598,8 +598,9 @@ class Rounds:
         )
         r["manifest"]["model"] = {"version": version, "path": str(model_dir), "sha256": digest}
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
-        self._step_done(r, "train", {k: result.get(k) for k in ("status", "steps", "train_seconds", "best_eval_loss",
-                                                                "pairs_per_second")}, t0)
+        self._step_done(r, "train", {k: result.get(k) for k in (
+            "status", "steps", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
+            "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb")}, t0)
 
     def _follow(self, run: Path, proc: Any, pid: int, poll_s: float) -> dict[str, Any]:
         """Wait for the trainer, relaying its progress and a cancel request; return its result."""

@@ -9,8 +9,10 @@ directory, starts this module as a subprocess and polls files; the subprocess ne
     read_progress(run_dir) / request_stop(run_dir) checkpoints/checkpoint-N (one per epoch, best 3 kept)
     read_result(run_dir) -> dict | None            model/ (the best checkpoint) and result.json
 
-With more than one visible CUDA device, `start` launches `torchrun --nproc_per_node N` on the same
-entry; the trainer then runs DDP, and only rank 0 writes progress and results.
+The trainer uses the configured `device` only; with `train_devices` N > 1 (asked for, never
+assumed), `start` launches `torchrun --nproc_per_node N` on the same entry; the trainer then runs
+DDP (effective batch = N x batch_size, stated in result.json), and only rank 0 writes progress
+and results.
 
 Run directory:
     config.json      TrainConfig            snapshot.json  data hash and counts
@@ -33,6 +35,7 @@ Fault hook for tests (EMBEDLOOP_TRAIN_FAULT, comma-separated `key=value`):
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loop.errors import ConfigError, EmbedloopError, InputError
 
@@ -86,7 +89,9 @@ class TrainConfig(BaseModel):
         ~10 steps per epoch at 300 pairs (64 would leave ~5).
       - warmup 10% and weight decay 0.01: the usual fine-tuning values, they damp the first
         large updates that can wreck a good base model.
-      - max_seq_length None: keep the model's own limit, the one passages were chunked to.
+      - max_seq_length 128 while training: passages are chunked to the model's own limit (256 for
+        MiniLM), and training on their first 128 tokens costs about half the time and a third of
+        the memory (bench/README.md); the saved model still encodes up to its own limit.
       - eval_fraction 0.1: only used when no eval rows are given to `write_snapshot`.
     """
 
@@ -108,8 +113,16 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(default=3e-5, gt=0, le=1e-2)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
-    max_seq_length: int | None = Field(default=None, ge=8, description="None = the model's own limit.")
+    max_seq_length: int | None = Field(
+        default=128, ge=8,
+        description="Tokens per text while training (longer texts are cut); None = the model's own limit. The "
+        "saved model keeps its own limit for encoding. 128 is what all-MiniLM-L6-v2 was trained at.",
+    )
     seed: int = 42
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps (the workspace's `device`).")
+    train_devices: int = Field(
+        default=1, ge=1, description="CUDA devices to train on (DDP via torchrun); only used when asked for."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA, fp32 on CPU."
     )
@@ -126,6 +139,19 @@ class TrainConfig(BaseModel):
         if not v or any(d <= 0 for d in v):
             raise ValueError("matryoshka_dims must be a non-empty list of positive integers, e.g. [384, 256, 128, 64]")
         return sorted(set(v), reverse=True)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be one of auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _devices(self) -> TrainConfig:
+        if self.train_devices > 1 and self.device not in ("auto", "cuda"):
+            raise ValueError(f"train_devices {self.train_devices} needs device auto or cuda (not {self.device})")
+        return self
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -166,7 +192,11 @@ def _row_text(row: Any, *names: str) -> str | None:
 
 
 def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, str]]:
-    """Rows as {anchor, positive[, negative]}; accepts dicts or `Pair` records (positive_text ...)."""
+    """Rows as {anchor, positive[, negative][, exclude]}; accepts dicts or `Pair` records (positive_text ...).
+
+    `exclude` lists texts known to answer the row's anchor (its other positives): they are never
+    drawn as its negative and never share its batch.
+    """
     out = []
     for i, row in enumerate(rows, start=1):
         anchor = _row_text(row, "anchor")
@@ -176,9 +206,12 @@ def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, str]]:
             raise InputError(f"{split} row {i}: anchor is empty.", line=i)
         if not positive or not positive.strip():
             raise InputError(f"{split} row {i}: positive is empty.", line=i)
-        rec = {"anchor": anchor, "positive": positive}
+        rec: dict[str, Any] = {"anchor": anchor, "positive": positive}
         if negative and negative.strip():
             rec["negative"] = negative
+        exclude = row.get("exclude") if isinstance(row, Mapping) else None
+        if exclude:
+            rec["exclude"] = sorted({str(t) for t in exclude} - {positive})
         out.append(rec)
     return out
 
@@ -187,19 +220,28 @@ def _fill_negatives(rows: list[dict[str, str]], with_negative: bool, rng: random
     """Make the negative column all-or-nothing: a dataset column cannot have holes.
 
     A missing negative becomes another row's positive: exactly the kind of negative the loss
-    already sees in-batch, so it adds no wrong signal. Returns how many were filled.
+    already sees in-batch, so it adds no wrong signal; never the row's own positive, a positive of
+    the same anchor, or a text in its `exclude`. Returns how many were filled.
     """
-    positives = [r["positive"] for r in rows]
-    if with_negative and len(set(positives)) < 2:
-        raise InputError("Cannot fill a missing negative: every row has the same positive.")
+    positives = sorted({r["positive"] for r in rows})
+    known: dict[str, set[str]] = {}
+    for r in rows:
+        known.setdefault(r["anchor"], set()).update([r["positive"], *r.get("exclude", ())])
     filled = 0
     for rec in rows:
         if not with_negative:
             rec.pop("negative", None)
         elif "negative" not in rec:
-            negative = rec["positive"]
-            while negative == rec["positive"]:  # a few draws at most: positives are mostly distinct
+            taboo = known[rec["anchor"]]
+            for _ in range(20):  # a few draws at most: positives are mostly of other anchors
                 negative = rng.choice(positives)
+                if negative not in taboo:
+                    break
+            else:
+                allowed = [p for p in positives if p not in taboo]
+                if not allowed:
+                    raise InputError("Cannot fill a missing negative: every positive answers the same query.")
+                negative = rng.choice(allowed)
             rec["negative"] = negative
             filled += 1
     return filled
@@ -302,13 +344,14 @@ def write_snapshot(
 # --- parent-side helpers --------------------------------------------------------------------
 
 
-def _cuda_device_count() -> int:
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:  # a broken CUDA install trains on CPU rather than not at all
-        return 0
+def _device_env(device: str) -> dict[str, str]:
+    """The environment that pins the trainer to the configured device: `cpu` hides every GPU,
+    `cuda:N` shows only GPU N (the trainer then sees it as cuda:0)."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if device.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
+    return {}
 
 
 def command(run_dir: str | Path, nproc: int = 1) -> list[str]:
@@ -327,7 +370,7 @@ def start(run_dir: str | Path, *, env: Mapping[str, str] | None = None, nproc: i
     Args:
         run_dir: a directory prepared by `write_snapshot`.
         env: extra environment variables for the subprocess (e.g. EMBEDLOOP_TRAIN_FAULT).
-        nproc: processes to launch; None = one per visible CUDA device (torchrun when > 1).
+        nproc: processes to launch; None = the config's `train_devices` (torchrun when > 1).
 
     Returns:
         The Popen of the training process (its own session; output goes to run_dir/train.log).
@@ -343,10 +386,12 @@ def start(run_dir: str | Path, *, env: Mapping[str, str] | None = None, nproc: i
     # A restart is a fresh attempt: a stale stop request or result must not end it at once.
     for name in (STOP_FILE, RESULT_FILE):
         (run / name).unlink(missing_ok=True)
-    n = nproc if nproc is not None else _cuda_device_count()
+    cfg = TrainConfig.from_file(run / CONFIG_FILE)
+    n = nproc if nproc is not None else cfg.train_devices
     # The trainer never calls the LLM: it does not inherit the key (least privilege; a crash
     # report or a library that dumps its environment cannot leak what it never had).
     child_env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    child_env.update(_device_env(cfg.device))
     child_env.update(env or {})
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -470,12 +515,39 @@ class Faults:
 class _Watch:
     """State shared by the trainer (which sees each loss) and the callback (which may stop)."""
 
-    def __init__(self, faults: Faults):
+    def __init__(self, faults: Faults, poll_every: int = 1):
         self.faults = faults
+        self.poll_every = poll_every  # steps between reads of the loss (a read waits for a GPU)
         self.last_loss = None  # detached tensor of the latest training step
+        self.first_bad = None  # on a GPU: tensor [step, loss] of the first non-finite loss, step -1 if none
         self.step = 0  # the step being computed
         self.nonfinite: tuple[int, str] | None = None  # (step, "NaN" | "inf")
         self.stop_requested = False
+
+    def record(self, loss: Any, step: int) -> None:
+        """Keep a step's loss without waiting for the device that computes it."""
+        self.last_loss = loss.detach()
+        if self.last_loss.is_cuda:
+            import torch
+
+            if self.first_bad is None:
+                self.first_bad = torch.tensor([-1.0, 0.0], device=self.last_loss.device)
+            now = torch.stack([torch.tensor(float(step), device=self.last_loss.device), self.last_loss.float()])
+            first = (self.first_bad[0] < 0) & ~torch.isfinite(self.last_loss)
+            self.first_bad = torch.where(first, now, self.first_bad)
+
+    def read(self) -> float | None:
+        """The latest loss as a float; notes the first non-finite one (this waits for the device)."""
+        if self.last_loss is None:
+            return None
+        if self.first_bad is not None and self.nonfinite is None:
+            step, value = (float(x) for x in self.first_bad.tolist())
+            if step >= 0:
+                self.nonfinite = (int(step), "inf" if math.isinf(value) else "NaN")
+        loss = float(self.last_loss)
+        if not math.isfinite(loss) and self.nonfinite is None:
+            self.nonfinite = (self.step, "inf" if math.isinf(loss) else "NaN")
+        return loss
 
 
 class _Progress:
@@ -628,11 +700,142 @@ def _explain(exc: BaseException, cfg: TrainConfig | None, step: int, run_dir: Pa
     return f"{type(exc).__name__} at step {step}: {text}"
 
 
+class PretokenizedCollator:
+    """Tokenises every text of a run once, then builds each batch from those rows.
+
+    The stock collator tokenises every batch in the training loop's own thread, step after step and
+    epoch after epoch; here a batch is an index into tensors made before training, trimmed to its
+    longest row (so a batch of short texts stays short). The keys are the model's own
+    (`model.preprocess`), named `{column}_{key}` as sentence-transformers' collator names them.
+    """
+
+    valid_label_columns: list[str] = []  # read by the trainer; these rows carry no label column
+
+    def __init__(self, preprocess: Any, texts: Iterable[str], max_length: int, chunk: int = 4096):
+        import torch
+
+        unique = list(dict.fromkeys(texts))
+        self.row = {t: i for i, t in enumerate(unique)}
+        parts = [preprocess(unique[s : s + chunk], max_length=max_length) for s in range(0, len(unique), chunk)]
+        width = max(p["attention_mask"].shape[1] for p in parts)
+        self.tensors: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        for key, value in parts[0].items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                padded = [torch.nn.functional.pad(p[key], (0, width - p[key].shape[1])) for p in parts]
+                self.tensors[key] = torch.cat(padded)
+            else:
+                self.extra[key] = value
+        self.lengths = self.tensors["attention_mask"].sum(dim=1).tolist()
+
+    def length(self, text: str) -> int:
+        return self.lengths[self.row[text]]
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch: dict[str, Any] = {}
+        for column in features[0]:
+            idx = torch.tensor([self.row[f[column]] for f in features])
+            longest = max(1, int(max(self.lengths[i] for i in idx.tolist())))
+            for key, value in self.tensors.items():
+                batch[f"{column}_{key}"] = value[idx, :longest]
+            for key, value in self.extra.items():
+                batch[f"{column}_{key}"] = value
+        return batch
+
+
+def length_grouped_batches(values: list[tuple[str, ...]], lengths: list[int], batch_size: int, seed: int,
+                           blocks: list[Iterable[str]] | None = None, group: int = 16) -> list[list[int]]:
+    """One epoch of batches: similar lengths together (less padding), no text twice in a batch.
+
+    Rows are shuffled, cut into groups of `group` batches, each group sorted by length; batches are
+    filled in that order, a row whose text (anchor, positive or negative) is already in the batch
+    waits for the next one (two positives of one query in a batch would be each other's false
+    negative), nor beside a row holding one of its `blocks` (texts known to answer its query), and
+    the batches are shuffled. At most ceil(n / batch_size) batches: rows left over by duplicates
+    wait for the next epoch.
+    """
+    block = [set(b) for b in blocks] if blocks is not None else [set() for _ in values]
+    rng = random.Random(seed)
+    order = list(range(len(values)))
+    rng.shuffle(order)
+    span = batch_size * group
+    ordered = [i for s in range(0, len(order), span) for i in sorted(order[s : s + span], key=lambda i: -lengths[i])]
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    seen: set[str] = set()
+    blocked: set[str] = set()
+
+    def add(j: int) -> bool:
+        nonlocal batch, seen, blocked
+        if not (seen.isdisjoint(values[j]) and seen.isdisjoint(block[j]) and blocked.isdisjoint(values[j])):
+            return False
+        batch.append(j)
+        seen.update(values[j])
+        blocked.update(block[j])
+        if len(batch) == batch_size:
+            batches.append(batch)
+            batch, seen, blocked = [], set(), set()
+        return True
+
+    waiting: list[int] = []
+    for i in ordered:
+        if not add(i):
+            waiting.append(i)
+        if not batch and waiting:  # a new batch: the rows that waited go first
+            waiting = [j for j in waiting if not add(j)]
+    while waiting:
+        if batch:
+            batches.append(batch)
+            batch, seen, blocked = [], set(), set()
+        waiting = [j for j in waiting if not add(j)]
+    if batch:
+        batches.append(batch)
+    batches = batches[: math.ceil(len(values) / batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _batch_sampler(dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: Any = None,
+                   generator: Any = None, seed: int = 0) -> Any:
+    """The trainer's batch sampler; a module-level function so that the training args pickle."""
+    return _make_classes()[2](dataset, batch_size=batch_size, drop_last=drop_last,
+                              valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+
+
+@functools.cache
 def _make_classes():
     """The callback and trainer classes; defined lazily so that importing this module (parent
     side: start, read_progress ...) does not import torch and transformers."""
     from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.base.sampler import DefaultBatchSampler
     from transformers import TrainerCallback
+
+    class LengthGroupedBatchSampler(DefaultBatchSampler):
+        """`length_grouped_batches` as the trainer's batch sampler (seeded per epoch).
+
+        `collator` gives token lengths; `blocks` maps an anchor to the texts known to answer it.
+        """
+
+        collator: PretokenizedCollator
+        blocks: dict[str, list[str]]
+
+        def _rows(self):
+            dataset = self.sampler  # BatchSampler's first argument: the dataset
+            cols = [c for c in ("anchor", "positive", "negative") if c in dataset.column_names]
+            data = [dataset[c] for c in cols]
+            values = [tuple(col[i] for col in data) for i in range(len(dataset))]
+            lengths = [max(self.collator.length(t) for t in v) for v in values]
+            return values, lengths, [self.blocks.get(v[0], ()) for v in values]
+
+        def __iter__(self):
+            values, lengths, blocks = self._rows()
+            seed = (self.seed or 0) + getattr(self, "epoch", 0)
+            yield from length_grouped_batches(values, lengths, self.batch_size, seed, blocks)
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.sampler) / self.batch_size)
 
     class RunMonitor(TrainerCallback):
         """Writes progress events and stops training on a STOP file or a non-finite loss.
@@ -689,19 +892,18 @@ def _make_classes():
         def on_step_end(self, args, state, control, **kwargs):
             if self.watch.faults.sleep_per_step:
                 time.sleep(self.watch.faults.sleep_per_step)
-            loss = float(self.watch.last_loss) if self.watch.last_loss is not None else None
-            nonfinite, stop = self._agree(
-                args, loss is not None and not math.isfinite(loss), (self.run_dir / STOP_FILE).exists()
-            )
-            if nonfinite and self.watch.nonfinite is None:
-                kind = "inf" if loss is not None and math.isinf(loss) else "NaN"
-                self.watch.nonfinite = (state.global_step, kind)
+            # On a GPU the loss is read every `poll_every` steps only: a read waits for the device.
+            poll = state.global_step % self.watch.poll_every == 0 or state.global_step >= state.max_steps
+            loss = self.watch.read() if poll else None
+            nonfinite, stop = self._agree(args, self.watch.nonfinite is not None, (self.run_dir / STOP_FILE).exists())
+            if nonfinite and self.watch.nonfinite is None:  # another rank's loss
+                self.watch.nonfinite = (state.global_step, "NaN")
             if stop:
                 self.watch.stop_requested = True
             if nonfinite or stop:
                 control.should_training_stop = True
             now = time.time()
-            if nonfinite or stop or now - self.last_step_event >= 0.5 or state.global_step >= state.max_steps:
+            if poll and (nonfinite or stop or now - self.last_step_event >= 0.5 or state.global_step >= state.max_steps):
                 self.last_step_event = now
                 self._emit("step", state, loss=loss)
             return control
@@ -750,7 +952,7 @@ def _make_classes():
                 loss = out[0] if return_outputs else out
                 if faults.nan_at_step == step:
                     loss = loss * float("nan")
-                self.watch.last_loss = loss.detach()
+                self.watch.record(loss, step)
                 out = (loss, out[1]) if return_outputs else loss
             return out
 
@@ -760,7 +962,21 @@ def _make_classes():
                 raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULT_ENV})", output_dir)
             return super()._save(output_dir, state_dict)
 
-    return RunMonitor, GuardedTrainer
+    return RunMonitor, GuardedTrainer, LengthGroupedBatchSampler
+
+
+def _peak_memory(torch: Any, cuda: bool) -> dict[str, float]:
+    """This process's peak resident memory (and the GPU's peak allocation), in MB."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KB on Linux
+    except ImportError:  # not a Unix
+        pass
+    if cuda:
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def _write_result(run_dir: Path, result: dict, rank0: bool) -> None:
@@ -818,21 +1034,23 @@ def main(run_dir: str | Path) -> int:
 
 def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
     cfg = ctx["cfg"] = TrainConfig.from_file(run / CONFIG_FILE)
-    watch = ctx["watch"] = _Watch(Faults.parse(os.environ.get(FAULT_ENV, "")))
+    faults = Faults.parse(os.environ.get(FAULT_ENV, ""))
 
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
     from transformers import __version__ as tf_version
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_warning()
-    RunMonitor, GuardedTrainer = _make_classes()
+    RunMonitor, GuardedTrainer, LengthGroupedBatchSampler = _make_classes()
 
     train_rows, eval_rows = _read_jsonl(run / TRAIN_FILE), _read_jsonl(run / EVAL_FILE)
     rank0 = progress.enabled
     resume = _last_complete_checkpoint(run / CHECKPOINTS_DIR, cleanup=rank0)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # Every core this process may use: torch counts the machine's, not the ones it is given.
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     precision = _resolve_precision(cfg.precision, cuda)
     # DDP drops the last uneven batch: cap per-device batches so tiny data still gives a step and
     # an eval batch on every device.
@@ -841,6 +1059,7 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
     steps_per_epoch = math.ceil(len(train_rows) / (train_bs * world_size))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     logging_steps = cfg.logging_steps or max(1, min(10, total // 50))
+    watch = ctx["watch"] = _Watch(faults, poll_every=logging_steps if cuda else 1)
     warmup = {"warmup_steps": cfg.warmup_ratio} if int(tf_version.split(".")[0]) >= 5 else {"warmup_ratio": cfg.warmup_ratio}
 
     args = SentenceTransformerTrainingArguments(
@@ -854,7 +1073,10 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false negative
+        use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # Similar lengths per batch, no text twice in a batch (a duplicate is a false negative).
+        batch_sampler=_batch_sampler,
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=cfg.save_total_limit,
@@ -874,12 +1096,18 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
         **warmup,
     )
     device = str(args.device)
+    model = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False, local_files_only=True)
+    seq_len = min(cfg.max_seq_length or model.max_seq_length, model.max_seq_length)
+    t_tok = time.time()
+    texts = (r[c] for rows in (train_rows, eval_rows) for r in rows for c in ("anchor", "positive", "negative") if c in r)
+    collator = PretokenizedCollator(model.preprocess, texts, seq_len)
+    LengthGroupedBatchSampler.collator = collator
+    LengthGroupedBatchSampler.blocks = {r["anchor"]: r["exclude"] for r in train_rows + eval_rows if r.get("exclude")}
     progress.emit("loading", device=device, precision=precision, world_size=world_size,
                   n_train=len(train_rows), n_eval=len(eval_rows), batch_size=train_bs,
+                  effective_batch_size=train_bs * world_size, learning_rate=cfg.learning_rate,
+                  max_seq_length=seq_len, tokenize_seconds=round(time.time() - t_tok, 3),
                   resume_from=str(resume) if resume else None)
-    model = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False, local_files_only=True)
-    if cfg.max_seq_length:
-        model.max_seq_length = cfg.max_seq_length
     loss = _build_loss(cfg, model, device, world_size)
 
     trainer = GuardedTrainer(
@@ -888,6 +1116,7 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
         train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(eval_rows),
         loss=loss,
+        data_collator=collator,
         callbacks=[RunMonitor(run, watch, progress, world_size)],
     )
     trainer.watch = watch
@@ -908,6 +1137,11 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
         "resumed_from": str(resume) if resume else None,
         "device": device,
         "precision": precision,
+        "batch_size": train_bs,
+        "effective_batch_size": train_bs * world_size,
+        "learning_rate": cfg.learning_rate,
+        "max_seq_length": seq_len,
+        **_peak_memory(torch, cuda),
     }
     if watch.nonfinite:
         step, kind = watch.nonfinite

@@ -270,6 +270,55 @@ def test_last_complete_checkpoint_skips_and_removes_torn_ones(tmp_path):
     assert train._last_complete_checkpoint(tmp_path / "none", cleanup=True) is None
 
 
+def test_length_grouped_batches_group_lengths_and_never_repeat_a_text():
+    # 30 queries with 3 positives each (mine_top 3): a query's rows must never share a batch.
+    values = [(f"q{i // 3}", f"p{i}") for i in range(90)]
+    lengths = [(i * 37) % 120 + 5 for i in range(90)]
+    blocks = [[f"p{j}" for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i] for i in range(90)]
+    batches = train.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)
+    assert len(batches) <= 12 and sum(map(len, batches)) >= 84  # ceil(90 / 8); at most a few rows wait
+    for b in batches:
+        texts = [t for i in b for t in values[i]]
+        assert len(texts) == len(set(texts)), b  # no text twice
+        assert not {t for i in b for t in blocks[i]} & set(texts), b  # no known positive beside its query
+    # Grouping cuts padding: the summed longest-per-batch is well below a random order's.
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    import random
+
+    order = list(range(90))
+    random.Random(1).shuffle(order)
+    plain = sum(max(lengths[i] for i in order[s:s + 8]) * len(order[s:s + 8]) for s in range(0, 90, 8))
+    assert padded < 0.8 * plain
+    assert batches == train.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)  # seeded
+    assert batches != train.length_grouped_batches(values, lengths, 8, seed=2, blocks=blocks)
+
+
+def test_a_filled_negative_is_never_a_positive_of_the_same_query(tmp_path, minilm_path):
+    rows = [{"anchor": "q", "positive": f"answer {i}", "exclude": ["also answers q"]} for i in range(3)]
+    rows += [{"anchor": "other", "positive": "also answers q"}, {"anchor": "x", "positive": "unrelated", "negative": "n"}]
+    train.write_snapshot(tmp_path, rows, rows[3:], {"base_model": str(minilm_path), "seed": 3})
+    written = [json.loads(line) for line in (tmp_path / train.TRAIN_FILE).read_text().splitlines()]
+    for r in written:
+        if r["anchor"] == "q":
+            assert r["negative"] not in {"answer 0", "answer 1", "answer 2", "also answers q"}, r
+            assert r["exclude"] == ["also answers q"]
+    only_q = [{"anchor": "q", "positive": f"a{i}"} for i in range(2)] + [{"anchor": "q", "positive": "b", "negative": "n"}]
+    with pytest.raises(InputError, match="every positive answers the same query"):
+        train.write_snapshot(tmp_path / "b", only_q, only_q[:2], {"base_model": str(minilm_path)})
+
+
+@pytest.mark.parametrize("device, env", [("auto", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
+                                         ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda", {})])
+def test_training_runs_on_the_configured_device_only(device, env, tmp_path, minilm_path):
+    assert train._device_env(device) == env
+    cfg = train.TrainConfig.from_dict({"base_model": str(minilm_path), "device": device})
+    assert cfg.train_devices == 1  # several GPUs only when asked, never one process per visible GPU
+    with pytest.raises(ConfigError, match="train_devices"):
+        train.TrainConfig.from_dict({"base_model": str(minilm_path), "device": "cpu", "train_devices": 2})
+    with pytest.raises(ConfigError, match="device"):
+        train.TrainConfig.from_dict({"base_model": str(minilm_path), "device": "gpu"})
+
+
 # --- slow: real training ----------------------------------------------------------------------
 
 
@@ -285,6 +334,8 @@ def test_run_in_subprocess_finishes_ok(tmp_path, minilm_path):
     assert res["model_dir"] == str(run / "model")
     assert Path(res["best_checkpoint"]).is_dir() and res["best_eval_loss"] > 0
     assert len(checkpoints(run)) == 3, checkpoints(run)
+    assert 0 < res["peak_rss_mb"] < 3000 and res["device"] == "cpu"
+    assert (res["batch_size"], res["effective_batch_size"], res["max_seq_length"]) == (8, 8, 32)
 
     from sentence_transformers import SentenceTransformer
 
@@ -302,6 +353,24 @@ def test_run_in_subprocess_finishes_ok(tmp_path, minilm_path):
     assert steps[0]["eta_seconds"] > 0 and steps[-1]["eta_seconds"] == 0
     assert sum(1 for k in kinds if k == "eval") == 4
     assert not train.is_running(proc.pid)
+
+
+@pytest.mark.slow
+def test_pretokenized_batches_match_the_models_own_preprocessing(minilm_path):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path), device="cpu", local_files_only=True)
+    texts = [p[k] for p in make_pairs(12) for k in ("anchor", "positive")]
+    collator = train.PretokenizedCollator(model.preprocess, texts, max_length=48, chunk=5)  # several chunks
+    rows = [{"anchor": texts[i], "positive": texts[i + 1]} for i in (0, 4, 8)]
+    batch = collator(rows)
+    for column in ("anchor", "positive"):
+        want = model.preprocess([r[column] for r in rows], max_length=48)
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert torch.equal(batch[f"{column}_{key}"], want[key]), (column, key)
+    assert collator.length(texts[1]) == int(model.preprocess([texts[1]], max_length=48)["attention_mask"].sum())
+    assert max(collator.lengths) == 48
 
 
 @pytest.mark.slow
