@@ -140,28 +140,33 @@ def _rounds(ws, args: argparse.Namespace):
     return Rounds(ws, config, log=_log, llm=ws.llm())
 
 
-def _run_until(args: argparse.Namespace, step: str) -> int:
-    """Run the open round's steps up to and including `step`."""
-    from loop.rounds import STATES
+def _advance(args: argparse.Namespace, until: str, through: bool = False) -> int:
+    """Run the open round (or a new one) until `until` is the next step (`through`: until it ran).
 
+    Exit 0 when the round got there (or finished: a refused promotion ends the round without a
+    re-index); 1 when it did not: it failed, training stopped, or a step cannot run yet
+    (cards pending review, too few labels), with the reason.
+    """
+    from loop.rounds import STATES, RoundError
+
+    if through:
+        until = STATES[STATES.index(until) + 1]
     with _open(args) as ws:
         rounds = _rounds(ws, args)
-        until = STATES[STATES.index(step) + 1]
-        r = rounds.advance(until=until, force=getattr(args, "force", False))
-        print(f"round {r['round']}: state {r['state']}" + (f" ({r['error']})" if r.get("error") else ""))
-    if r["state"] == "failed":
-        return 1
-    return 0 if STATES.index(r["state"]) >= STATES.index(until) else 1
+        try:
+            r = rounds.advance(until=until, force=args.force)
+            why = r.get("error")
+        except RoundError as e:  # the round stays where it was
+            r, why = rounds.current(), str(e)
+        print(f"round {r['round']}: state {r['state']}" + (f" ({why})" if why else ""))
+        if getattr(args, "json", False):
+            _print_json(r)
+    reached = r["state"] != "failed" and STATES.index(r["state"]) >= STATES.index(until)
+    return 0 if reached else 1
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    with _open(args) as ws:
-        r = _rounds(ws, args).advance(until=args.until, force=args.force)
-        print(f"round {r['round']}: state {r['state']}" + (f" ({r['error']})" if r.get("error") else ""))
-        if args.json:
-            _print_json(r)
-    # Not at the requested step (failed, or paused: e.g. training stopped) is not a success.
-    return 0 if r["state"] == args.until or r["state"] == "done" else 1
+    return _advance(args, args.until)
 
 
 def cmd_review_list(args: argparse.Namespace) -> int:
@@ -179,20 +184,10 @@ def cmd_review_list(args: argparse.Namespace) -> int:
 
 
 def cmd_review_apply(args: argparse.Namespace) -> int:
-    from loop.review import decide, read_decisions
+    from loop.review import apply_decisions
 
     with _open(args) as ws:
-        decisions = read_decisions(args.file, ws.max_bytes)
-        applied = 0
-        for n, d in enumerate(decisions, 1):
-            try:
-                decide(ws.store, d)
-            except Exception as e:
-                print(f"embedloop: error: {args.file}, decision {n} ({d.pair_id}): {e}; "
-                      f"{applied} decisions before it were applied.", file=sys.stderr)
-                return 2
-            applied += 1
-        print(f"{applied} decisions applied")
+        print(f"{apply_decisions(ws.store, args.file, ws.max_bytes)} decisions applied")
     return 0
 
 
@@ -313,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(step, help=f"{help_} (runs the open round up to this step)")
         s.add_argument("--force", action="store_true", help="train even with cards still pending review")
         s.add_argument("--review-budget", type=int, default=None)
-        s.set_defaults(func=lambda a, _step=step: _run_until(a, _step))
+        s.set_defaults(func=lambda a, _step=step: _advance(a, _step, through=True))
 
     s = sub.add_parser("round", help="run the open round (or a new one) until a step")
     s.add_argument("--until", default="done", choices=["review", "train", "evaluate", "done"])

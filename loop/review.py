@@ -156,81 +156,85 @@ def decide(store: Store, d: DecisionIn, *, require_claim: bool = False) -> int:
     """
 
     def attempt() -> int:
-        now = _now()
         with store.transaction() as cur:
-            rows = cur.execute(
-                "SELECT anchor, positive_id, positive_text, status, claimed_by, claim_expires, query_id, split "
-                "FROM pairs WHERE pair_id = ?",
-                [d.pair_id],
-            ).fetchall()
-            if not rows:
-                raise NotFoundError(f"No pair with id {d.pair_id!r}.")
-            anchor, pos_id, pos_text, status, claimed_by, expires, query_id, split = rows[0]
-            if status != "pending":
-                raise ReviewConflict(f"Pair {d.pair_id} was already decided (status {status}).")
-            if claimed_by and claimed_by != d.reviewer and expires and expires > now:
-                raise ReviewConflict(f"Pair {d.pair_id} is being reviewed by {claimed_by}.")
-            if require_claim and claimed_by != d.reviewer:
-                raise ReviewConflict(f"Pair {d.pair_id} is not claimed by {d.reviewer}; fetch the next card again.")
-            payload: dict[str, Any] = {"previous_status": status}
-            new_status = "accepted" if d.action == "accept" else "rejected"
-            new_pair: dict[str, Any] | None = None
-            negative: str | None = None
-            if d.action == "edit":
-                query = " ".join((d.query or "").split())
-                if query == " ".join(anchor.split()):
-                    # The same pair id: its insert would be ignored and the pair end up rejected.
-                    raise InputError("the edited query is the same as the original; use accept instead")
-                if query_key(query) in held_out_keys(cur):
-                    raise InputError(
-                        f"the edited query {query!r} is a query held out for evaluation (case, spacing and "
-                        f"trailing punctuation aside); a training pair on it would leak the evaluation. Write a "
-                        f"different query, or reject the card."
-                    )
-                new_pair = {"anchor": query, "positive_id": pos_id, "positive_text": pos_text}
-                payload["query"] = query
-            elif d.action == "pick":
-                found = cur.execute("SELECT text FROM passages WHERE passage_id = ?", [d.passage_id]).fetchall()
-                if not found:
-                    raise NotFoundError(f"No passage with id {d.passage_id!r}.")
-                if d.passage_id == pos_id:
-                    raise InputError("a pick must choose a different passage; use accept instead")
-                new_pair = {"anchor": anchor, "positive_id": d.passage_id, "positive_text": found[0][0]}
-                negative = pos_id
-                payload["passage_id"] = d.passage_id
-            elif d.action == "reject":
-                negative = pos_id
-            if new_pair is not None:
-                new_id = Pair.make_id(new_pair["anchor"], new_pair["positive_text"])
-                created = Store.insert_ignore(cur, "pairs", [{
-                    "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": split,
-                    "query_id": query_id, "origin": f"review:{d.action}",
-                    "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
-                }])
-                payload["created_pair"] = new_id if created else None
-                if not created:
-                    # The chosen (query, passage) is already a card of its own (e.g. the query's
-                    # top-2 when its top-1 was shown): this decision answers it too, so nobody is
-                    # asked the same question twice. Undo puts it back.
-                    open_card = cur.execute(
-                        "SELECT status FROM pairs WHERE pair_id = ? AND status IN ('pending', 'candidate')", [new_id]
-                    ).fetchall()
-                    if open_card:
-                        cur.execute(
-                            "UPDATE pairs SET status = 'accepted', claimed_by = NULL, claim_expires = NULL, "
-                            "updated_at = ? WHERE pair_id = ?", [now, new_id],
-                        )
-                        payload["resolved_pair"] = {"pair_id": new_id, "previous_status": open_card[0][0]}
-            if negative:
-                added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
-                payload["negative"] = negative if added else None
-            cur.execute(
-                "UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? WHERE pair_id = ?",
-                [new_status, now, d.pair_id],
-            )
-            return store.append_decision(d.pair_id, d.reviewer, d.action, payload, cur)
+            return _apply(store, cur, d, _now(), require_claim)
 
     return _retry(attempt)
+
+
+def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: datetime, require_claim: bool) -> int:
+    """`decide` inside the caller's transaction."""
+    rows = cur.execute(
+        "SELECT anchor, positive_id, positive_text, status, claimed_by, claim_expires, query_id, split "
+        "FROM pairs WHERE pair_id = ?",
+        [d.pair_id],
+    ).fetchall()
+    if not rows:
+        raise NotFoundError(f"No pair with id {d.pair_id!r}.")
+    anchor, pos_id, pos_text, status, claimed_by, expires, query_id, split = rows[0]
+    if status != "pending":
+        raise ReviewConflict(f"Pair {d.pair_id} was already decided (status {status}).")
+    if claimed_by and claimed_by != d.reviewer and expires and expires > now:
+        raise ReviewConflict(f"Pair {d.pair_id} is being reviewed by {claimed_by}.")
+    if require_claim and claimed_by != d.reviewer:
+        raise ReviewConflict(f"Pair {d.pair_id} is not claimed by {d.reviewer}; fetch the next card again.")
+    payload: dict[str, Any] = {"previous_status": status}
+    new_status = "accepted" if d.action == "accept" else "rejected"
+    new_pair: dict[str, Any] | None = None
+    negative: str | None = None
+    if d.action == "edit":
+        query = " ".join((d.query or "").split())
+        if query == " ".join(anchor.split()):
+            # The same pair id: its insert would be ignored and the pair end up rejected.
+            raise InputError("the edited query is the same as the original; use accept instead")
+        if query_key(query) in held_out_keys(cur):
+            raise InputError(
+                f"the edited query {query!r} is a query held out for evaluation (case, spacing and "
+                f"trailing punctuation aside); a training pair on it would leak the evaluation. Write a "
+                f"different query, or reject the card."
+            )
+        new_pair = {"anchor": query, "positive_id": pos_id, "positive_text": pos_text}
+        payload["query"] = query
+    elif d.action == "pick":
+        found = cur.execute("SELECT text FROM passages WHERE passage_id = ?", [d.passage_id]).fetchall()
+        if not found:
+            raise NotFoundError(f"No passage with id {d.passage_id!r}.")
+        if d.passage_id == pos_id:
+            raise InputError("a pick must choose a different passage; use accept instead")
+        new_pair = {"anchor": anchor, "positive_id": d.passage_id, "positive_text": found[0][0]}
+        negative = pos_id
+        payload["passage_id"] = d.passage_id
+    elif d.action == "reject":
+        negative = pos_id
+    if new_pair is not None:
+        new_id = Pair.make_id(new_pair["anchor"], new_pair["positive_text"])
+        created = Store.insert_ignore(cur, "pairs", [{
+            "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": split,
+            "query_id": query_id, "origin": f"review:{d.action}",
+            "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
+        }])
+        payload["created_pair"] = new_id if created else None
+        if not created:
+            # The chosen (query, passage) is already a card of its own (e.g. the query's
+            # top-2 when its top-1 was shown): this decision answers it too, so nobody is
+            # asked the same question twice. Undo puts it back.
+            open_card = cur.execute(
+                "SELECT status FROM pairs WHERE pair_id = ? AND status IN ('pending', 'candidate')", [new_id]
+            ).fetchall()
+            if open_card:
+                cur.execute(
+                    "UPDATE pairs SET status = 'accepted', claimed_by = NULL, claim_expires = NULL, "
+                    "updated_at = ? WHERE pair_id = ?", [now, new_id],
+                )
+                payload["resolved_pair"] = {"pair_id": new_id, "previous_status": open_card[0][0]}
+    if negative:
+        added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
+        payload["negative"] = negative if added else None
+    cur.execute(
+        "UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? WHERE pair_id = ?",
+        [new_status, now, d.pair_id],
+    )
+    return store.append_decision(d.pair_id, d.reviewer, d.action, payload, cur)
 
 
 def undo_last(store: Store, reviewer: str) -> str | None:
@@ -290,17 +294,47 @@ def pending(store: Store, limit: int | None = None) -> list[Card]:
     return [_card(dict(zip(_CARD_COLS.split(", "), r, strict=True))) for r in store.execute(sql).fetchall()]
 
 
-def read_decisions(path: str | Path, max_bytes: int) -> list[DecisionIn]:
-    """Decisions from a JSONL file (pair_id, action, reviewer, query?, passage_id?)."""
+def read_decisions(path: str | Path, max_bytes: int) -> list[tuple[int, DecisionIn]]:
+    """(line number, decision) from a JSONL file (pair_id, action, reviewer, query?, passage_id?).
+
+    The whole file is checked: a malformed line, or a card decided twice, is an InputError naming it.
+    """
     from loop.ingest import iter_jsonl
 
-    out = []
+    out: list[tuple[int, DecisionIn]] = []
+    seen: dict[str, int] = {}
     for n, rec in iter_jsonl(Path(path), max_bytes):
         try:
-            out.append(DecisionIn(**rec))
+            d = DecisionIn(**rec)
         except ValidationError as e:
-            msg = validation_problems(e)
-            raise InputError(msg, path, n) from None
+            raise InputError(validation_problems(e), path, n) from None
+        if d.pair_id in seen:
+            raise InputError(f"pair {d.pair_id} is decided twice in this file (lines {seen[d.pair_id]} and {n})",
+                             path, n)
+        seen[d.pair_id] = n
+        out.append((n, d))
     if not out:
         raise InputError("no decisions in this file", path)
     return out
+
+
+def apply_decisions(store: Store, path: str | Path, max_bytes: int) -> int:
+    """Apply a JSONL file of decisions all or nothing (`embedloop review apply`); returns how many.
+
+    The file is read and checked whole first, then its decisions run in one transaction: a line
+    that cannot be applied (no such pair or passage, a card already decided or held by another
+    reviewer) is an InputError naming the file and line, and nothing of the file is applied.
+    """
+    decisions = read_decisions(path, max_bytes)
+
+    def attempt() -> int:
+        now = _now()
+        with store.transaction() as cur:
+            for n, d in decisions:
+                try:
+                    _apply(store, cur, d, now, require_claim=False)
+                except (NotFoundError, ReviewConflict, InputError) as e:
+                    raise InputError(f"{str(e).rstrip('.')}; nothing in this file was applied.", path, n) from None
+        return len(decisions)
+
+    return _retry(attempt)

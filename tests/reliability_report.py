@@ -6,10 +6,10 @@
 
 It runs pytest on the reliability tests (tests/test_faults.py, tests/test_reliability_table.py,
 tests/test_security.py) and on the tests of other modules that cover a case already (listed in
-`EXISTING`), collects each one's outcome and the `observed` text the test recorded with
-`record_property`, and writes the table: section, case, expected, observed, result, node id, time.
-The exit status is pytest's, so a failing case fails the command too (RELIABILITY.md is still
-written, with the failure in it).
+`EXISTING`, or marked `@case` in one of the modules it runs), collects each one's outcome and the
+`observed` text the test recorded with `record_property`, and writes the table: section, case,
+expected, observed, result, node id, time. The exit status is pytest's, so a failing case fails
+the command too (RELIABILITY.md is still written, with the failure in it).
 
 Tests declare their case with `@case(section, title, expected)`; rows of a parametrized table
 carry theirs in a `Row` parameter (`kind`, `title`, `expected`).
@@ -284,17 +284,17 @@ class ReliabilityPlugin:
     def _meta(self, item) -> Result | None:
         slow = item.get_closest_marker("slow") is not None
         fn = getattr(item, "function", None)
-        if any(item.nodeid.startswith(f) for f in OWN_FILES):
+        own = any(item.nodeid.startswith(f) for f in OWN_FILES)
+        if own:
             row = getattr(item, "callspec", None) and item.callspec.params.get("row")
             if row is not None and hasattr(row, "title"):
                 return Result(item.nodeid, "Bad input", f"{row.kind}: {row.title}", row.expected, slow=slow)
-            meta = getattr(fn, "reliability", None)
-            if meta is None:
-                return None
+        meta = getattr(fn, "reliability", None)  # @case, in any module the report runs
+        if meta is not None:
             title = meta["title"]
             if getattr(item, "callspec", None):
                 title += f" ({item.callspec.id})"
-            return Result(item.nodeid, meta["section"], title, meta["expected"], slow=slow)
+            return Result(item.nodeid, meta["section"], title, meta["expected"], slow=slow, own=own)
         for key, (section, title, expected) in EXISTING.items():
             if item.nodeid == key or (key.endswith("[") and item.nodeid.startswith(key)):
                 if "test_bad_input_is_an_input_error" in key:

@@ -6,7 +6,10 @@ before any model is needed (bad input, a locked workspace) run in the default, f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import select
 import subprocess
 import sys
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from loop.cli import main
+from tests.conftest import ROOT, SHARED
+from tests.reliability_report import case
 
 _SCRIPT = Path(sys.executable).parent / "embedloop"
 EMBEDLOOP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "loop.cli"]
@@ -286,3 +291,344 @@ def test_evaluate_gives_every_metric_an_interval(tmp_path, capsys):
     for name in ("ndcg@10", "recall@1", "recall@100", "mrr@10", "map"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(name + " "))
         assert "[" in line and "]" in line, line
+
+
+# Slow: the loop commands on a small real corpus ----------------------------------------------
+# Cranfield train queries 1-69 (the first 24 with qrels) and their three most relevant documents
+# each, filled up to 80 documents. The bundled model ranks the documents of EVAL_QUERIES poorly in
+# this corpus (NDCG@10 0 to 0.55), and the training pairs restate those queries ("question: ..."; a
+# restatement that differed only in case or punctuation would be held out too), so one tiny epoch
+# lifts the candidate beyond noise and promote, reindex and
+# rollback run for real instead of stopping at "not promoted".
+EVAL_QUERIES = ["7", "22", "27", "28", "48", "60", "64"]
+N_QUERIES, N_DOCS, N_LOGGED, REVIEW_BUDGET = 24, 80, 6, 4
+LOOP_TOML = f"""\
+encode_backend = "torch"   # no ONNX export of each new model version: seconds, not minutes
+[loop]
+review_budget = {REVIEW_BUDGET}
+generate_max = 6
+[loop.train]
+epochs = 1
+batch_size = 16
+max_seq_length = 64
+learning_rate = 2e-4       # one epoch of 5 steps moves the model (3e-5 leaves it within noise)
+"""
+BAD_DECISIONS = {
+    # label: (lines, the line the error names, a fragment of the error)
+    "unknown-pair": (['{first}', '{{"pair_id": "nope", "action": "accept", "reviewer": "ann"}}'], 2,
+                     "No pair with id 'nope'; nothing in this file was applied."),
+    "same-card-twice": (['{first}', '{second}', '{{"pair_id": "{id0}", "action": "reject", "reviewer": "bo"}}'],
+                        3, "pair {id0} is decided twice in this file (lines 1 and 3)"),
+    "unknown-action": (['{first}', '{{"pair_id": "{id1}", "action": "maybe", "reviewer": "ann"}}'], 2, "action"),
+}
+
+
+def _cranfield_subset(out: Path) -> dict[str, Path]:
+    """A slice of Cranfield: corpus, train and eval pairs (JSONL with document ids), a query log."""
+    src = SHARED / "cranfield"
+
+    def jsonl(name: str) -> list[dict]:
+        return [json.loads(line) for line in (src / name).read_text(encoding="utf-8").splitlines()]
+
+    qrels: dict[str, list[tuple[str, int]]] = {}
+    for line in (src / "qrels" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        q, d, score = line.split("\t")
+        qrels.setdefault(q, []).append((d, int(score)))
+    qids = sorted(qrels, key=int)[:N_QUERIES]
+    relevant = {q: [d for d, _ in sorted(qrels[q], key=lambda x: -x[1])[:3]] for q in qids}
+    corpus = {o["_id"]: o for o in jsonl("corpus.jsonl")}
+    keep = list(dict.fromkeys(d for q in qids for d in relevant[q]))
+    keep += [d for d in corpus if d not in keep][: N_DOCS - len(keep)]
+    queries = {o["_id"]: o["text"] for o in jsonl("queries.jsonl")}
+    out.mkdir(parents=True)
+    files = {"corpus": out / "corpus.jsonl", "train": out / "train.jsonl", "eval": out / "eval.jsonl",
+             "log": out / "log.txt"}
+    files["corpus"].write_text("".join(json.dumps(corpus[d]) + "\n" for d in keep), encoding="utf-8")
+    train, held_out = [], []
+    for q in qids:
+        for d in relevant[q]:
+            if q in EVAL_QUERIES:
+                held_out.append({"anchor": queries[q], "positive_id": d})
+                train.append({"anchor": "question: " + queries[q].removesuffix(" ."), "positive_id": d})
+            else:
+                train.append({"anchor": queries[q], "positive_id": d})
+    files["train"].write_text("".join(json.dumps(p) + "\n" for p in train), encoding="utf-8")
+    files["eval"].write_text("".join(json.dumps(p) + "\n" for p in held_out), encoding="utf-8")
+    logged = [queries[q] for q in queries if q not in qrels][:N_LOGGED]
+    files["log"].write_text("\n".join(logged) + "\n", encoding="utf-8")
+    return files
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+class LoopRun:
+    """Every command of the loop, run once as a subprocess; what each returned, and the state after."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.ws = root / "ws"
+        self.out: dict[str, subprocess.CompletedProcess[str]] = {}
+        self.status: dict[str, dict] = {}
+        self.queue: dict[str, list[dict]] = {}
+        self.seconds: dict[str, tuple[float, float]] = {}  # label -> (wall, CPU) seconds
+
+    def run(self, label: str, *args: str) -> subprocess.CompletedProcess[str]:
+        t0, cpu0 = time.monotonic(), _children_cpu()
+        self.out[label] = r = cli(self.ws, *args, timeout=300)
+        self.seconds[label] = (time.monotonic() - t0, _children_cpu() - cpu0)
+        return r
+
+    def _in_process(self, *args: str):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--workspace", str(self.ws), *args])
+        assert code == 0, err.getvalue()
+        return json.loads(out.getvalue())
+
+    def snapshot(self, label: str) -> None:
+        """`status --json` and `review list --json` (in this process: no model is loaded for them)."""
+        self.status[label] = self._in_process("status", "--json")
+        self.queue[label] = self._in_process("review", "list", "--json")
+
+    def state(self, label: str) -> tuple[int, str] | None:
+        rounds = self.status[label]["rounds"]
+        return (rounds[-1]["round"], rounds[-1]["state"]) if rounds else None
+
+    def decisions_file(self, name: str, lines: list[str]) -> Path:
+        path = self.root / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+
+def _run_the_loop(run: LoopRun) -> None:
+    files = _cranfield_subset(run.root / "cranfield")
+    run.ws.mkdir()
+    (run.ws / "embedloop.toml").write_text(LOOP_TOML, encoding="utf-8")
+    for label, args in [("ingest", ["ingest", str(files["corpus"])]),
+                        ("pairs-train", ["pairs", "import", str(files["train"])]),
+                        ("pairs-eval", ["pairs", "import", str(files["eval"]), "--split", "eval"]),
+                        ("queries", ["queries", "import", str(files["log"])])]:
+        assert run.run(label, *args).returncode == 0, run.out[label].stderr
+    run.snapshot("start")
+
+    # Round 1: `round --until review`, the review queue, the steps one at a time, then `round --until done`.
+    run.run("round --until review", "round", "--until", "review")
+    run.run("review list", "review", "list")
+    run.run("review list --json", "review", "list", "--json")
+    run.run("train (pending)", "train")
+    run.snapshot("train (pending)")
+    cards = run.queue["train (pending)"]
+    if len(cards) < 2:
+        return  # the tests report what is missing
+    values = {"first": json.dumps({"pair_id": cards[0]["pair_id"], "action": "accept", "reviewer": "ann"}),
+              "second": json.dumps({"pair_id": cards[1]["pair_id"], "action": "accept", "reviewer": "ann"}),
+              "id0": cards[0]["pair_id"], "id1": cards[1]["pair_id"]}
+    for label, (lines, _, _) in BAD_DECISIONS.items():
+        path = run.decisions_file(f"{label}.jsonl", [ln.format(**values) for ln in lines])
+        run.run(f"apply {label}", "review", "apply", str(path))
+        run.snapshot(f"apply {label}")
+    # The good file: one of each action. The pick takes a passage proposed for another query (a
+    # pick of one of this query's own cards would answer that card too, and this file decides it).
+    other = next((c["positive_id"] for c in cards[1:] if c["anchor"] != cards[0]["anchor"]), None)
+    good = [{"pair_id": cards[0]["pair_id"], "action": "pick", "passage_id": other, "reviewer": "ann"},
+            {"pair_id": cards[1]["pair_id"], "action": "edit", "query": cards[1]["anchor"] + " in detail",
+             "reviewer": "bo"}]
+    good += [{"pair_id": c["pair_id"], "action": a, "reviewer": "ann"}
+             for c, a in zip(cards[2:], ["reject", "accept"] * REVIEW_BUDGET)]
+    path = run.decisions_file("good.jsonl", [json.dumps(d) for d in good])
+    run.run("apply good", "review", "apply", str(path))
+    run.snapshot("apply good")
+    for step in ("train", "promote"):
+        run.run(step, step)
+        run.snapshot(step)
+    run.run("round --until done", "round", "--until", "done", "--json")
+    run.snapshot("round --until done")
+    run.run("evaluate", "evaluate")
+    run.run("evaluate --json", "evaluate", "--json")
+    run.run("export", "export", str(run.root / "export"))
+    run.run("rollback", "rollback")
+    run.snapshot("rollback")
+
+    # Round 2: generate and select; a step past review waits for the reviewers.
+    for label, args in [("generate", ["generate"]), ("select", ["select"]), ("reindex (pending)", ["reindex"]),
+                        ("round --until done (pending)", ["round", "--until", "done"])]:
+        run.run(label, *args)
+        run.snapshot(label)
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory) -> LoopRun:
+    """The whole loop on 80 Cranfield documents with the bundled model, once for this module."""
+    if not (SHARED / "cranfield" / "corpus.jsonl").exists():
+        pytest.skip("../shared/datasets/cranfield is not present")
+    run = LoopRun(tmp_path_factory.mktemp("loop"))
+    with pytest.MonkeyPatch.context() as mp:  # the function-scoped isolation of conftest is not active yet
+        for name in list(os.environ):
+            if name.startswith("EMBEDLOOP_") or name in {"OPENAI_API_KEY", "OPENAI_BASE_URL"}:
+                mp.delenv(name)
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        t0 = time.monotonic()
+        _run_the_loop(run)
+    cpu = sum(c for _, c in run.seconds.values())
+    steps = ", ".join(f"{k} {w:.0f}s/{c:.0f}s" for k, (w, c) in sorted(run.seconds.items(), key=lambda kv: -kv[1][0]))
+    print(f"\nthe loop through the CLI: {time.monotonic() - t0:.0f}s, {cpu:.0f}s CPU (wall/CPU: {steps})")
+    return run
+
+
+def _said(r: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_loop_steps_exit_0_when_their_step_is_reached(loop_run):
+    """round --until review|done, generate, select, train, promote: 0, and the round at that step.
+
+    (`embedloop reindex` reaching its step is the same code: `round --until done` runs the reindex here.)
+    """
+    run = loop_run
+    expected = {
+        "round --until review": (1, "review"), "train": (1, "evaluate"), "promote": (1, "reindex"),
+        "round --until done": (1, "done"), "generate": (2, "select"), "select": (2, "review"),
+    }
+    for label, (n, state) in expected.items():
+        r = run.out[label]
+        assert r.returncode == 0, f"{label}: {_said(r)}"
+        assert r.stdout.startswith(f"round {n}: state {state}\n"), f"{label}: {_said(r)}"
+        assert "Traceback" not in r.stderr
+    for label, (n, state) in expected.items():
+        if label in run.status:
+            assert run.state(label) == (n, state), label
+    for label in ("train (pending)", "select"):  # the queue each round filled
+        assert sum(p.get("pending", 0) for p in run.status[label]["pairs"].values()) == REVIEW_BUDGET
+    done = json.loads(run.out["round --until done"].stdout.split("\n", 1)[1])
+    assert done["round"] == 1 and done["state"] == "done" and done["manifest"]["steps"]["reindex"]["collection"]
+
+
+@pytest.mark.slow
+def test_loop_steps_exit_1_when_their_step_is_not_reached(loop_run):
+    """A step past review while cards wait for review: exit 1, the reason, the round stays at review."""
+    run = loop_run
+    for label, n in [("train (pending)", 1), ("reindex (pending)", 2), ("round --until done (pending)", 2)]:
+        r = run.out[label]
+        assert r.returncode == 1, f"{label}: {_said(r)}"
+        assert "Traceback" not in r.stderr
+        assert r.stdout.startswith(f"round {n}: state review ({REVIEW_BUDGET} cards are waiting for review."), \
+            f"{label}: {_said(r)}"
+        assert "--force" in r.stdout
+        assert run.state(label) == (n, "review")
+    # Nothing was trained meanwhile: no run folder, no model in the round.
+    assert "model" not in run.status["train (pending)"]["rounds"][0]
+    assert not (run.ws / "runs" / "round-002").exists() and "model" not in run.status["reindex (pending)"]["rounds"][1]
+
+
+@pytest.mark.slow
+def test_review_list_shows_the_queue(loop_run):
+    run = loop_run
+    r, rj = run.out["review list"], run.out["review list --json"]
+    assert r.returncode == 0 and rj.returncode == 0, _said(r) + _said(rj)
+    cards = json.loads(rj.stdout)
+    assert len(cards) == REVIEW_BUDGET and r.stderr.strip() == f"{REVIEW_BUDGET} pending"
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == [c["pair_id"] for c in cards]
+    assert [c["priority"] for c in cards] == sorted((c["priority"] for c in cards), reverse=True)
+    for c in cards:
+        assert c["source"] == "mined" and c["anchor"] and c["positive_id"] and c["positive_text"] and c["reason"]
+        assert {"pos_score", "rank", "margin"} <= set(c["features"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(BAD_DECISIONS))
+@case("Bad input", "`embedloop review apply FILE` with a bad decisions file after a good line",
+      "exit 2, one line naming the file and the bad line; nothing of the file is applied (the good lines "
+      "before it included)")
+def test_review_apply_a_bad_file_applies_nothing(loop_run, label, record_property):
+    run = loop_run
+    _, line, fragment = BAD_DECISIONS[label]
+    cards = run.queue["train (pending)"]
+    fragment = fragment.format(id0=cards[0]["pair_id"])
+    r = run.out[f"apply {label}"]
+    assert_one_line_error(r, f"{label}.jsonl, line {line}:", fragment)
+    after = run.status[f"apply {label}"]
+    assert after["decisions"] == 0 and after["pairs"] == run.status["train (pending)"]["pairs"]
+    assert run.queue[f"apply {label}"] == cards
+    record_property("observed", r.stderr.strip())
+
+
+@pytest.mark.slow
+def test_review_apply_a_good_file(loop_run):
+    run = loop_run
+    r = run.out["apply good"]
+    assert r.returncode == 0, _said(r)
+    assert r.stdout.strip() == f"{REVIEW_BUDGET} decisions applied"
+    st = run.status["apply good"]
+    assert st["decisions"] == REVIEW_BUDGET and run.queue["apply good"] == []
+    # pick, edit and reject leave the card rejected; the edit and the pick made new accepted pairs
+    # (a pick of a passage that is a card of its own already accepts that card instead).
+    assert st["pairs"]["mined"].get("rejected", 0) == 3
+    assert 1 <= st["pairs"]["edited"]["accepted"] <= 2
+
+
+@pytest.mark.slow
+def test_promote_and_reindex_switch_the_active_model(loop_run):
+    run = loop_run
+    before, after = run.status["apply good"], run.status["round --until done"]
+    base = before["active_model"]["version"]
+    promoted = after["active_model"]["version"]
+    assert before["active_index"]["model_version"] == base and promoted.startswith("r1-")
+    r1 = after["rounds"][0]
+    assert r1["promoted"] is True and r1["model"] == promoted
+    assert after["active_index"]["model_version"] == promoted
+    assert after["active_index"]["count"] == after["passages"] and after["active_index"]["status"] == "active"
+    assert "Promote" in run.out["promote"].stderr and "verified and active" in run.out["round --until done"].stderr
+
+
+@pytest.mark.slow
+def test_evaluate_reports_base_and_active(loop_run):
+    run = loop_run
+    r, rj = run.out["evaluate"], run.out["evaluate --json"]
+    assert r.returncode == 0 and rj.returncode == 0, _said(r) + _said(rj)
+    out = json.loads(rj.stdout)
+    base = run.status["start"]["active_model"]["version"]
+    promoted = run.status["round --until done"]["active_model"]["version"]
+    assert out["n_queries"] == len(EVAL_QUERIES) and list(out["models"]) == [base, promoted]
+    assert "vs_base" not in out["models"][base]
+    vs = out["models"][promoted]["vs_base"]
+    assert vs["ci_low"] > 0 and vs["ci_low"] <= vs["delta"] <= vs["ci_high"]
+    assert out["models"][promoted]["metrics"]["ndcg@10"] == pytest.approx(
+        out["models"][base]["metrics"]["ndcg@10"] + vs["delta"])
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{out['evalset']}: {len(EVAL_QUERIES)} queries"
+    assert lines[1].startswith(base) and "vs base" not in lines[1]
+    assert lines[2].startswith(promoted) and f"vs base {vs['delta']:+.4f}" in lines[2]
+
+
+@pytest.mark.slow
+def test_export_writes_the_active_model_and_the_pairs(loop_run):
+    run = loop_run
+    r = run.out["export"]
+    assert r.returncode == 0, _said(r)
+    promoted = run.status["round --until done"]["active_model"]["version"]
+    d = run.root / "export"
+    n_pairs = len((d / "pairs.jsonl").read_text(encoding="utf-8").splitlines())
+    assert r.stdout.strip() == f"exported model {promoted} and {n_pairs} pairs to {d}"
+    accepted = sum(by_status.get("accepted", 0) for by_status in run.status["round --until done"]["pairs"].values())
+    assert n_pairs == accepted
+    assert (d / "model" / "modules.json").is_file() and promoted in (d / "model" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_rollback_returns_to_the_previous_index(loop_run):
+    run = loop_run
+    r = run.out["rollback"]
+    assert r.returncode == 0, _said(r)
+    before, after = run.status["round --until done"], run.status["rollback"]
+    base = run.status["start"]["active_index"]
+    assert after["active_model"]["version"] == base["model_version"] == run.status["start"]["active_model"]["version"]
+    assert after["active_index"]["collection"] == base["collection"] != before["active_index"]["collection"]
+    assert after["active_index"]["count"] == after["passages"]
+    assert r.stdout.strip() == f"active index is now {base['collection']} (model {base['model_version']})"

@@ -1,6 +1,7 @@
 """The review queue: claims, decisions, undo and many reviewers at once."""
 
 import json
+import re
 import threading
 from datetime import timedelta
 
@@ -9,7 +10,16 @@ import pytest
 import loop.review as review
 from loop.errors import InputError, NotFoundError
 from loop.records import Pair
-from loop.review import DecisionIn, ReviewConflict, claim_next, decide, read_decisions, release, undo_last
+from loop.review import (
+    DecisionIn,
+    ReviewConflict,
+    apply_decisions,
+    claim_next,
+    decide,
+    read_decisions,
+    release,
+    undo_last,
+)
 from storage.db import Store
 
 
@@ -321,7 +331,7 @@ def test_read_decisions(tmp_path):
         '{"pair_id": "b", "action": "edit", "reviewer": "ann", "query": "q"}\n'
     )
     got = read_decisions(path, 10_000)
-    assert [(d.pair_id, d.action, d.query) for d in got] == [("a", "accept", None), ("b", "edit", "q")]
+    assert [(n, d.pair_id, d.action, d.query) for n, d in got] == [(1, "a", "accept", None), (3, "b", "edit", "q")]
 
 
 @pytest.mark.parametrize(
@@ -341,6 +351,48 @@ def test_read_decisions_errors_name_the_line(tmp_path, text, line, expected_erro
         read_decisions(path, 10_000)
     assert e.value.line == line
     assert e.value.path == str(path)
+
+
+_GOOD = '{"pair_id": "pair0000", "action": "pick", "passage_id": "other", "reviewer": "ann"}\n'
+
+
+@pytest.mark.parametrize(
+    "rest, line, expected_error",
+    [
+        ('{"pair_id": "nope", "action": "accept", "reviewer": "ann"}\n', 2, "No pair with id 'nope'"),
+        ('{"pair_id": "pair0001", "action": "pick", "passage_id": "gone", "reviewer": "ann"}\n', 2,
+         "No passage with id 'gone'"),
+        ('{"pair_id": "pair0001", "action": "edit", "query": "query 1", "reviewer": "ann"}\n', 2,
+         "the edited query is the same"),
+        ('{"pair_id": "pair0001", "action": "accept", "reviewer": "ann"}\n'
+         '{"pair_id": "pair0000", "action": "reject", "reviewer": "bo"}\n', 3,
+         "decided twice in this file (lines 1 and 3)"),
+        ('{"pair_id": "done", "action": "accept", "reviewer": "ann"}\n', 2, "already decided"),
+    ],
+)
+def test_apply_decisions_is_all_or_nothing(store, tmp_path, rest, line, expected_error):
+    """A line that cannot be applied, after good ones: the error names it, and no line is applied."""
+    _seed(store, 3)
+    store.execute("INSERT INTO pairs (pair_id, anchor, positive_id, positive_text, source, status) "
+                  "VALUES ('done', 'query 9', 'p2', 'passage number 2', 'synthetic', 'accepted')")
+    tables = ("pairs", "decisions", "negatives")
+    before = {t: store.rows(f"SELECT * FROM {t} ORDER BY ALL") for t in tables}
+    path = tmp_path / "d.jsonl"
+    path.write_text(_GOOD + rest)
+    with pytest.raises(InputError, match=re.escape(expected_error)) as e:
+        apply_decisions(store, path, 10_000)
+    assert (e.value.path, e.value.line) == (str(path), line)
+    assert {t: store.rows(f"SELECT * FROM {t} ORDER BY ALL") for t in tables} == before
+
+
+def test_apply_decisions_applies_a_good_file(store, tmp_path):
+    ids = _seed(store, 3)
+    path = tmp_path / "d.jsonl"
+    path.write_text(_GOOD + '{"pair_id": "pair0001", "action": "reject", "reviewer": "ann"}\n')
+    assert apply_decisions(store, path, 10_000) == 2
+    assert [_status(store, i) for i in sorted(ids)] == ["rejected", "rejected", "pending"]
+    assert store.scalar("SELECT count(*) FROM decisions") == 2
+    assert store.scalar("SELECT count(*) FROM pairs WHERE source = 'edited' AND positive_id = 'other'") == 1
 
 
 # Many reviewers at once -----------------------------------------------------------------------
