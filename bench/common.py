@@ -13,6 +13,7 @@ order, so seeds differ in which cards a pick answers without a review.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import subprocess
@@ -279,6 +280,14 @@ def stock_finetune(base_model: str | Path, pairs: list[tuple[str, str]], out_dir
     trainer.train()
     model.save(str(out_dir / "model"))
     return out_dir / "model"
+
+
+def n_train(run: Path) -> int | None:
+    """How many rows a round's trainer had (its snapshot.json), or None."""
+    try:
+        return json.loads((run / "snapshot.json").read_text())["n_train"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def sample(items: list[Any], n: int, seed: int) -> list[Any]:

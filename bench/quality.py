@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, pooled_vs, sample,
+from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_vs, sample,
                           seed_means, stock_finetune, summary, vs)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
@@ -112,7 +112,7 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             row = round_row(
                 n, report, judged[active], base, reviews=reviews, promoted=promoted,
                 active_model="base" if active == ws.base_version else active,
-                train_pairs=r["manifest"].get("train_config") and _n_train(loop.run_dir(r)),
+                train_pairs=r["manifest"].get("train_config") and n_train(loop.run_dir(r)),
                 decisions=dict(reviewer.counts), select=r["manifest"]["steps"].get("select", {}),
                 internal_eval={k: round(v, 4) for k, v in r["manifest"].get("metrics", {}).get("candidate", {}).items()
                                if k in ("ndcg@10",)})
@@ -131,13 +131,6 @@ def round_row(n: int, report: EvalReport, active: EvalReport, base: EvalReport, 
     themselves ride along as `_report` / `_active` for the pooled figures (not written out)."""
     row = {"round": n, **extra, **summary(report, base), "active_ndcg@10": round(active.metrics["ndcg@10"], 4)}
     return {**row, "_report": report, "_active": active}
-
-
-def _n_train(run: Path) -> int | None:
-    try:
-        return json.loads((run / "snapshot.json").read_text())["n_train"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

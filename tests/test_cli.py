@@ -603,8 +603,10 @@ def test_evaluate_reports_base_and_active(loop_run):
         out["models"][base]["metrics"]["ndcg@10"] + vs["delta"])
     lines = r.stdout.splitlines()
     assert lines[0] == f"{out['evalset']}: {len(EVAL_QUERIES)} queries"
-    assert lines[1].startswith(base) and "vs base" not in lines[1]
-    assert lines[2].startswith(promoted) and f"vs base {vs['delta']:+.4f}" in lines[2]
+    at_base, at_promoted = lines.index(f"{base}  (base)"), lines.index(promoted)
+    assert at_base < at_promoted and not any("vs base" in ln for ln in lines[at_base:at_promoted])
+    ndcg = next(ln for ln in lines[at_promoted:] if ln.strip().startswith("ndcg@10 "))
+    assert f"vs base {vs['delta']:+.4f}" in ndcg
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+"""Training recipe arms on a dev split: what the trainer's defaults cost and give.
+
+    python -m bench.recipe --data DIR [--pairs 200] [--dev-split 0.3] [--seeds 2] [--arms JSON] [--out FILE.json]
+
+A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never read); N gold
+(query, relevant document) pairs drawn per seed from the other train queries are the labels.
+Every arm trains on the same pairs with `loop.train` (the product's own trainer, in-process) and
+is judged on the dev queries with the workspace default encoder; arms run side by side in one
+process, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
+base pooled over seeds and queries, training seconds and the trainer's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample
+from loop import train
+from loop.config import bundled_model_path
+from loop.embed import Embedder
+from loop.evaluate import evalset_from_beir, evaluate
+
+ARMS = {
+    "seq256-3ep-lr3e-5": {"max_seq_length": 256, "epochs": 3, "learning_rate": 3e-5},
+    "seq128-3ep-lr3e-5": {"max_seq_length": 128, "epochs": 3, "learning_rate": 3e-5},
+    "seq128-1ep-lr5e-5": {"max_seq_length": 128, "epochs": 1, "learning_rate": 5e-5},
+}
+
+
+def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, dict[str, Any]], log=print) -> dict:
+    base_path = bundled_model_path()
+    with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp:
+        tmp_path = Path(tmp)
+        dev = make_dev_split(data, tmp_path / "dev" / data.name, dev_split, seed=0)
+        beir = Beir.read(dev, splits=("train",))
+        evalset = evalset_from_beir(dev, "test")
+        base = evaluate(Embedder(base_path, "base"), evalset, k=100, dims=(None,), gain=GAIN)
+        log(f"base: dev NDCG@10 {base.metrics['ndcg@10']:.4f} on {len(evalset.query_ids)} dev queries")
+        reports: dict[str, list] = {name: [] for name in arms}
+        timing: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+        for seed in range(seeds):
+            rows = [{"anchor": a, "positive": p} for a, p in sample(beir.gold_pairs("train"), pairs, seed)]
+            for name, overrides in arms.items():
+                run_dir = tmp_path / f"{name}-s{seed}"
+                train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})
+                t0 = time.perf_counter()
+                if train.main(run_dir) != 0:
+                    raise RuntimeError(f"{name} seed {seed}: {train.read_result(run_dir)}")
+                wall = time.perf_counter() - t0
+                result = train.read_result(run_dir)
+                report = evaluate(Embedder(result["model_dir"], f"{name}-s{seed}"), evalset, k=100, dims=(None,),
+                                  gain=GAIN)
+                reports[name].append(report)
+                timing[name].append({"seed": seed, "wall_s": round(wall, 1), "train_seconds": result["train_seconds"],
+                                     "peak_rss_mb": result.get("peak_rss_mb"), "steps": result["steps"]})
+                log(f"  seed {seed} {name}: dev NDCG@10 {report.metrics['ndcg@10']:.4f}, train {wall:.0f}s, "
+                    f"peak RSS {result.get('peak_rss_mb')} MB")
+        out_arms = {}
+        for name in arms:
+            mean = sum(r.metrics["ndcg@10"] for r in reports[name]) / len(reports[name])
+            out_arms[name] = {"config": arms[name], "ndcg@10": round(mean, 4),
+                              "vs_base": pooled_vs([base] * seeds, reports[name]), "runs": timing[name]}
+        return {"dataset": data.name, "dev_split": dev_split, "n_dev_queries": len(evalset.query_ids),
+                "pairs": pairs, "seeds": seeds, "base_ndcg@10": round(base.metrics["ndcg@10"], 4), "arms": out_arms}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a BEIR folder (only its train qrels are read)")
+    p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--dev-split", type=float, default=0.3)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--arms", type=json.loads, default=None, help="JSON: name -> TrainConfig overrides")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    out = {"machine": machine(), "command": "python -m bench.recipe " + " ".join(argv or sys.argv[1:]),
+           **run(args.data, args.pairs, args.dev_split, args.seeds, args.arms or ARMS)}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
