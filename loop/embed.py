@@ -146,8 +146,8 @@ class Embedder:
     def encode_sorted(self, texts: list[str], batch_size: int | None = None, half: bool = True) -> np.ndarray:
         """The torch path on a CUDA GPU: texts tokenised once and batched longest first
         (`length_sorted_batches`, as the ONNX path does), fp16 autocast on CUDA, inference mode,
-        inputs copied from pinned memory and results kept on the device until the end, so the
-        GPU is never waited for per batch. Rows whose fp16 result is not finite (a model whose
+        inputs copied from pinned memory and results kept on the device until the end, so this
+        path adds no wait for the GPU per batch (bench/gpu_check.sh counts them). Rows whose fp16 result is not finite (a model whose
         activations overflow fp16) are encoded again in fp32. On a CPU it runs in fp32."""
         import torch
 
