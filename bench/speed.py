@@ -100,7 +100,10 @@ def bench_encode(texts: list[str], backends: list[str], cache_dir: Path, batch_s
 
 
 # Re-index --------------------------------------------------------------------------------------
-def bench_reindex(texts: list[str], backend: str, cache_dir: Path, tmp: Path) -> dict[str, Any]:
+def bench_reindex(texts: list[str], backend: str, cache_dir: Path, tmp: Path, path: Path | None = None,
+                  device: str = "cpu", batch_size: int = 64) -> dict[str, Any]:
+    """`path`: the model (default the bundled one); `device` and `batch_size`: both sides'
+    (on CUDA the project's Embedder batches at least 256, see loop.embed.CUDA_BATCH)."""
     import chromadb
     from sentence_transformers import SentenceTransformer
 
@@ -109,17 +112,17 @@ def bench_reindex(texts: list[str], backend: str, cache_dir: Path, tmp: Path) ->
     from loop.records import Document
     from loop.workspace import Workspace
 
-    path = bundled_model_path()
+    path = path or bundled_model_path()
     ws = Workspace.open(tmp / "ws")
     try:
-        ws._embedders[ws.base_version] = Embedder(path, ws.base_version, "cpu", 64, backend=backend, cache_dir=cache_dir)
+        ws._embedders[ws.base_version] = Embedder(path, ws.base_version, device, batch_size, backend=backend, cache_dir=cache_dir)
         docs = [Document(doc_id=f"d{i}", title="", text=t, source="bench") for i, t in enumerate(texts)]
         ws.add_documents(docs, "bench")  # the base index (not timed)
         n = int(ws.store.scalar("SELECT count(*) FROM passages"))
         version = "bench-v2"
         ws.store.execute("INSERT INTO model_versions (version, path, parent, sha256, status) VALUES (?, ?, ?, 'x', 'candidate')",
                          [version, str(path), ws.base_version])
-        emb = Embedder(path, version, "cpu", 64, backend=backend, cache_dir=cache_dir)
+        emb = Embedder(path, version, device, batch_size, backend=backend, cache_dir=cache_dir)
         emb.encode(["warm-up"])
         t0 = time.perf_counter()
         name = indexing.build(ws.store, ws.index, emb)
@@ -128,12 +131,12 @@ def bench_reindex(texts: list[str], backend: str, cache_dir: Path, tmp: Path) ->
         ptexts = [r[0] for r in ws.store.execute("SELECT text FROM passages ORDER BY passage_id").fetchall()]
     finally:
         ws.close()
-    model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    model = SentenceTransformer(str(path), device=device, local_files_only=True)
     model.encode(["warm-up"])
     client = chromadb.PersistentClient(path=str(tmp / "stock-chroma"))
     t0 = time.perf_counter()
     coll = client.create_collection("stock", metadata={"hnsw:space": "cosine"}, embedding_function=None)
-    vecs = model.encode(ptexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    vecs = model.encode(ptexts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     step = client.get_max_batch_size()
     ids = [f"p{i}" for i in range(len(ptexts))]
     for s in range(0, len(ptexts), step):

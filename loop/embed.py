@@ -24,6 +24,7 @@ BACKEND_ENV = "EMBEDLOOP_ENCODE_BACKEND"
 ONNX_CACHE_ENV = "EMBEDLOOP_ONNX_CACHE"
 _EXPORT_LOCK = threading.Lock()
 FP32_FILE, INT8_FILE = "model.onnx", "model-int8-per-channel.onnx"
+CUDA_BATCH = 256  # the least batch on a CUDA GPU: smaller ones leave it idle (batches are length-sorted)
 
 
 def model_hash(path: str | Path) -> str:
@@ -60,7 +61,8 @@ class Embedder:
     Args:
         path: local model directory.
         version: the id queries and collections are tagged with (see `model_version_for`).
-        device: auto | cpu | cuda | mps.
+        device: auto | cpu | cuda | mps. On a CUDA GPU, `encode` runs `encode_sorted` (half
+            precision, length-sorted batches of at least CUDA_BATCH texts).
         backend: auto | torch | onnx | onnx-int8 (the ONNX ones on a CPU only; see `OnnxEncoder`);
             None = the EMBEDLOOP_ENCODE_BACKEND environment variable, else auto. On a GPU the
             torch backend is always used. auto = onnx-int8 on a CPU (about 4x torch there, for
@@ -75,7 +77,7 @@ class Embedder:
         self.path = Path(path)
         self.version = version
         self.device = resolve_device(device)
-        self.batch_size = batch_size
+        self.batch_size = max(batch_size, CUDA_BATCH) if self.device.startswith("cuda") else batch_size
         backend = backend or os.environ.get(BACKEND_ENV) or "auto"
         if backend not in BACKENDS:
             raise ConfigError(f"encode backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
@@ -130,6 +132,8 @@ class Embedder:
                 # auto: a model the ONNX path cannot take (or an ONNX Runtime failure) runs on torch
                 logging.getLogger(__name__).warning("%s: ONNX encode unavailable (%s); using torch.", self.path, e)
                 self.backend = "torch"
+        if self.device.startswith("cuda"):
+            return self.encode_sorted(texts, batch_size)
         emb = self.model.encode(
             texts,
             batch_size=batch_size or self.batch_size,
@@ -138,6 +142,35 @@ class Embedder:
             show_progress_bar=show_progress,
         )
         return np.asarray(emb, dtype=np.float32)
+
+    def encode_sorted(self, texts: list[str], batch_size: int | None = None, half: bool = True) -> np.ndarray:
+        """The torch path on a CUDA GPU: texts tokenised once and batched longest first
+        (`length_sorted_batches`, as the ONNX path does), fp16 autocast on CUDA, inference mode,
+        inputs copied from pinned memory and results kept on the device until the end, so this
+        path adds no wait for the GPU per batch (bench/gpu_check.sh counts them). Rows whose fp16 result is not finite (a model whose
+        activations overflow fp16) are encoded again in fp32. On a CPU it runs in fp32."""
+        import torch
+
+        model = self.model.eval()
+        device = torch.device(self.device)
+        cuda = device.type == "cuda"
+
+        def to_device(a: np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)
+        batches = length_sorted_batches(self.tokenizer, texts, self.max_seq_length, batch_size or self.batch_size)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda and half):
+            for idx, feeds in batches:
+                emb = model({k: to_device(v) for k, v in feeds.items()})["sentence_embedding"]
+                out[to_device(idx)] = emb.float()
+            out = torch.nn.functional.normalize(out, dim=1)
+            bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+        result = out.cpu().numpy()
+        if bad and cuda and half:
+            result[bad] = self.encode_sorted([texts[i] for i in bad], batch_size, half=False)
+        return result
 
 
 def _has_onnxruntime() -> bool:
@@ -203,25 +236,9 @@ class OnnxEncoder:
                    ["input_ids", "attention_mask", "token_type_ids"])
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length, padding=False)
-        ids = enc["input_ids"]
-        types = enc.get("token_type_ids")
-        order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: memory peaks early
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            input_ids = np.full((len(idx), width), pad, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            type_ids = np.zeros((len(idx), width), dtype=np.int64)
-            for r, i in enumerate(idx):
-                n = len(ids[i])
-                input_ids[r, :n] = ids[i]
-                mask[r, :n] = 1
-                if types is not None:
-                    type_ids[r, :n] = types[i]
-            feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
+        for idx, feeds in length_sorted_batches(self.tokenizer, texts, self.max_seq_length, batch_size):
+            mask = feeds["attention_mask"]
             hidden = self.session.run(None, {k: feeds[k] for k in self.input_names})[0]
             if self.pooling == "cls":
                 emb = hidden[:, 0]
@@ -233,6 +250,30 @@ class OnnxEncoder:
             out[idx] = emb
         # Retrieval compares normalised vectors whatever the model's last module is.
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int):
+    """Tokenise `texts` once, then yield `(rows, feeds)` batches, longest texts first, each padded
+    only to its own longest row: `rows` are the batch's positions in `texts`, `feeds` its int64
+    arrays input_ids, attention_mask and token_type_ids (zeros where the tokenizer has none)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: memory peaks early
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in idx)
+        input_ids = np.full((len(idx), width), pad, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        type_ids = np.zeros((len(idx), width), dtype=np.int64)
+        for r, i in enumerate(idx):
+            n = len(ids[i])
+            input_ids[r, :n] = ids[i]
+            mask[r, :n] = 1
+            if types is not None:
+                type_ids[r, :n] = types[i]
+        yield idx, {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": type_ids}
 
 
 def export_onnx(transformer_module, folder: Path, quantize: bool = False) -> Path:

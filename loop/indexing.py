@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-
 
 from loop.embed import Embedder
 from loop.errors import VectorIndexError
@@ -23,6 +23,7 @@ from storage.index import VectorIndex, collection_name
 
 Progress = Callable[[int, int], None]
 ACTIVE_INDEX, ACTIVE_MODEL = "active_index", "active_model"
+ENCODE_SLICE = 2048  # passages encoded (and written) at a time: memory stays flat, progress is reported
 
 
 def collection_for(store: Store, version: str) -> str:
@@ -40,13 +41,31 @@ def collection_for(store: Store, version: str) -> str:
 def _embed_and_write(
     index: VectorIndex, name: str, embedder: Embedder, ids: list[str], texts: list[str], progress: Progress | None
 ) -> None:
-    # Encode and write in slices so memory stays flat and progress can be reported.
-    step = 2048
-    for start in range(0, len(ids), step):
-        emb = embedder.encode(texts[start : start + step])
-        index.upsert(name, ids[start : start + step], emb, texts[start : start + step])
-        if progress:
-            progress(min(start + step, len(ids)), len(ids))
+    """Encode and write in slices, streamed: while one slice is written to Chroma (a writer
+    thread), the next one is encoded (here). At most one write is in flight, so memory stays
+    flat; each slice's progress is reported (here, where a cancel raised by `progress` stops the
+    build) once its write is done. An error on either side ends the build: a write's at the next
+    slice, an encode's (or a cancel) after the write in flight has finished, so no thread outlives it.
+    """
+    step = ENCODE_SLICE
+    # Leaving the `with` waits for the write in flight, on an error too: no write outlives the build.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer") as writer:
+        pending: tuple[Future, int] | None = None
+        for start in range(0, len(ids), step):
+            end = min(start + step, len(ids))
+            emb = embedder.encode(texts[start:end])
+            if pending:
+                _written(pending, len(ids), progress)
+            pending = (writer.submit(index.upsert, name, ids[start:end], emb, texts[start:end]), end)
+        if pending:
+            _written(pending, len(ids), progress)
+
+
+def _written(pending: tuple[Future, int], total: int, progress: Progress | None) -> None:
+    future, end = pending
+    future.result()  # re-raises the writer's error
+    if progress:
+        progress(end, total)
 
 
 def verify(store: Store, index: VectorIndex, name: str, embedder: Embedder, canaries: int = 5) -> None:

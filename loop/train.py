@@ -532,7 +532,8 @@ class _Watch:
 
             if self.first_bad is None:
                 self.first_bad = torch.tensor([-1.0, 0.0], device=self.last_loss.device)
-            now = torch.stack([torch.tensor(float(step), device=self.last_loss.device), self.last_loss.float()])
+            # torch.full, not torch.tensor(step, device=...): a host-to-GPU copy waits for the GPU.
+            now = torch.stack([torch.full((), float(step), device=self.last_loss.device), self.last_loss.float()])
             first = (self.first_bad[0] < 0) & ~torch.isfinite(self.last_loss)
             self.first_bad = torch.where(first, now, self.first_bad)
 

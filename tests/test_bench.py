@@ -17,6 +17,7 @@ from loop.evaluate import EvalReport, evalset_from_beir, evaluate
 from loop.review import pending
 from loop.rounds import LoopConfig, Rounds
 from tests.fakes import FakeEmbedder
+from tests.reliability_report import case
 
 DOCS = {
     "d1": "Indemnification clauses allocate losses between the parties for third party claims.",
@@ -223,3 +224,42 @@ def test_reviewer_order_follows_its_seed(workspace, beir_dir):
     assert [c.pair_id for c in again] == [c.pair_id for c in orders[1]]
     unseeded = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"]).order(3)
     assert [c.pair_id for c in unseeded] == cards  # no seed: queue order, highest priority first
+
+
+GPU_COLUMNS = [  # bench/gpu.py's table and JSON, per model size
+    "weights", "train_stock_default_pairs_s", "train_stock_best_pairs_s", "train_stock_cached_pairs_s",
+    "train_project_pairs_s", "train_project_trainer_pairs_s", "train_project_wall_s", "train_ratio",
+    "train_ratio_vs_default", "train_stock_best_peak_gpu_mb", "train_project_peak_gpu_mb",
+    "encode_stock_passages_s", "encode_project_passages_s", "encode_ratio", "encode_cosine_min",
+    "reindex_stock_passages_s", "reindex_project_passages_s", "reindex_ratio", "seconds",
+]
+
+
+@case("What a user hits", "the GPU benchmark's smoke mode on a CPU",
+      "`python bench/gpu.py --smoke` runs every row (stock trainer at its defaults, bf16/batch 256 and "
+      "CachedMNRL; loop/train.py itself; stock and project encode; re-index) on toy models and prints "
+      "every column, in its table and its JSON, for both model sizes")
+def test_gpu_bench_smoke_runs_every_path_on_a_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SMOKE RUN" in proc.stdout and "meaningless" in proc.stdout
+    table = {line.split("|")[0].strip() for line in proc.stdout.splitlines() if "|" in line}
+    assert set(GPU_COLUMNS) <= table
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True and data["device"] == "cpu"
+    assert [r["size"] for r in data["rows"]] == ["MiniLM-L6", "BERT-base"]
+    for row in data["rows"]:
+        assert row["errors"] == {}
+        assert set(GPU_COLUMNS) <= set(row)
+        measured = [c for c in GPU_COLUMNS if c.endswith(("_pairs_s", "_passages_s", "_ratio", "_wall_s"))]
+        assert all(isinstance(row[c], (int, float)) and row[c] > 0 for c in measured), row
+        assert row["train_stock_best_peak_gpu_mb"] is None and row["project_train"]["precision"] == "fp32"
+        assert row["encode_cosine_min"] > 0.999  # the sorted encode path gives the stock vectors (fp32 here)

@@ -9,6 +9,7 @@ import pytest
 from loop.config import load_settings
 from loop.embed import Embedder, OnnxEncoder
 from loop.errors import ConfigError
+from tests.reliability_report import case
 
 TEXTS = ["shock waves on a swept wing", "heat transfer in a laminar boundary layer at high mach number", "x"]
 
@@ -72,3 +73,18 @@ def test_two_processes_exporting_the_same_model_at_once_both_get_it(minilm_path,
         assert p.returncode == 0, err[-2000:]
         assert "(1, 384)" in out
     assert [f.name for f in (tmp_path / "cache").glob("*/*")] == ["model-int8-per-channel.onnx"]
+
+
+@pytest.mark.slow
+@case("What a user hits", "encoding on a GPU: texts tokenised once, length-sorted, in large half-precision batches",
+      "the path gives the stock embeddings, in the caller's order (checked here on a CPU in fp32, with batches "
+      "small enough that sorting reorders them); on a CPU `encode` keeps the stock path")
+def test_the_gpu_encode_path_gives_the_stock_embeddings_in_input_order(minilm_path):
+    emb = Embedder(minilm_path, "v", "cpu", backend="torch")
+    texts = [*TEXTS, "a " * 300, "wing", "turbulent flow over a flat plate " * 5, TEXTS[1]]
+    ref = emb.encode(texts)  # stock SentenceTransformer.encode on a CPU
+    got = emb.encode_sorted(texts, batch_size=2)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert np.einsum("ij,ij->i", got, ref).min() >= 0.99999
+    assert Embedder(minilm_path, "v", "cuda").batch_size == 256  # the workspace's 64 is for a CPU

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from loop import indexing
 from loop.errors import IndexMismatchError, VectorIndexError
 from tests.fakes import FakeEmbedder
+from tests.reliability_report import case
 
 DOCS = {
     "contracts.txt": "Indemnification clauses allocate losses between the parties.",
@@ -433,3 +435,115 @@ def test_collections_named_before_workspace_ids_keep_their_names(workspace, tmp_
         ws2.close()
     with Workspace.open(ws_path) as ws3:
         assert ws3.store.workspace_id == wid  # stable across opens
+
+
+# Re-index streaming: batch N+1 is encoded while batch N is written --------------------------
+
+MANY = {f"doc{i}.txt": f"passage {i} about topic{i} and subject{i % 3} words{i}" for i in range(7)}
+
+
+class _SignalingEmbedder(FakeEmbedder):
+    """The fake encoder that records each call and can fail at one."""
+
+    def __init__(self, version: str, fail_at: int | None = None):
+        super().__init__(version)
+        self.started = [threading.Event() for _ in range(64)]
+        self.fail_at = fail_at
+
+    def encode(self, texts, batch_size=None, show_progress=False):
+        self.started[min(self.calls, 63)].set()
+        if self.fail_at is not None and self.calls + 1 == self.fail_at:
+            self.calls += 1
+            raise RuntimeError("encoder broke at its call %d" % self.fail_at)
+        return super().encode(texts, batch_size, show_progress)
+
+
+def _streaming(ws, tmp_path, monkeypatch, version: str, **kw) -> _SignalingEmbedder:
+    _ingest(ws, tmp_path, MANY)
+    monkeypatch.setattr(indexing, "ENCODE_SLICE", 2)  # 7 passages: four slices
+    emb = _SignalingEmbedder(version, **kw)
+    ws._embedders[version] = emb
+    _register(ws, version, tmp_path)
+    ws._embedders[version] = emb
+    return emb
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("index-writer")]
+
+
+@case("What a user hits", "re-index encodes the next batch while the previous one is written to Chroma",
+      "the second slice is encoded while the first write is still in progress; the collection holds "
+      "exactly the vectors a sequential encode gives, every passage once")
+def test_build_encodes_the_next_slice_while_the_previous_one_is_written(workspace, tmp_path, monkeypatch):
+    ws = workspace
+    emb = _streaming(ws, tmp_path, monkeypatch, "ft-stream")
+    real_upsert = ws.index.upsert
+    overlapped: list[bool] = []
+
+    def slow_first_write(name, ids, embeddings, documents):
+        if not overlapped:  # the first slice's write waits until the second slice is being encoded
+            overlapped.append(emb.started[1].wait(timeout=10))
+        real_upsert(name, ids, embeddings, documents)
+
+    monkeypatch.setattr(ws.index, "upsert", slow_first_write)
+    done: list[tuple[int, int]] = []
+    name = indexing.build(ws.store, ws.index, emb, progress=lambda d, t: done.append((d, t)))
+    assert overlapped == [True]
+    n = ws.store.scalar("SELECT count(*) FROM passages")
+    assert done == [(2, n), (4, n), (6, n), (n, n)]
+    ids = ws.store.passage_ids()
+    texts = ws.store.passages(ids)
+    assert ws.index.ids(name) == set(ids) and ws.index.count(name) == n == len(MANY)
+    want = FakeEmbedder("ft-stream").encode([texts[i] for i in ids])
+    assert np.allclose(ws.index.embeddings(name, ids), want, atol=1e-6)
+    assert _status(ws)[name] == "verified" and not _writer_threads()
+
+
+@case("Stuck or wrong state", "a Chroma write fails during a streamed re-index",
+      "the write's own error reaches the caller, the build is recorded failed, no more slices are written "
+      "and no writer thread is left behind")
+def test_an_error_in_the_index_writer_surfaces_and_stops_the_build(workspace, tmp_path, monkeypatch):
+    ws = workspace
+    emb = _streaming(ws, tmp_path, monkeypatch, "ft-writefail")
+    real_upsert = ws.index.upsert
+    writes: list[int] = []
+
+    def failing_second_write(name, ids, embeddings, documents):
+        writes.append(len(ids))
+        if len(writes) == 2:
+            raise VectorIndexError("Chroma refused the write (disk full)")
+        real_upsert(name, ids, embeddings, documents)
+
+    monkeypatch.setattr(ws.index, "upsert", failing_second_write)
+    with pytest.raises(VectorIndexError, match="disk full"):
+        indexing.build(ws.store, ws.index, emb)
+    assert len(writes) == 2 and emb.calls <= 3  # nothing encoded or written past the failure but one slice
+    name = indexing.collection_for(ws.store, "ft-writefail")
+    assert _status(ws)[name] == "failed" and not _writer_threads()
+
+
+@case("Stuck or wrong state", "the encoder fails, or the user cancels, during a streamed re-index",
+      "the error (or the cancel raised by the progress callback) reaches the caller once the write in "
+      "flight has finished; nothing is written after it and no writer thread is left behind")
+def test_encoder_errors_and_cancel_stop_a_streamed_build(workspace, tmp_path, monkeypatch):
+    ws = workspace
+    emb = _streaming(ws, tmp_path, monkeypatch, "ft-encfail", fail_at=3)
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        indexing.build(ws.store, ws.index, emb)
+    name = indexing.collection_for(ws.store, "ft-encfail")
+    assert ws.index.count(name) == 4 and _status(ws)[name] == "failed" and not _writer_threads()
+
+    from loop.jobs import Cancelled
+
+    emb2 = _SignalingEmbedder("ft-cancel")
+    _register(ws, "ft-cancel", tmp_path)
+    ws._embedders["ft-cancel"] = emb2
+
+    def cancel(done, total):
+        raise Cancelled("Cancelled by the user.")
+
+    with pytest.raises(Cancelled):
+        indexing.build(ws.store, ws.index, emb2, progress=cancel)
+    name2 = indexing.collection_for(ws.store, "ft-cancel")
+    assert ws.index.count(name2) == 2 and not _writer_threads()  # the first slice, and nothing after it
