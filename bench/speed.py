@@ -1,9 +1,12 @@
 """Speed benchmark (CPU): the project's paths side by side with the stock way, in one run.
 
     python -m bench.speed [--data DIR] [--passages N] [--train-pairs N] [--only PART ...] [--out FILE.json]
+                          [--backends B ...] [--st-onnx-site DIR]
 
 Parts (each prints a ratio project / stock):
-  encode   passages/s: Embedder (torch, onnx, onnx-int8 backends) vs stock SentenceTransformer.encode.
+  encode   passages/s: Embedder (torch, onnx, onnx-int8 backends) and sentence-transformers' own ONNX path
+           (st-onnx, st-onnx-O3, st-onnx-qint8, st-onnx-O3-qint8: bench/st_onnx.py, in a child process with
+           --st-onnx-site first on its path) vs stock SentenceTransformer.encode; NDCG@10 of each on --data's test split.
   reindex  passages/s: loop.indexing.build + activate (encode + Chroma write + verify + switch) vs
            stock model.encode + collection.add.
   train    pairs/s: the project's training subprocess (loop.train) vs a stock SentenceTransformerTrainer,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -59,44 +63,164 @@ def _rate(n: int, seconds: float) -> float:
 
 
 # Encode ----------------------------------------------------------------------------------------
+class LibraryArms:
+    """sentence-transformers' own ONNX path (`bench/st_onnx.py`), in a child process whose PYTHONPATH
+    starts with `site` (None: this environment). `arm(name)` is an encoder `loop.evaluate` can use."""
+
+    HOW_TO = ("it needs optimum-onnx, which requires transformers < 4.58 while this project's "
+              "sentence-transformers needs >= 5; pass --st-onnx-site DIR, a folder with sentence-transformers 5 "
+              "and optimum-onnx installed in it (bench/README.md)")
+
+    def __init__(self, site: str | Path | None, model: Path, folder: Path):
+        import os
+        import subprocess
+
+        import torch
+
+        env = dict(os.environ)
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "st-onnx.log"
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "st_onnx.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, env=env)
+        try:
+            self.versions = self.call("setup", model=str(model), folder=str(folder / "model"),
+                                      threads=torch.get_num_threads())
+        except Exception:
+            self.close()
+            raise
+
+    def call(self, op: str, **kw: Any) -> Any:
+        import pickle
+
+        assert self.proc.stdin and self.proc.stdout
+        try:
+            pickle.dump({"op": op, **kw}, self.proc.stdin)
+            self.proc.stdin.flush()
+            answer = pickle.load(self.proc.stdout)
+        except (EOFError, BrokenPipeError, OSError) as e:
+            raise RuntimeError(f"the sentence-transformers worker died ({e}); see {self.log}") from e
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["ok"]
+
+    def arm(self, name: str, dim: int, batch_size: int) -> Any:
+        parent = self
+
+        class Arm:
+            version = name
+
+            def __init__(self) -> None:
+                self.dim = dim
+                self.seconds = 0.0  # the child's own timing of the last encode (no pipe transfer)
+
+            def encode(self, texts: list[str]) -> np.ndarray:
+                emb, self.seconds = parent.call("encode", arm=name, texts=list(texts), batch_size=batch_size)
+                return emb
+
+        return Arm()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        self._log.close()
+
+
 def bench_encode(texts: list[str], backends: list[str], cache_dir: Path, batch_size: int = 64,
-                 data: Path | None = None) -> dict[str, Any]:
+                 data: Path | None = None, st_onnx_site: str | Path | None = None, repeats: int = 1) -> dict[str, Any]:
     """Passages/s per backend vs stock; with a BEIR `data` folder that has qrels/test, also each
-    backend's NDCG@10 on it next to the torch backend's (the int8 target: within 0.005)."""
+    backend's NDCG@10 on it next to the torch backend's (the int8 target: within 0.005).
+
+    A backend is one of `Embedder`'s (torch, onnx, onnx-int8) or a library arm (`st-onnx`,
+    `st-onnx-O3`, `st-onnx-qint8`, `st-onnx-O3-qint8`: sentence-transformers' own ONNX path,
+    bench/st_onnx.py, run with `st_onnx_site` first on the path). An arm that cannot run gets
+    {"error": why} and the others go on.
+
+    Every arm is set up (exported, warmed up) first; then the timed passes run in turn, stock
+    included, `repeats` times round, and each arm's figure is its median pass: on a shared machine
+    a burst of someone else's load then costs every arm alike rather than whichever ran during it."""
     from sentence_transformers import SentenceTransformer
 
     from bench.common import GAIN
+    from bench.st_onnx import ARMS
     from loop.embed import Embedder
     from loop.evaluate import evalset_from_beir, evaluate
 
     path = bundled_model_path()
     stock = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     stock.encode(texts[:32], batch_size=batch_size)  # warm-up
-    t0 = time.perf_counter()
-    ref = stock.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    stock_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"passages": len(texts), "stock_torch_passages_s": _rate(len(texts), stock_s)}
-    for be in backends:
-        emb = Embedder(path, "bench", "cpu", batch_size, backend=be, cache_dir=cache_dir)
-        t0 = time.perf_counter()
-        emb.encode(texts[:32])  # warm-up; the first ONNX call exports (timed separately)
-        setup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        got = emb.encode(texts)
-        secs = time.perf_counter() - t0
-        cos = np.einsum("ij,ij->i", got, ref)
-        out[be] = {"passages_s": _rate(len(texts), secs), "ratio_vs_stock": round(stock_s / secs, 2),
-                   "setup_s": round(setup, 1), "cosine_to_stock_min": round(float(cos.min()), 4),
-                   "cosine_to_stock_mean": round(float(cos.mean()), 5)}
-    if data is not None and (data / "qrels" / "test.tsv").is_file():
-        evalset = evalset_from_beir(data, "test")
-        ndcg = {be: evaluate(Embedder(path, "bench", "cpu", batch_size, backend=be, cache_dir=cache_dir), evalset,
-                             k=100, dims=(None,), gain=GAIN).metrics["ndcg@10"] for be in dict.fromkeys(["torch", *backends])}
+
+    class Stock:
+        def encode(self, batch: list[str]) -> np.ndarray:
+            return stock.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+    out: dict[str, Any] = {"passages": len(texts), "repeats": repeats}
+    dim = int(stock.get_embedding_dimension())
+    library: LibraryArms | None = None
+    encoders: dict[str, Any] = {}
+    setup: dict[str, float] = {}
+    try:
         for be in backends:
-            out[be]["ndcg@10"] = round(ndcg[be], 4)
-            out[be]["ndcg@10_vs_torch"] = round(ndcg[be] - ndcg["torch"], 4)
-        out["ndcg_data"] = f"{data.name} test ({len(evalset.query_ids)} queries)"
-    return out
+            try:
+                if be in ARMS:
+                    if library is None:
+                        library = LibraryArms(st_onnx_site, path, cache_dir / "st-onnx")
+                        out["st_onnx_versions"] = library.versions
+                    t0 = time.perf_counter()
+                    library.call("prepare", arm=be)
+                    emb = library.arm(be, dim, batch_size)
+                else:
+                    t0 = time.perf_counter()
+                    emb = Embedder(path, "bench", "cpu", batch_size, backend=be, cache_dir=cache_dir)
+                emb.encode(texts[:32])  # warm-up; the first ONNX call exports (timed separately)
+                setup[be] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001 - one arm that cannot run must not lose the others
+                if be not in ARMS:
+                    raise
+                msg = str(e)
+                missing = "install" in msg.lower() and "optimum" in msg.lower()  # the library's own words
+                out[be] = {"error": f"{msg}; {LibraryArms.HOW_TO}" if missing else msg}
+                continue
+            encoders[be] = emb
+        runs: dict[str, list[float]] = {name: [] for name in ["stock", *encoders]}
+        got: dict[str, np.ndarray] = {}
+        for _ in range(repeats):
+            for name in runs:
+                emb = Stock() if name == "stock" else encoders[name]
+                t0 = time.perf_counter()
+                got[name] = emb.encode(texts)
+                runs[name].append(getattr(emb, "seconds", 0.0) or time.perf_counter() - t0)
+        secs = {name: float(np.median(r)) for name, r in runs.items()}
+        out["stock_torch_passages_s"] = _rate(len(texts), secs["stock"])
+        out["stock_torch_passages_s_runs"] = [_rate(len(texts), x) for x in runs["stock"]]
+        ref = got["stock"]
+        for be in encoders:
+            cos = np.einsum("ij,ij->i", got[be], ref)
+            out[be] = {"passages_s": _rate(len(texts), secs[be]), "ratio_vs_stock": round(secs["stock"] / secs[be], 2),
+                       "passages_s_runs": [_rate(len(texts), x) for x in runs[be]],
+                       "setup_s": round(setup[be], 1), "cosine_to_stock_min": round(float(cos.min()), 4),
+                       "cosine_to_stock_mean": round(float(cos.mean()), 5)}
+        if data is not None and (data / "qrels" / "test.tsv").is_file():
+            evalset = evalset_from_beir(data, "test")
+            ndcg = {}
+            for be in dict.fromkeys(["torch", *encoders]):
+                emb = encoders.get(be) or Embedder(path, "bench", "cpu", batch_size, backend=be, cache_dir=cache_dir)
+                ndcg[be] = evaluate(emb, evalset, k=100, dims=(None,), gain=GAIN).metrics["ndcg@10"]
+            for be in encoders:
+                out[be]["ndcg@10"] = round(ndcg[be], 4)
+                out[be]["ndcg@10_vs_torch"] = round(ndcg[be] - ndcg["torch"], 4)
+            out["ndcg_data"] = f"{data.name} test ({len(evalset.query_ids)} queries)"
+    finally:
+        if library is not None:
+            library.close()
+    return {k: out[k] for k in ["passages", "repeats", "stock_torch_passages_s", "stock_torch_passages_s_runs",
+                                "st_onnx_versions", *backends, "ndcg_data"] if k in out}
 
 
 # Re-index --------------------------------------------------------------------------------------
@@ -310,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a BEIR folder whose corpus supplies passages")
     p.add_argument("--passages", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3, help="encode: timed passes per arm, in turn (median kept)")
     p.add_argument("--train-pairs", type=int, default=256)
-    p.add_argument("--backends", nargs="*", default=["torch", "onnx", "onnx-int8"])
+    p.add_argument("--backends", nargs="*", default=["torch", "onnx", "onnx-int8", "st-onnx", "st-onnx-O3",
+                                                     "st-onnx-qint8", "st-onnx-O3-qint8"])
+    p.add_argument("--st-onnx-site", default=os.environ.get("EMBEDLOOP_ST_ONNX_SITE"),
+                   help="a folder with sentence-transformers 5 + optimum-onnx, first on the library arms' PYTHONPATH "
+                        "(default: EMBEDLOOP_ST_ONNX_SITE; bench/README.md)")
     p.add_argument("--reindex-backend", default="onnx-int8")
     p.add_argument("--only", nargs="*", default=["encode", "reindex", "train", "review", "llm", "demo"])
     p.add_argument("--pending", type=int, default=100_000)
@@ -323,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = corpus_texts(args.data, args.passages)
     try:
         if "encode" in args.only:
-            out["encode"] = bench_encode(texts, args.backends, cache, data=args.data)
+            out["encode"] = bench_encode(texts, args.backends, cache, data=args.data, st_onnx_site=args.st_onnx_site,
+                                         repeats=args.repeats)
             print("encode", json.dumps(out["encode"]), flush=True)
             _save(args.out, out)
         if "reindex" in args.only:

@@ -7,6 +7,7 @@ similarity: the reviewer's accept / pick / reject answers, its budget, BM25 and 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,44 @@ def test_gpu_bench_smoke_runs_every_path_on_a_cpu(tmp_path):
         assert all(isinstance(row[c], (int, float)) and row[c] > 0 for c in measured), row
         assert row["train_stock_best_peak_gpu_mb"] is None and row["project_train"]["precision"] == "fp32"
         assert row["encode_cosine_min"] > 0.999  # the sorted encode path gives the stock vectors (fp32 here)
+
+
+# bench.speed's encode part: the project's backends and sentence-transformers' own ONNX path --------------
+SPEED_TEXTS = [DOCS[d] for d in sorted(DOCS)] * 2
+
+
+# A folder holding sentence-transformers 5 + optimum-onnx (bench/README.md); read at import, since every
+# test runs without EMBEDLOOP_ variables (conftest).
+ST_ONNX_SITE = os.environ.get("EMBEDLOOP_ST_ONNX_SITE") or None
+
+
+@pytest.mark.slow
+@case("What a user hits", "bench.speed encode with sentence-transformers' ONNX arms where optimum-onnx is missing",
+      "every arm has its row: the project's backends their passages/s, ratio_vs_stock and NDCG@10; a library arm "
+      "that cannot load says why and how to install it, and the run goes on")
+def test_bench_encode_puts_the_library_arms_beside_the_projects(beir_dir, tmp_path):
+    from bench.speed import bench_encode
+
+    out = bench_encode(SPEED_TEXTS, ["onnx-int8", "st-onnx-qint8"], tmp_path / "cache", batch_size=8,
+                       data=beir_dir, st_onnx_site=ST_ONNX_SITE)
+    assert out["onnx-int8"]["ratio_vs_stock"] > 0 and 0 <= out["onnx-int8"]["ndcg@10"] <= 1
+    lib = out["st-onnx-qint8"]
+    if "error" in lib:  # the library's ONNX path is not installable beside sentence-transformers >= 6
+        assert "optimum" in lib["error"] and "--st-onnx-site" in lib["error"]
+    else:
+        assert lib["ratio_vs_stock"] > 0 and lib["cosine_to_stock_min"] >= 0.95 and "ndcg@10" in lib
+    assert out["stock_torch_passages_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ST_ONNX_SITE is None, reason="needs EMBEDLOOP_ST_ONNX_SITE (bench/README.md)")
+def test_bench_encode_measures_sentence_transformers_onnx_arms(beir_dir, tmp_path):
+    from bench.speed import bench_encode
+
+    arms = ["st-onnx", "st-onnx-O3", "st-onnx-qint8"]  # st-onnx-O3-qint8: the library's quantiser fails on its O3 graph
+    out = bench_encode(SPEED_TEXTS, arms, tmp_path / "cache", batch_size=8, data=beir_dir, st_onnx_site=ST_ONNX_SITE)
+    for arm in arms:
+        assert "error" not in out[arm], out[arm]
+        floor = 0.95 if "qint8" in arm else 0.999
+        assert out[arm]["ratio_vs_stock"] > 0 and out[arm]["cosine_to_stock_min"] >= floor
+        assert 0 <= out[arm]["ndcg@10"] <= 1
