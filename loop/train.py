@@ -110,6 +110,12 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps (smoke runs).")
     batch_size: int = Field(default=32, ge=2, description="Per device; in-batch negatives = batch_size - 1.")
     mini_batch_size: int = Field(default=32, ge=1, description="cached_mnrl only: forward chunk size.")
+    memory_budget_mb: int | None = Field(
+        default=None, ge=16,
+        description="Activation memory one step may hold. When a whole mnrl batch would need more, the loss "
+        "becomes cached_mnrl (same gradients, GradCache) with the largest micro-batch that fits. None = "
+        "min(2048, RAM / 8) on a CPU, 60% of the GPU's free memory on CUDA.",
+    )
     learning_rate: float = Field(default=3e-5, gt=0, le=1e-2)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -638,17 +644,46 @@ def _resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
-def _build_loss(cfg: TrainConfig, model, device: str, world_size: int):
+def activation_mb_per_text(config: Any, seq_len: int) -> float:
+    """What one text of `seq_len` tokens holds for the backward pass of a BERT-like encoder, in MB:
+    per layer about 14 hidden-size tensors and 3 attention maps (scores, softmax, dropout mask).
+    MiniLM-L6 at 128 tokens: ~31 MB (measured: a batch of 32 triplets peaked 3.2 GB over the model)."""
+    hidden = getattr(config, "hidden_size", 768)
+    heads = getattr(config, "num_attention_heads", 12)
+    layers = getattr(config, "num_hidden_layers", 12)
+    return layers * seq_len * (hidden * 4 * 14 + heads * seq_len * 4 * 3) / 2**20
+
+
+def micro_batch(batch_size: int, columns: int, per_text_mb: float, budget_mb: float) -> int | None:
+    """The micro-batch (texts of one column embedded at a time) that keeps a step's activations in
+    `budget_mb`; None when the whole batch of every column fits (plain MNRL)."""
+    if batch_size * columns * per_text_mb <= budget_mb:
+        return None
+    return max(1, min(batch_size, int(budget_mb // per_text_mb)))
+
+
+def _memory_budget_mb(cfg: TrainConfig, cuda: bool) -> float:
+    if cfg.memory_budget_mb:
+        return float(cfg.memory_budget_mb)
+    if cuda:
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / 2**20 * 0.6
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 if hasattr(os, "sysconf") else 16384
+    return min(2048.0, ram / 8)
+
+
+def _build_loss(cfg: TrainConfig, model, device: str, world_size: int, micro: int | None = None):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses
 
     # Under DDP, gather embeddings so every anchor sees the negatives of all devices.
     gather = world_size > 1
-    if cfg.loss == "mnrl":
+    if cfg.loss == "mnrl" and micro is None:
         loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=gather)
-    elif cfg.loss == "cached_mnrl":
+    elif cfg.loss in ("mnrl", "cached_mnrl"):  # mnrl whose batch does not fit in memory: the same loss, cached
         loss = losses.CachedMultipleNegativesRankingLoss(
-            model, mini_batch_size=cfg.mini_batch_size, gather_across_devices=gather
+            model, mini_batch_size=micro or cfg.mini_batch_size, gather_across_devices=gather
         )
     else:
         guide = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False, local_files_only=True)
@@ -1109,7 +1144,10 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
                   effective_batch_size=train_bs * world_size, learning_rate=cfg.learning_rate,
                   max_seq_length=seq_len, tokenize_seconds=round(time.time() - t_tok, 3),
                   resume_from=str(resume) if resume else None)
-    loss = _build_loss(cfg, model, device, world_size)
+    per_text = activation_mb_per_text(model[0].auto_model.config, seq_len) if hasattr(model[0], "auto_model") else 0
+    columns = 3 if train_rows and "negative" in train_rows[0] else 2
+    micro = micro_batch(train_bs, columns, per_text, _memory_budget_mb(cfg, cuda)) if cfg.loss == "mnrl" else None
+    loss = _build_loss(cfg, model, device, world_size, micro)
 
     trainer = GuardedTrainer(
         model=model,
@@ -1142,6 +1180,7 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
         "effective_batch_size": train_bs * world_size,
         "learning_rate": cfg.learning_rate,
         "max_seq_length": seq_len,
+        "micro_batch_size": micro,
         **_peak_memory(torch, cuda),
     }
     if watch.nonfinite:

@@ -307,6 +307,18 @@ def test_a_filled_negative_is_never_a_positive_of_the_same_query(tmp_path, minil
         train.write_snapshot(tmp_path / "b", only_q, only_q[:2], {"base_model": str(minilm_path)})
 
 
+def test_a_batch_that_does_not_fit_the_memory_budget_is_micro_batched():
+    from types import SimpleNamespace
+
+    minilm = SimpleNamespace(hidden_size=384, num_attention_heads=12, num_hidden_layers=6)
+    per_text = train.activation_mb_per_text(minilm, 128)
+    assert 25 < per_text < 40  # measured: 32 triplets at 128 tokens held ~3.2 GB
+    assert train.micro_batch(32, 3, per_text, 4096) is None  # fits: plain MNRL
+    assert train.micro_batch(32, 3, per_text, 2048) == 32  # one column at a time fits
+    assert train.micro_batch(32, 3, per_text, 500) == int(500 // per_text) < 32
+    assert train.micro_batch(32, 3, per_text, 1) == 1
+
+
 @pytest.mark.parametrize("device, env", [("auto", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
                                          ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda", {})])
 def test_training_runs_on_the_configured_device_only(device, env, tmp_path, minilm_path):
@@ -390,6 +402,15 @@ def test_loss_variants_train(tmp_path, minilm_path, variant):
     assert res["status"] == "ok" and res["steps"] == 2, res
     losses = [e["loss"] for e in train.read_progress(tmp_path) if e["event"] == "step"]
     assert len(losses) == 2 and all(x > 0 for x in losses)
+
+
+@pytest.mark.slow
+def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm_path):
+    snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, memory_budget_mb=16)
+    assert train.main(tmp_path) == 0
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["steps"] == 2 and res["micro_batch_size"] is not None, res
+    assert res["micro_batch_size"] < res["batch_size"]
 
 
 @pytest.mark.slow
