@@ -349,7 +349,7 @@ def test_two_workspaces_on_one_chroma_server_keep_their_own_vectors(chroma_serve
         assert a.search(query, k=5) == hits_before
         assert a.index.count(a_name) == a.status()["active_index"]["count"] == n_a
         assert b.index.count(b_name) == b.status()["active_index"]["count"] == 1
-        assert b.search("rent landlord", k=5)[0].doc_ids == ["lease.txt"]
+        assert b.search("rent landlord", k=5)[0].doc_ids == [f"{folder.name}/lease.txt"]  # a folder names its documents
         assert len(b.search("rent landlord", k=5)) == 1  # none of A's passages
 
         # A keeps working on its own collection; B's is untouched.
