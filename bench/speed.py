@@ -305,6 +305,7 @@ def bench_train(pairs: list[dict[str, str]], tmp: Path, batch_size: int = 32) ->
     project_pps = float(result.get("pairs_per_second") or 0)
     return {"train_pairs": len(tr), "negatives": "negative" in tr[0], "batch_size": batch_size,
             "project_pairs_s": round(project_pps, 2), "project_wall_s": round(project_wall, 1),
+            "project_peak_rss_mb": result.get("peak_rss_mb"), "project_micro_batch": result.get("micro_batch_size"),
             "project_pairs_s_wall": _rate(len(tr), project_wall),
             "stock_pairs_s": round(stock_pps, 2), "ratio": round(project_pps / stock_pps, 2),
             "note": "project pairs/s is its trainer loop (incl. per-epoch eval + checkpoint); wall adds process start "
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passages", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3, help="encode: timed passes per arm, in turn (median kept)")
     p.add_argument("--train-pairs", type=int, default=256)
+    p.add_argument("--train-negatives", action="store_true", help="train on triplets (a negative per pair)")
     p.add_argument("--backends", nargs="*", default=["torch", "onnx", "onnx-int8", "st-onnx", "st-onnx-O3",
                                                      "st-onnx-qint8", "st-onnx-O3-qint8"])
     p.add_argument("--st-onnx-site", default=os.environ.get("EMBEDLOOP_ST_ONNX_SITE"),
@@ -468,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                 beir = Beir.read(args.data, ("train",))
                 rows = [{"anchor": a, "positive": b} for a, b in beir.gold_pairs("train") if a.strip() and b.strip()]
             rows = (rows or [{"anchor": t[:60], "positive": t} for t in texts])[: args.train_pairs]
+            if args.train_negatives:  # triplets, as the loop trains: the next row's positive as the negative
+                rows = [{**r, "negative": rows[(i + 1) % len(rows)]["positive"]} for i, r in enumerate(rows)]
             out["train"] = bench_train(rows, tmp / "train")
             print("train", json.dumps(out["train"]), flush=True)
             _save(args.out, out)
