@@ -1002,14 +1002,22 @@ def _make_classes():
 
 
 def _peak_memory(torch: Any, cuda: bool) -> dict[str, float]:
-    """This process's peak resident memory (and the GPU's peak allocation), in MB."""
+    """This process's peak resident memory (and the GPU's peak allocation), in MB.
+
+    Linux's VmHWM starts afresh at exec; `ru_maxrss` would also count the parent that forked us
+    (it survives execve), so it is only the fallback elsewhere."""
     out: dict[str, float] = {}
     try:
-        import resource
+        status = Path("/proc/self/status").read_text()
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        out["peak_rss_mb"] = round(kb / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        try:
+            import resource
 
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KB on Linux
-    except ImportError:  # not a Unix
-        pass
+            out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        except ImportError:  # not a Unix
+            pass
     if cuda:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
