@@ -857,7 +857,9 @@ def _make_classes():
         collator: PretokenizedCollator
         blocks: dict[str, list[str]]
 
+        @functools.cached_property
         def _rows(self):
+            """Each row's texts, its longest token length and its blocks: the same every epoch."""
             dataset = self.sampler  # BatchSampler's first argument: the dataset
             cols = [c for c in ("anchor", "positive", "negative") if c in dataset.column_names]
             data = [dataset[c] for c in cols]
@@ -866,7 +868,7 @@ def _make_classes():
             return values, lengths, [self.blocks.get(v[0], ()) for v in values]
 
         def __iter__(self):
-            values, lengths, blocks = self._rows()
+            values, lengths, blocks = self._rows
             seed = (self.seed or 0) + getattr(self, "epoch", 0)
             yield from length_grouped_batches(values, lengths, self.batch_size, seed, blocks)
 
