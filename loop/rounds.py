@@ -516,9 +516,8 @@ class Rounds:
             q_emb = emb.encode([pairs[i]["anchor"] for i in need])
             p_emb = emb.encode([pairs[i]["positive_text"] for i in need])
             ids, scores = self._topk(emb, self.store.pointer(indexing.ACTIVE_INDEX), q_emb, policy.range_max)
-            sib = self._siblings([pairs[i]["positive_id"] for i in need if pairs[i]["positive_id"]])
-            excluded = [sib.get(pairs[i]["positive_id"], set()) | {pairs[i]["positive_id"]} | known.get(keys[i], set())
-                        for i in need]
+            # `known` holds every accepted pair's positive with its document's chunks, this row's too.
+            excluded = [known.get(keys[i], set()) for i in need]
             chosen = select_negatives(ids, scores, np.einsum("ij,ij->i", q_emb, p_emb), excluded, policy)
             texts = self.store.passages(sorted({c[0] for c in chosen if c}))
             negative.update({i: texts[c[0]] for i, c in zip(need, chosen, strict=True) if c and usable(i, texts[c[0]])})
