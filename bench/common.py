@@ -27,7 +27,7 @@ import numpy as np
 
 from loop.evaluate import EvalReport, Gain, compare, ir_metrics, metric_names
 from loop.ingest import iter_jsonl, read_qrels
-from loop.review import DecisionIn, ReviewConflict, decide, pending
+from loop.review import REVIEW_SHOWN, DecisionIn, ReviewConflict, decide, pending
 
 MAX_BYTES = 8 * 2**30
 GAIN: Gain = "exponential"  # matches the issue's cranfield reference (0.355); scifact's grades are all 1
@@ -100,7 +100,7 @@ class SimulatedReviewer:
 
     name = "simulated-qrels"
 
-    def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = 10,
+    def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = REVIEW_SHOWN,
                  seed: int | None = None):
         self.ws = ws
         self.k = k
@@ -109,20 +109,24 @@ class SimulatedReviewer:
         for qid, docs in qrels.items():
             if qid in queries:
                 self.relevant.setdefault(norm(queries[qid]), set()).update(d for d, g in docs.items() if g > 0)
-        self.counts = {"accept": 0, "pick": 0, "reject": 0}
+        self.counts = {"accept": 0, "pick": 0, "reject": 0, "passages_judged": 0, "positives": 0}
 
-    def answer(self, anchor: str, positive_id: str | None) -> tuple[str, str | None]:
-        """(action, picked passage id or None) for one card."""
+    def answer(self, anchor: str, positive_id: str | None) -> tuple[str, list[str], list[str]]:
+        """(outcome, marked passage ids, shown passage ids) for one card.
+
+        A judged query is reviewed as the app shows it: the card's own passage and the model's
+        top `k` (`REVIEW_SHOWN`), every one that belongs to a relevant document marked. Outcome:
+        accept (its own passage marked), pick (only others marked) or reject (none marked). A
+        query with no judgement (synthetic) is rejected on sight of its own passage."""
         rel = self.relevant.get(norm(anchor))
+        own = [positive_id] if positive_id else []
         if not rel:
-            return "reject", None
-        docs = set(self.ws.store.docs_of_passages([positive_id]).get(positive_id, [])) if positive_id else set()
-        if docs & rel:
-            return "accept", None
-        for hit in self.ws.search(anchor, k=self.k):
-            if hit.passage_id != positive_id and set(hit.doc_ids) & rel:
-                return "pick", hit.passage_id
-        return "reject", None
+            return "reject", [], own  # a mark of nothing: its own passage becomes a negative, as a reject would
+        shown = own + [h.passage_id for h in self.ws.search(anchor, k=self.k + 1) if h.passage_id != positive_id][:self.k]
+        docs = self.ws.store.docs_of_passages(shown)
+        marked = [p for p in shown if set(docs.get(p, [])) & rel]
+        outcome = "accept" if positive_id in marked else "pick" if marked else "reject"
+        return outcome, marked, shown
 
     def order(self, limit: int) -> list[Any]:
         """The `limit` highest-priority pending cards, in the order this reviewer decides them."""
@@ -132,16 +136,32 @@ class SimulatedReviewer:
         return cards
 
     def review(self, limit: int) -> int:
-        """Decide up to `limit` pending cards (the highest-priority ones); returns how many."""
+        """Decide up to `limit` pending cards (the highest-priority ones); returns how many.
+
+        `counts` keeps the outcomes, `passages_judged` (every passage shown) and `positives`
+        (passages marked relevant): one review judges several passages."""
         done = 0
-        for card in self.order(limit):
-            action, pid = self.answer(card.anchor, card.positive_id)
+        while done < limit:
+            cards = self.order(limit - done)  # a mark can answer cards further down the queue: fetch again
+            decided = self._decide(cards) if cards else 0
+            if not decided:
+                break
+            done += decided
+        return done
+
+    def _decide(self, cards: list[Any]) -> int:
+        done = 0
+        for card in cards:
+            outcome, marked, shown = self.answer(card.anchor, card.positive_id)
+            decision = DecisionIn(pair_id=card.pair_id, action="mark", reviewer=self.name, passage_ids=marked,
+                                  shown=shown)
             try:
-                decide(self.ws.store, DecisionIn(pair_id=card.pair_id, action=action, reviewer=self.name,
-                                                 passage_id=pid))
+                decide(self.ws.store, decision)
             except ReviewConflict:
                 continue
-            self.counts[action] += 1
+            self.counts[outcome] += 1
+            self.counts["passages_judged"] += len(shown)
+            self.counts["positives"] += len(marked)
             done += 1
         return done
 

@@ -86,7 +86,7 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         overrides = dict(loop_overrides or {})
         if random_control:
             overrides["routing"] = {**overrides.get("routing", {}), "random_fraction": 1.0}
-        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], k=overrides.get("k", 20), seed=seed)
+        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], seed=seed)
         reviews = 0
         out_rounds = []
         judged = {ws.base_version: base}  # model version -> its test report

@@ -23,8 +23,9 @@ from loop.evaluate import held_out_keys
 from loop.records import Pair, query_key
 from storage.db import Store
 
-Action = Literal["accept", "reject", "edit", "pick"]
+Action = Literal["accept", "reject", "edit", "pick", "mark"]
 CLAIM_SECONDS = 600
+REVIEW_SHOWN = 9  # the model's top passages a card shows beside its own (keys 1-9 in the app)
 
 
 class ReviewConflict(EmbedloopError):
@@ -55,6 +56,8 @@ class DecisionIn(BaseModel):
     reviewer: str
     query: str | None = None
     passage_id: str | None = None
+    passage_ids: list[str] | None = None
+    shown: list[str] | None = None
 
     @field_validator("reviewer")
     @classmethod
@@ -69,6 +72,12 @@ class DecisionIn(BaseModel):
             raise ValueError("an edit needs the new `query` text")
         if self.action == "pick" and not self.passage_id:
             raise ValueError("a pick needs the chosen `passage_id`")
+        if self.action == "mark":
+            if self.shown is None or self.passage_ids is None:
+                raise ValueError("a mark needs `shown` (the passages the reviewer saw) and `passage_ids` (the ones "
+                                 "that answer the query, the card's own passage included; [] if none does)")
+        elif self.passage_ids is not None or self.shown is not None:
+            raise ValueError("`passage_ids` and `shown` belong to a mark")
         return self
 
 
@@ -180,6 +189,8 @@ def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: dat
         raise ReviewConflict(f"Pair {d.pair_id} is not claimed by {d.reviewer}; fetch the next card again.")
     payload: dict[str, Any] = {"previous_status": status}
     new_status = "accepted" if d.action == "accept" else "rejected"
+    if d.action == "mark":
+        new_status = _apply_mark(cur, d, anchor, pos_id, split, query_id, now, payload)
     new_pair: dict[str, Any] | None = None
     negative: str | None = None
     if d.action == "edit":
@@ -207,26 +218,10 @@ def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: dat
     elif d.action == "reject":
         negative = pos_id
     if new_pair is not None:
-        new_id = Pair.make_id(new_pair["anchor"], new_pair["positive_text"])
-        created = Store.insert_ignore(cur, "pairs", [{
-            "pair_id": new_id, **new_pair, "source": "edited", "status": "accepted", "split": split,
-            "query_id": query_id, "origin": f"review:{d.action}",
-            "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
-        }])
-        payload["created_pair"] = new_id if created else None
-        if not created:
-            # The chosen (query, passage) is already a card of its own (e.g. the query's
-            # top-2 when its top-1 was shown): this decision answers it too, so nobody is
-            # asked the same question twice. Undo puts it back.
-            open_card = cur.execute(
-                "SELECT status FROM pairs WHERE pair_id = ? AND status IN ('pending', 'candidate')", [new_id]
-            ).fetchall()
-            if open_card:
-                cur.execute(
-                    "UPDATE pairs SET status = 'accepted', claimed_by = NULL, claim_expires = NULL, "
-                    "updated_at = ? WHERE pair_id = ?", [now, new_id],
-                )
-                payload["resolved_pair"] = {"pair_id": new_id, "previous_status": open_card[0][0]}
+        created, resolved = _answer(cur, new_pair, d, split, query_id, now)
+        payload["created_pair"] = created
+        if resolved:
+            payload["resolved_pair"] = resolved
     if negative:
         added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
         payload["negative"] = negative if added else None
@@ -235,6 +230,63 @@ def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: dat
         [new_status, now, d.pair_id],
     )
     return store.append_decision(d.pair_id, d.reviewer, d.action, payload, cur)
+
+
+def _answer(cur: duckdb.DuckDBPyConnection, pair: dict[str, Any], d: DecisionIn, split: str, query_id: str | None,
+            now: datetime, status: str = "accepted") -> tuple[str | None, dict[str, str] | None]:
+    """Record that `pair` (anchor, positive_id, positive_text) is a right answer (or, with status
+    'rejected', a wrong one). Returns (the new pair's id, or None) and the open card it answered.
+
+    When the (query, passage) is already a card of its own (e.g. the query's top-2 when its top-1
+    was shown), this decision answers it too, so nobody is asked the same question twice; undo
+    puts it back. A wrong answer creates no pair, it only closes such a card.
+    """
+    pair_id = Pair.make_id(pair["anchor"], pair["positive_text"])
+    if status == "accepted" and Store.insert_ignore(cur, "pairs", [{
+        "pair_id": pair_id, **pair, "source": "edited", "status": "accepted", "split": split,
+        "query_id": query_id, "origin": f"review:{d.action}",
+        "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
+    }]):
+        return pair_id, None
+    open_card = cur.execute(
+        "SELECT status FROM pairs WHERE pair_id = ? AND status IN ('pending', 'candidate')", [pair_id]
+    ).fetchall()
+    if not open_card:
+        return None, None
+    cur.execute("UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? "
+                "WHERE pair_id = ?", [status, now, pair_id])
+    return None, {"pair_id": pair_id, "previous_status": open_card[0][0]}
+
+
+def _apply_mark(cur: duckdb.DuckDBPyConnection, d: DecisionIn, anchor: str, pos_id: str | None, split: str,
+                query_id: str | None, now: datetime, payload: dict[str, Any]) -> str:
+    """A mark: every shown passage the reviewer marked answers the query (a pair each), every
+    other shown passage is a verified negative of it. Returns the card's own new status."""
+    shown = list(dict.fromkeys([p for p in (pos_id, *(d.shown or [])) if p]))
+    marked = set(d.passage_ids or [])
+    stray = sorted(marked - set(shown))
+    if stray:
+        raise InputError(f"marked passages must be the card's own or among those shown: {', '.join(stray)}")
+    texts = dict(cur.execute("SELECT passage_id, text FROM passages WHERE passage_id IN (SELECT unnest(?::VARCHAR[]))",
+                             [shown]).fetchall())
+    missing = [p for p in shown if p not in texts]
+    if missing:
+        raise NotFoundError(f"No passage with id {missing[0]!r}.")
+    created, resolved, negatives = [], [], []
+    for pid in shown:
+        if pid == pos_id:
+            continue
+        new_id, card = _answer(cur, {"anchor": anchor, "positive_id": pid, "positive_text": texts[pid]}, d, split,
+                               query_id, now, "accepted" if pid in marked else "rejected")
+        created += [new_id] if new_id else []
+        resolved += [card] if card else []
+    for pid in shown:
+        if pid not in marked and Store.insert_ignore(
+                cur, "negatives", [{"anchor": anchor, "passage_id": pid, "source": "review"}]):
+            negatives.append(pid)
+    payload.update({"marked": [p for p in shown if p in marked], "shown": len(shown), "created_pairs": created,
+                    "resolved_pairs": resolved, "negatives": negatives})
+    return "accepted" if pos_id in marked else "rejected"
 
 
 def undo_last(store: Store, reviewer: str) -> str | None:
@@ -256,14 +308,18 @@ def undo_last(store: Store, reviewer: str) -> str | None:
                 return None
             decision_id, pair_id, _action, payload = rows[0]
             p = json.loads(payload or "{}")
-            if p.get("created_pair"):
-                cur.execute("DELETE FROM pairs WHERE pair_id = ?", [p["created_pair"]])
-            if p.get("resolved_pair"):
-                cur.execute("UPDATE pairs SET status = ? WHERE pair_id = ?",
-                            [p["resolved_pair"]["previous_status"], p["resolved_pair"]["pair_id"]])
-            if p.get("negative"):
+            for created in [p.get("created_pair"), *p.get("created_pairs", [])]:
+                if created:
+                    cur.execute("DELETE FROM pairs WHERE pair_id = ?", [created])
+            for resolved in [p.get("resolved_pair"), *p.get("resolved_pairs", [])]:
+                if resolved:
+                    cur.execute("UPDATE pairs SET status = ? WHERE pair_id = ?",
+                                [resolved["previous_status"], resolved["pair_id"]])
+            negatives = [n for n in [p.get("negative"), *p.get("negatives", [])] if n]
+            if negatives:
                 anchor = cur.execute("SELECT anchor FROM pairs WHERE pair_id = ?", [pair_id]).fetchall()[0][0]
-                cur.execute("DELETE FROM negatives WHERE anchor = ? AND passage_id = ?", [anchor, p["negative"]])
+                cur.execute("DELETE FROM negatives WHERE anchor = ? AND passage_id IN (SELECT unnest(?::VARCHAR[]))",
+                            [anchor, negatives])
             cur.execute(
                 "UPDATE pairs SET status = 'pending', claimed_by = ?, claim_expires = ? WHERE pair_id = ?",
                 [reviewer, _now() + timedelta(seconds=CLAIM_SECONDS), pair_id],

@@ -67,7 +67,8 @@ class LoopConfig(BaseModel):
     k: int = Field(20, ge=2, description="top-k used to score candidates")
     generate_threshold: int = Field(1000, ge=0, description="generate while accepted train pairs are fewer")
     generate_max: int = Field(300, ge=0, description="synthetic pairs generated per round at most")
-    mine_top: int = Field(3, ge=1, le=20, description="passages of the active index proposed per logged query")
+    mine_top: int = Field(1, ge=1, le=20, description="cards per logged query, one per passage of the active index's "
+                          "top; 1 suffices: a card shows the model's top passages and the reviewer marks each that answers")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of human-verified pairs held out, once")
     eval_max: int = Field(200, ge=1)
@@ -498,15 +499,20 @@ class Rounds:
         def usable(i: int, text: str | None) -> bool:
             return bool(text) and text != pairs[i]["positive_text"] and text not in known_text[keys[i]]
 
-        reviewed: dict[str, str] = {}
+        reviewed: dict[str, list[str]] = {}  # anchor -> its reviewer-verified negatives, as they were shown
         for a, pid, text in self.store.execute(
-            "SELECT n.anchor, n.passage_id, p.text FROM negatives n JOIN passages p USING (passage_id) ORDER BY n.created_at"
+            "SELECT n.anchor, n.passage_id, p.text FROM negatives n JOIN passages p USING (passage_id) "
+            "ORDER BY n.created_at, n.rowid"
         ).fetchall():
             if pid not in known.get(query_key(a), ()):  # e.g. rejected once, accepted (picked) later
-                reviewed.setdefault(a, text)
+                reviewed.setdefault(a, []).append(text)
         negative: dict[int, str] = {}
+        nth: dict[str, int] = {}  # a query's several positives take its verified negatives in turn
         for i, p in enumerate(pairs):
-            given = next((t for t in (p["negative_text"], reviewed.get(p["anchor"])) if usable(i, t)), None)
+            mine = [t for t in reviewed.get(p["anchor"], []) if usable(i, t)]
+            j = nth.get(p["anchor"], 0)
+            nth[p["anchor"]] = j + 1
+            given = p["negative_text"] if usable(i, p["negative_text"]) else mine[j % len(mine)] if mine else None
             if given:
                 negative[i] = given
         need = [i for i in range(len(pairs)) if i not in negative]

@@ -71,19 +71,22 @@ def test_beir_reader_keeps_splits_apart(beir_dir):
     assert len(gold) == 3 and all(q in {QUERIES[i][0] for i in TRAIN} for q, _ in gold)
 
 
-def test_reviewer_accepts_picks_and_rejects_from_train_qrels(workspace, beir_dir):
+def test_reviewer_marks_every_relevant_shown_passage_from_train_qrels(workspace, beir_dir):
     beir = _ingested(workspace, beir_dir)
     reviewer = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"], k=5)
     pid = {d: workspace.store.first_passage_of_docs([d])[d] for d in DOCS}
-    assert reviewer.answer(QUERIES["q1"][0], pid["d1"]) == ("accept", None)
-    # A wrong positive: the relevant passage is picked from the shown top-k.
-    assert reviewer.answer(QUERIES["q2"][0], pid["d5"]) == ("pick", pid["d2"])
-    # Not a judged train query (a synthetic one, or a test query): no answer in the qrels.
-    assert reviewer.answer("who pays for floods", pid["d8"]) == ("reject", None)
-    assert reviewer.answer(QUERIES["t1"][0], pid["d6"]) == ("reject", None)  # test qrels are never used
+    outcome, marked, shown = reviewer.answer(QUERIES["q1"][0], pid["d1"])
+    assert (outcome, marked) == ("accept", [pid["d1"]]) and shown[0] == pid["d1"] and len(shown) == 6
+    # A wrong positive: the relevant passage is marked among the shown top-k, the rest are negatives.
+    outcome, marked, shown = reviewer.answer(QUERIES["q2"][0], pid["d5"])
+    assert (outcome, marked) == ("pick", [pid["d2"]]) and len(shown) == 6
+    # Not a judged train query (a synthetic one, or a test query): only its own passage is judged.
+    assert reviewer.answer("who pays for floods", pid["d8"]) == ("reject", [], [pid["d8"]])
+    assert reviewer.answer(QUERIES["t1"][0], pid["d6"]) == ("reject", [], [pid["d6"]])  # test qrels never used
     # Judged, but neither the positive nor the shown top-k (here the top 1) is relevant.
     narrow = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"], k=1)
-    assert narrow.answer(QUERIES["q3"][0], pid["d1"]) == ("reject", None)
+    outcome, marked, shown = narrow.answer(QUERIES["q3"][0], pid["d1"])
+    assert (outcome, marked) == ("reject", []) and len(shown) == 2
 
 
 def test_reviewer_decides_a_real_round_queue_within_budget(workspace, beir_dir):
@@ -95,13 +98,13 @@ def test_reviewer_decides_a_real_round_queue_within_budget(workspace, beir_dir):
     reviewer = SimulatedReviewer(workspace, beir.queries, beir.qrels["train"], k=5)
     assert reviewer.review(limit=2) == 2
     done = reviewer.review(limit=100)
-    # A pick of a passage that has its own card answers that card too (it is not asked again).
-    answered_by_pick = int(workspace.store.scalar(
-        "SELECT count(*) FROM decisions WHERE json_extract(payload, '$.resolved_pair') IS NOT NULL"))
-    assert done == queued - 2 - answered_by_pick
-    assert sum(reviewer.counts.values()) == queued - answered_by_pick
-    rows = workspace.store.rows("SELECT action, count(*) AS n FROM decisions GROUP BY action")
-    assert {r["action"]: r["n"] for r in rows} == {k: v for k, v in reviewer.counts.items() if v}
+    # A mark judges every shown passage: one that has its own card answers that card too (not asked again).
+    answered = sum(len(json.loads(p)["resolved_pairs"]) for (p,) in workspace.store.execute(
+        "SELECT payload FROM decisions").fetchall() if "resolved_pairs" in json.loads(p))
+    assert done == queued - 2 - answered  # review(limit) decides `limit` cards, fetching again when a mark answered some
+    decided = sum(reviewer.counts[k] for k in ("accept", "pick", "reject"))
+    assert decided == queued - answered == int(workspace.store.scalar("SELECT count(*) FROM decisions"))
+    assert reviewer.counts["passages_judged"] > decided  # a judged query's card shows its top passages too
     # Mined train queries are labelled from qrels: q1 accepted, q2 picked (a new accepted pair).
     accepted = {r["anchor"] for r in workspace.store.rows("SELECT anchor FROM pairs WHERE status = 'accepted'")}
     assert {QUERIES["q1"][0], QUERIES["q2"][0]} <= accepted

@@ -211,6 +211,53 @@ def test_a_pick_answers_the_open_card_of_the_same_query_and_passage_and_undo_reo
     assert store.scalar("SELECT count(*) FROM pairs") == 2  # the twin is not deleted, only reopened
 
 
+def test_a_mark_labels_every_shown_passage_and_undo_reverts_all_of_it(store):
+    """One review of a card that shows the model's top passages: every marked passage answers the
+    query, every other shown one is a verified negative; open cards of those passages are answered."""
+    ids = _seed(store, 3)  # pair0000: query 0 -> p0, pending
+    twin = Pair.make_id("query 0", "passage number 2")  # query 0's own (waiting) card for p2
+    with store.transaction() as cur:
+        Store.insert_ignore(cur, "pairs", [{"pair_id": twin, "anchor": "query 0", "positive_id": "p2",
+                                            "positive_text": "passage number 2", "source": "mined",
+                                            "status": "candidate", "priority": 0.1}])
+    decide(store, _d(ids[0], "mark", passage_ids=["p0", "other"], shown=["other", "p1", "p2"]))
+    assert _status(store, ids[0]) == "accepted"  # its own passage was marked
+    new_id = Pair.make_id("query 0", "a better passage")
+    assert store.rows("SELECT anchor, positive_id, status, source FROM pairs WHERE pair_id = ?", [new_id]) == [
+        {"anchor": "query 0", "positive_id": "other", "status": "accepted", "source": "edited"}]
+    assert _status(store, twin) == "rejected"  # answered by this review: nobody is asked again
+    assert _negatives(store) == [("query 0", "p1", "review"), ("query 0", "p2", "review")]
+    payload = json.loads(_decisions(store)[0]["payload"])
+    assert payload["marked"] == ["p0", "other"] and payload["shown"] == 4
+    undo_last(store, "ann")
+    assert _status(store, ids[0]) == "pending" and _status(store, twin) == "candidate"
+    assert store.scalar("SELECT count(*) FROM pairs WHERE pair_id = ?", [new_id]) == 0 and _negatives(store) == []
+
+
+def test_a_mark_with_nothing_marked_rejects_the_card_and_every_shown_passage(store):
+    ids = _seed(store, 2)
+    decide(store, _d(ids[0], "mark", passage_ids=[], shown=["p1"]))
+    assert _status(store, ids[0]) == "rejected"
+    assert _negatives(store) == [("query 0", "p0", "review"), ("query 0", "p1", "review")]
+    assert store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted'") == 0
+
+
+def test_a_malformed_mark_is_refused(store):
+    ids = _seed(store, 3)
+    with pytest.raises(ValueError, match="shown"):
+        _d(ids[0], "mark", passage_ids=["p1"])
+    with pytest.raises(InputError, match="among those shown: p1"):
+        decide(store, _d(ids[0], "mark", passage_ids=["p1"], shown=["p2"]))
+    assert _status(store, ids[0]) == "pending" and _negatives(store) == []
+
+
+def test_a_mark_of_an_unknown_passage_changes_nothing(store):
+    ids = _seed(store, 1)
+    with pytest.raises(NotFoundError, match="ghost"):
+        decide(store, _d(ids[0], "mark", passage_ids=["other"], shown=["other", "ghost"]))
+    assert _status(store, ids[0]) == "pending" and _negatives(store) == [] and _decisions(store) == []
+
+
 def test_deciding_twice_is_a_conflict(store):
     ids = _seed(store, 1)
     decide(store, _d(ids[0], "accept"))

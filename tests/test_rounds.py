@@ -144,6 +144,7 @@ def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_pat
 def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
+    rounds.config.mine_top = 3  # a card per passage of a logged query's top 3
     rounds.advance(until="review")
     rounds.ensure_eval_split()  # held out first: the reviewed query below stays a training query
     # A logged query proposes several passages: reject one, accept another, so the query has an
