@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_review_list)
-    s = review.add_parser("apply", help="apply JSONL decisions: pair_id, action (accept/reject/edit/pick), "
-                                        "query (edit), passage_id (pick), reviewer")
+    s = review.add_parser("apply", help="apply JSONL decisions: pair_id, action (accept/reject/edit/pick/mark), "
+                                        "query (edit), passage_id (pick), passage_ids + shown (mark), reviewer")
     s.add_argument("file", type=Path)
     s.set_defaults(func=cmd_review_apply)
 

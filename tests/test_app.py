@@ -161,6 +161,28 @@ def test_reject_edit_pick_and_undo(ws):
     assert decisions(ws)[-1]["action"] == "undo"
 
 
+def test_ticking_several_passages_labels_them_all_in_one_review(ws):
+    at = ok(app(ws, "ui/review.py"))
+    card = at.session_state["review.topk"]
+    (pid, hits), = card.items()
+    anchor = ws.store.scalar("SELECT anchor FROM pairs WHERE pair_id = ?", [pid])
+    at.checkbox(key=f"review_mark_own_{pid}").check()
+    at.checkbox(key=f"review_mark_{pid}_2").check()
+    at.button(key="review_mark").click().run()
+    ok(at)
+    log = decisions(ws)
+    assert [d["action"] for d in log] == ["mark"]
+    payload = json.loads(log[0]["payload"])
+    own = ws.store.scalar("SELECT positive_id FROM pairs WHERE pair_id = ?", [pid])
+    assert payload["marked"] == [own, hits[1].passage_id] and payload["shown"] == len(hits) + 1
+    assert ws.store.scalar("SELECT status FROM pairs WHERE pair_id = ?", [pid]) == "accepted"
+    assert ws.store.scalar("SELECT count(*) FROM pairs WHERE anchor = ? AND positive_id = ? AND status = 'accepted'",
+                           [anchor, hits[1].passage_id]) == 1
+    negs = {p for (p,) in ws.store.execute("SELECT passage_id FROM negatives WHERE anchor = ?", [anchor]).fetchall()}
+    assert negs == {h.passage_id for i, h in enumerate(hits) if i != 1}
+    assert pid not in at.session_state["review.topk"]  # the next card shows
+
+
 def test_markup_in_a_passage_is_shown_as_text(ws):
     at = app(ws, "ui/review.py")
     for _ in range(3):

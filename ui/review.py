@@ -7,11 +7,11 @@ drawn again: the next card is only claimed after `review.decide` committed the l
 
 import streamlit as st
 
-from loop.review import DecisionIn, claim_next, decide, queue_counts, undo_last
+from loop.review import REVIEW_SHOWN, DecisionIn, claim_next, decide, queue_counts, undo_last
 from ui import deps
 from ui.text import md_escape, text_block
 
-TOPK = 9  # passages offered to pick from: keys 1-9
+TOPK = REVIEW_SHOWN  # the model's top passages shown with a card: keys 1-9 pick one, ticks mark several
 
 # Keys of this page, handled by one listener in the window's capture phase (it runs before
 # Streamlit's own):
@@ -65,6 +65,16 @@ def _edit(pair_id: str) -> None:
     _decide(pair_id, "edit", query=st.session_state.get(f"review_edit_query_{pair_id}", ""))
 
 
+def _mark(pair_id: str, own_id: str | None, shown: list[str]) -> None:
+    """Save the ticks: every ticked passage answers the query, every other shown one is a negative."""
+    marked = [own_id] if own_id and st.session_state.get(f"review_mark_own_{pair_id}") else []
+    marked += [pid for i, pid in enumerate(shown, 1) if st.session_state.get(f"review_mark_{pair_id}_{i}")]
+    d = deps.run_safely(DecisionIn, pair_id=pair_id, action="mark", reviewer=who, passage_ids=marked, shown=shown)
+    if d is not None and deps.run_safely(decide, ws.store, d) is not None:
+        st.toast(f"Saved: {len(marked)} of {len(shown) + bool(own_id)} passages answer the query",
+                 icon=":material/check:")
+
+
 def _undo() -> None:
     pair_id = deps.run_safely(undo_last, ws.store, who)
     st.session_state.pop("review.editing", None)
@@ -108,7 +118,7 @@ if card is None:
 
 st.caption(
     "Keyboard: **A** accept · **R** reject · **E** edit the query · **1–9** pick the right passage "
-    "from the model's top 9 · **U** undo your last decision"
+    "from the model's top 9 · **M** save the ticked passages · **U** undo your last decision"
 )
 
 main, side = st.columns([3, 1])
@@ -155,17 +165,22 @@ if editing:
                       help="Press Enter to save: the edited query and this passage become an accepted pair.")
         st.form_submit_button("Save the edited query", type="primary", on_click=_edit, args=(card.pair_id,))
 
-st.subheader(f"Or pick the right passage from the model's top {TOPK}")
-st.caption("The proposed passage then becomes a hard negative for this query.")
+st.subheader(f"Or judge the model's top {TOPK}: tick every passage that answers the query")
+st.caption("One review labels them all: ticked passages become answers of the query, the others (the proposed "
+           "one too, unless ticked) verified negatives. Save with **M**, or press **1–9** to pick the single right one.")
 cache = st.session_state.setdefault("review.topk", {})
 if card.pair_id not in cache:
     hits = deps.run_safely(ws.search, card.anchor, TOPK + 1) or []
     cache.clear()  # one card's hits at a time
     cache[card.pair_id] = [h for h in hits if h.passage_id != card.positive_id][:TOPK]
+st.checkbox("The proposed passage (above) answers the query", key=f"review_mark_own_{card.pair_id}")
 for i, hit in enumerate(cache[card.pair_id], 1):
-    row = st.columns([1, 8], vertical_alignment="top")
+    row = st.columns([1, 1, 8], vertical_alignment="top")
     row[0].button(f"Pick {i}", key=f"review_pick_{i}", shortcut=str(i), width="stretch",
                   on_click=_decide, args=(card.pair_id, "pick"), kwargs={"passage_id": hit.passage_id})
-    with row[1]:
+    row[1].checkbox("Answers", key=f"review_mark_{card.pair_id}_{i}")
+    with row[2]:
         st.caption(f"score {hit.score:.3f} · {md_escape(', '.join(hit.doc_ids) or hit.passage_id)}")
         text_block(hit.text, card.anchor, max_height=140)
+st.button("Save the ticks", key="review_mark", type="primary", shortcut="M", icon=":material/done_all:",
+          on_click=_mark, args=(card.pair_id, card.positive_id, [h.passage_id for h in cache[card.pair_id]]))
