@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -336,11 +337,22 @@ def held_out_keys(con: Store | duckdb.DuckDBPyConnection) -> set[str]:
     return {query_key(a) for (a,) in rows}
 
 
-def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test")) -> EvalSet:
+def dev_fold(keys: set[str], share: float, seed: int = 0) -> set[str]:
+    """The development fold of the held-out query keys: a seeded `share` of them (none when that
+    would leave fewer than 5 for promotion, or when share is 0). It chooses the checkpoint and the
+    WiSE-FT weight; the other held-out queries judge promotion, so no choice is made on them."""
+    n = round(len(keys) * share)
+    if n < 1 or len(keys) - n < 5:
+        return set()
+    return set(random.Random(seed).sample(sorted(keys), n))
+
+
+def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test"), keys: set[str] | None = None) -> EvalSet:
     """The held-out set of a workspace: accepted pairs of `splits`, judged at document level.
 
-    Each distinct anchor is one query; its relevant documents (gain 1) are the documents of
-    its pairs' positive passages. Pairs whose positive is not a corpus passage (no passage id,
+    `keys`: only the queries with these `query_key`s (e.g. the promotion set); None = all.
+    Each distinct query (by `query_key`: its spellings are one query) is one query; its relevant
+    documents (gain 1) are the documents of its pairs' positive passages. Pairs whose positive is not a corpus passage (no passage id,
     or a passage no document uses) cannot be retrieved and are skipped, counted in `skipped`.
     The corpus is every passage that belongs to a document.
 
@@ -353,6 +365,8 @@ def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test")) -
         "ORDER BY anchor, positive_id",
         [splits],
     )
+    if keys is not None:
+        pairs = [p for p in pairs if query_key(p["anchor"]) in keys]
     docs_of = store.docs_of_passages(sorted({p["positive_id"] for p in pairs if p["positive_id"]}))
     qrels: dict[str, dict[str, float]] = {}
     texts: dict[str, str] = {}
@@ -362,8 +376,8 @@ def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test")) -
         if not docs:
             skipped += 1
             continue
-        qid = content_hash(p["anchor"])
-        texts[qid] = p["anchor"]
+        qid = content_hash(query_key(p["anchor"]))
+        texts.setdefault(qid, p["anchor"])
         qrels.setdefault(qid, {}).update({d: 1.0 for d in docs})
     if not qrels:
         raise InputError(

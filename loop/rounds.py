@@ -20,20 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from loop import indexing, train
 from loop.decide import Recommendation, promotion_gate, should_finetune
 from loop.embed import Embedder, model_hash
 from loop.errors import EmbedloopError, InputError, VectorIndexError
 from loop.evaluate import (
-    PRIMARY_METRIC, CorpusEmbeddings, EvalReport, EvalSet, compare, compare_all, evaluate, evalset_from_store,
-    held_out_keys,
+    PRIMARY_METRIC, CorpusEmbeddings, EvalReport, EvalSet, compare, compare_all, dev_fold, evaluate,
+    evalset_from_store, held_out_keys,
 )
 from loop.generate import needs_generation, run_generation
 from loop.negatives import MiningPolicy, known_positives, select_negatives
 from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, route
+from loop.wise import DevTask, dev_task
 from loop.workspace import Workspace
 
 STATES = ["generate", "select", "review", "train", "evaluate", "promote", "reindex", "done"]
@@ -70,13 +71,26 @@ class LoopConfig(BaseModel):
     mine_top: int = Field(1, ge=1, le=20, description="cards per logged query, one per passage of the active index's "
                           "top; 1 suffices: a card shows the model's top passages and the reviewer marks each that answers")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
-    eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of human-verified pairs held out, once")
-    eval_max: int = Field(200, ge=1)
+    eval_fraction: float = Field(0.3, gt=0, lt=1, description="share of the human-verified real queries held "
+                                 "out, once (a development fold and a promotion set, see dev_share)")
+    eval_min: int = Field(5, ge=1, description="queries held out at least (twice as many verified ones are needed)")
+    eval_max: int = Field(300, ge=1, description="queries held out at most")
+    dev_share: float = Field(0.35, ge=0, lt=1, description="share of the held-out queries in the development fold: "
+                             "it chooses the checkpoint and the WiSE-FT weight; the rest decide promotion")
+    promote_confidence: float = Field(
+        0.9, gt=0.5, lt=1, description="promote when the bootstrap share of resamples in which the candidate beats the "
+        "active model on the promotion set reaches this (0.975 = the 95% interval's lower bound above zero)")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
     promote_min_delta: float = 0.0
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> LoopConfig:
+        if self.eval_min > self.eval_max:
+            raise ValueError(f"eval_min ({self.eval_min}) is larger than eval_max ({self.eval_max})")
+        return self
 
     @field_serializer("train")
     def _train_as_set(self, v: TrainOverrides) -> dict[str, Any]:
@@ -396,20 +410,33 @@ class Rounds:
         return n
 
     def _hold_out(self) -> int:
-        anchors = [a for (a,) in self.store.execute(
-            "SELECT DISTINCT anchor FROM pairs WHERE status = 'accepted' AND split = 'train' AND positive_id IS NOT NULL "
-            "AND (source IN ('seed', 'edited') OR pair_id IN (SELECT pair_id FROM decisions WHERE action = 'accept')) "
-            "ORDER BY anchor"
-        ).fetchall()]
+        """Hold out a seeded share of the verified real queries (imported, logged or typed by a
+        reviewer; never an offline synthetic query, and an LLM-written one only when nothing else
+        exists, said in the log)."""
+        rows = self.store.execute(
+            "SELECT DISTINCT anchor, source = 'seed' OR query_id IS NOT NULL OR origin = 'review:edit' AS real, "
+            "coalesce(json_extract_string(meta, '$.generator'), '') LIKE 'llm:%' AS llm "
+            "FROM pairs WHERE status = 'accepted' AND split = 'train' AND positive_id IS NOT NULL "
+            "AND (source IN ('seed', 'edited') OR pair_id IN (SELECT pair_id FROM decisions WHERE action IN "
+            "('accept', 'mark'))) ORDER BY anchor"
+        ).fetchall()
+        anchors = [a for a, real, _ in rows if real]
+        if not anchors and any(llm for _, _, llm in rows):
+            anchors = [a for a, _, llm in rows if llm]
+            self.log("No verified real queries yet: holding out LLM-generated queries a reviewer accepted. The "
+                     "figures measure how well the model finds passages for the LLM's questions; import real "
+                     "queries with their answers (`embedloop pairs import --split eval`) for a truer measure.")
         queries: dict[str, str] = {}  # query key -> its first form, in anchor order
         for a in anchors:
             queries.setdefault(query_key(a), a)
-        if len(queries) < 10:
+        need = 2 * self.config.eval_min
+        if len(queries) < need:
             raise RoundError(
-                f"Only {len(queries)} human-verified queries exist; at least 10 are needed to hold out an evaluation "
-                f"set. Import labelled pairs (`embedloop pairs import`) or review more cards."
+                f"Only {len(queries)} human-verified real queries exist; at least {need} are needed to hold out an "
+                f"evaluation set (offline synthetic queries never count). Import labelled pairs (`embedloop pairs "
+                f"import`), add a query log (`embedloop queries import`) and review its cards."
             )
-        n = min(self.config.eval_max, max(5, round(len(queries) * self.config.eval_fraction)))
+        n = min(self.config.eval_max, max(self.config.eval_min, round(len(queries) * self.config.eval_fraction)))
         chosen = {query_key(a) for a in random.Random(self.config.seed).sample(list(queries.values()), n)}
         moved = [pid for pid, a in self.store.execute(
             "SELECT pair_id, anchor FROM pairs WHERE status = 'accepted' AND split = 'train'").fetchall()
@@ -418,11 +445,20 @@ class Rounds:
         # `_drop_held_out_training_pairs`: an answer would be a training label for an evaluation query.
         self.store.execute("UPDATE pairs SET split = 'eval', updated_at = current_timestamp "
                            "WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))", [moved])
-        self.log(f"Held out {n} human-verified queries as the fixed evaluation set.")
+        dev, _ = self.folds()
+        self.log(f"Held out {n} human-verified queries as the fixed evaluation set ({len(dev)} of them the "
+                 f"development fold that chooses the checkpoint and the WiSE-FT weight).")
         return n
 
+    def folds(self) -> tuple[set[str], set[str]]:
+        """The held-out query keys as (development fold, promotion set): `evaluate.dev_fold`."""
+        keys = held_out_keys(self.store)
+        dev = dev_fold(keys, self.config.dev_share, self.config.seed)
+        return dev, keys - dev
+
     def evalset(self) -> EvalSet:
-        return evalset_from_store(self.store)
+        """The promotion set: the held-out queries outside the development fold."""
+        return evalset_from_store(self.store, keys=self.folds()[1])
 
     def report_for(self, version: str, evalset: EvalSet) -> EvalReport:
         """The stored report of `version` on this eval set, or a fresh evaluation (then stored)."""
@@ -537,6 +573,29 @@ class Rounds:
             rows.append(row)
         return rows
 
+    def _dev_fold(self) -> tuple[list[dict[str, str]], DevTask | None]:
+        """The development fold's pairs (the trainer's eval loss) and its retrieval task (WiSE-FT):
+        its queries, their relevant passages (every chunk of a positive's documents) and a pool of
+        the active model's top passages for them (at most about 2,000 passages in all)."""
+        dev, _ = self.folds()
+        pairs = [p for p in self.store.rows(
+            "SELECT anchor, positive_id, positive_text AS positive FROM pairs WHERE status = 'accepted' "
+            "AND split = 'eval' AND positive_text IS NOT NULL ORDER BY pair_id") if query_key(p["anchor"]) in dev]
+        if not pairs:
+            return [], None
+        queries: dict[str, str] = {}
+        relevant: dict[str, set[str]] = {}
+        sib = self._siblings([p["positive_id"] for p in pairs if p["positive_id"]])
+        for p in pairs:
+            key = query_key(p["anchor"])
+            queries.setdefault(key, p["anchor"])
+            relevant.setdefault(key, set()).update(sib.get(p["positive_id"], set()) if p["positive_id"] else set())
+        keys = sorted(queries)
+        ranked = self._search_ids([queries[k] for k in keys], max(10, min(50, 2000 // len(keys))))
+        texts = self.store.passages(sorted({*(p for k in keys for p in relevant[k]), *(p for r in ranked for p in r)}))
+        task = dev_task([queries[k] for k in keys], [relevant[k] for k in keys], ranked, texts)
+        return [{"anchor": p["anchor"], "positive": p["positive"]} for p in pairs], task
+
     def run_dir(self, r: dict[str, Any]) -> Path:
         return self.ws.settings.runs_dir / f"round-{r['round']:03d}"
 
@@ -552,13 +611,10 @@ class Rounds:
                 overrides = self.config.train.model_dump(exclude_unset=True)
                 cfg = {"device": self.ws.settings.device, **overrides,  # the workspace's device unless [loop.train] says
                        "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
-                # The trainer's eval loss (best checkpoint) runs on the round's held-out pairs, which
-                # training never sees anyway, instead of holding out a further share of the few labels.
-                held_out = self.store.rows(
-                    "SELECT anchor, positive_text AS positive FROM pairs WHERE status = 'accepted' AND split = 'eval' "
-                    "AND positive_text IS NOT NULL ORDER BY pair_id"
-                )
-                digest = train.write_snapshot(run, rows, held_out if len(held_out) >= 2 else None, cfg)
+                # The checkpoint (eval loss) and the WiSE-FT weight are chosen on the development fold,
+                # never on the promotion set; without a fold the trainer holds out a share of the rows.
+                dev_pairs, task = self._dev_fold()
+                digest = train.write_snapshot(run, rows, dev_pairs if len(dev_pairs) >= 2 else None, cfg, dev=task)
                 r["manifest"]["data_snapshot"] = digest
                 r["manifest"]["train_config"] = json.loads((run / train.CONFIG_FILE).read_text())
                 self._save(r)
@@ -603,9 +659,14 @@ class Rounds:
         )
         r["manifest"]["model"] = {"version": version, "path": str(model_dir), "sha256": digest}
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
+        if result.get("wise"):
+            w = result["wise"]
+            self.log(f"WiSE-FT: kept {w['alpha']:g} of the fine-tuning's change to the base weights, the best of "
+                     f"{', '.join(w['dev_ndcg@10'])} on the {w['n_dev_queries']} development-fold queries "
+                     f"(NDCG@10 {', '.join(f'{v:.3f}' for v in w['dev_ndcg@10'].values())}).")
         self._step_done(r, "train", {k: result.get(k) for k in (
             "status", "steps", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
-            "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb")}, t0)
+            "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "wise")}, t0)
 
     def _follow(self, run: Path, proc: Any, pid: int, poll_s: float) -> dict[str, Any]:
         """Wait for the trainer, relaying its progress and a cancel request; return its result."""

@@ -54,6 +54,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loop.errors import ConfigError, EmbedloopError, InputError
+from loop.wise import DEV_FILE
 
 # Models load from local paths; nothing may reach a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,6 +134,10 @@ class TrainConfig(BaseModel):
         default="auto", description="auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA, fp32 on CPU."
     )
     eval_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Held out when no eval rows are given.")
+    wise_grid: list[float] = Field(
+        default=[0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="WiSE-FT weights (loop/wise.py): the model saved is (1-a)*base + a*tuned with the a of this grid "
+        "that scores best on the development fold (dev.json); [1.0] = the tuned weights as they are.")
     save_total_limit: int = Field(default=3, ge=1, description="Checkpoints kept (the best is always kept).")
     dataloader_num_workers: int = Field(default=0, ge=0, description="Keep 0: workers froze on the GPU machine.")
     logging_steps: int | None = Field(default=None, ge=1, description="None = about 50 points per run, at most 10 apart.")
@@ -145,6 +150,13 @@ class TrainConfig(BaseModel):
         if not v or any(d <= 0 for d in v):
             raise ValueError("matryoshka_dims must be a non-empty list of positive integers, e.g. [384, 256, 128, 64]")
         return sorted(set(v), reverse=True)
+
+    @field_validator("wise_grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in v):
+            raise ValueError(f"every WiSE-FT weight must lie in 0..1 (0 = the base model, 1 = the tuned one), got {v}")
+        return sorted(set(v))
 
     @field_validator("device")
     @classmethod
@@ -271,6 +283,7 @@ def write_snapshot(
     train_rows: Iterable[Any],
     eval_rows: Iterable[Any] | None,
     config: TrainConfig | Mapping[str, Any],
+    dev: Any = None,
 ) -> str:
     """Write a run's inputs as files: train.jsonl, eval.jsonl, config.json, snapshot.json.
 
@@ -280,6 +293,7 @@ def write_snapshot(
         eval_rows: the explicit eval set; None or empty = hold out `config.eval_fraction` of
             train_rows (seeded, so the same inputs give the same split).
         config: a TrainConfig or a dict for one.
+        dev: the development fold as a `wise.DevTask` (dev.json): the WiSE-FT weight is chosen on it.
 
     Hard negatives: if any train row has one, every row (train and eval) gets one, a missing
     one being another row's positive; if none has, eval negatives are dropped too, so train
@@ -316,8 +330,9 @@ def write_snapshot(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     train_bytes, eval_bytes = _jsonl_bytes(train), _jsonl_bytes(evals)
+    dev_bytes = dev.model_dump_json().encode() if dev is not None else b""
     h = hashlib.sha256()
-    for name, data in ((TRAIN_FILE, train_bytes), (EVAL_FILE, eval_bytes)):
+    for name, data in ((TRAIN_FILE, train_bytes), (EVAL_FILE, eval_bytes), *(((DEV_FILE, dev_bytes),) if dev_bytes else ())):
         h.update(f"{name}\n{len(data)}\n".encode())
         h.update(data)
     digest = h.hexdigest()
@@ -335,6 +350,10 @@ def write_snapshot(
             )
     _atomic_write(run / TRAIN_FILE, train_bytes)
     _atomic_write(run / EVAL_FILE, eval_bytes)
+    if dev_bytes:
+        _atomic_write(run / DEV_FILE, dev_bytes)
+    else:
+        (run / DEV_FILE).unlink(missing_ok=True)
     _atomic_write(run / CONFIG_FILE, config_bytes)
     snapshot = {
         "data_hash": digest,
@@ -342,6 +361,7 @@ def write_snapshot(
         "n_eval": len(evals),
         "negatives": with_negative,
         "filled_negatives": filled,
+        "n_dev_queries": len(dev.queries) if dev is not None else 0,
     }
     _atomic_write(run / SNAPSHOT_FILE, json.dumps(snapshot, indent=2).encode())
     return digest
@@ -1084,6 +1104,8 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
 
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+
+    from loop import wise
     from transformers import __version__ as tf_version
     from transformers.utils import logging as hf_logging
 
@@ -1201,6 +1223,13 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
     if watch.stop_requested and state.best_model_checkpoint is None:
         return {**out, "status": "stopped", "reason": "stop requested before the first checkpoint"}
     # load_best_model_at_end has put the best checkpoint's weights in `model`.
+    task = wise.DevTask.read(run)
+    if task is not None and cfg.wise_grid != [1.0] and rank0 and not watch.stop_requested:
+        t_wise = time.time()
+        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=len(task.queries))
+        base = SentenceTransformer(cfg.base_model, device=device, local_files_only=True).state_dict()
+        out["wise"] = {**wise.choose(model, base, task, cfg.wise_grid), "seconds": round(time.time() - t_wise, 2)}
+        del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)

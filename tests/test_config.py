@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from tests.reliability_report import case
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.errors import ConfigError
 
@@ -238,7 +239,8 @@ def test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key(tmp_pat
     ('[loop.train]\nbatch_size = "big"\n', "loop.train.batch_size: Input should be a valid integer"),
     ('[loop.train]\nloss = "triplet"\n', "loop.train.loss: Input should be 'mnrl', 'cached_mnrl' or 'gist'"),
     ("[loop.train]\nmatryoshka_dims = [0]\n", "loop.train.matryoshka_dims: Value error, matryoshka_dims must be"),
-], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator"])
+    ("[loop.train]\nwise_grid = [0.5, 1.5]\n", "loop.train.wise_grid: Value error, every WiSE-FT weight must lie in 0..1"),
+], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator", "wise grid"])
 def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, table, problem):
     from loop.rounds import Rounds, loop_config
     from loop.workspace import Workspace
@@ -251,6 +253,24 @@ def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, tab
         Rounds(ws)  # what `embedloop round` and the app's round pages start with
     assert loop_config({"train": {"epochs": 1, "matryoshka_dims": [64, 384]}}).train.model_dump(
         exclude_unset=True) == {"epochs": 1, "matryoshka_dims": [384, 64]}
+
+
+@pytest.mark.parametrize("table, problem", [
+    ("[loop]\neval_min = 0\n", "loop.eval_min: Input should be greater than or equal to 1"),
+    ("[loop]\neval_max = 0\n", "loop.eval_max: Input should be greater than or equal to 1"),
+    ("[loop]\ndev_share = 1.0\n", "loop.dev_share: Input should be less than 1"),
+    ("[loop]\npromote_confidence = 1.2\n", "loop.promote_confidence: Input should be less than 1"),
+    ("[loop]\neval_min = 50\neval_max = 20\n", "eval_min (50) is larger than eval_max (20)"),
+])
+@case("What a user hits", "a [loop] held-out or gate setting out of range (e.g. eval_min 0, eval_min above eval_max)",
+      "ConfigError naming the key when the round settings load, before any work starts")
+def test_bad_held_out_and_gate_settings_fail_when_the_round_settings_load(tmp_path, table, problem):
+    from loop.rounds import loop_config
+
+    write_config(tmp_path / "ws", table)
+    with pytest.raises(ConfigError) as info:
+        loop_config(load_settings(tmp_path / "ws").loop)
+    assert problem in str(info.value)
 
 
 def test_loop_train_settings_reach_the_manifest_as_written(tmp_path):

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from loop.rounds import LeakageError, LoopConfig, RoundError, Rounds
+from loop.records import query_key
 from loop.review import DecisionIn, decide, pending
+from tests.reliability_report import case
 
 TOPICS = {
     "indemnity": "Indemnification clauses allocate losses between the parties. The indemnifying party "
@@ -187,10 +189,11 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         assert r["state"] == "done", r.get("error")
         m = r["manifest"]
         assert m["data_snapshot"] and m["model"]["sha256"] and Path(m["model"]["path"], "modules.json").exists()
-        # Every training row trains: the trainer's eval loss runs on the round's held-out pairs.
+        # Five held-out queries leave no development fold: the trainer's eval loss runs on a share of
+        # the training rows, never on the promotion set.
         snap = json.loads((rounds.run_dir(r) / "snapshot.json").read_text())
-        held_out = ws.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split = 'eval'")
-        assert snap["n_eval"] == held_out and snap["n_train"] == len(rounds.training_rows())
+        assert rounds.folds()[0] == set() and snap["n_dev_queries"] == 0
+        assert snap["n_train"] + snap["n_eval"] == len(rounds.training_rows())
         assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m["metrics"]["candidate"])
         assert m["vs_base"]["ci_low"] <= m["vs_base"]["delta"] <= m["vs_base"]["ci_high"]
         assert set(m["vs_base_by_metric"]) == set(m["metrics"]["candidate"])  # every metric has its interval
@@ -204,6 +207,66 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
             assert status["active_model"]["version"] == ws.base_version
         # The baseline was stored before training.
         assert json.loads(ws.store.scalar("SELECT metrics FROM model_versions WHERE version = ?", [ws.base_version]))
+
+
+@case("Stuck or wrong state", "the checkpoint and the WiSE-FT weight are chosen on the promotion set",
+      "a development fold of the held-out queries chooses both (eval loss, then NDCG@10 over a grid of weights); "
+      "the saved model is (1-a)*base + a*tuned; the promotion set judges alone")
+@pytest.mark.slow
+def test_checkpoint_and_wise_weight_come_from_the_development_fold(tmp_path, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    from loop.workspace import Workspace
+
+    with Workspace.open(tmp_path / "ws") as ws:
+        _seed(ws, tmp_path)
+        more = tmp_path / "more.jsonl"
+        with more.open("w") as f:
+            for name in TOPICS:
+                for q in (f"explain the {name} clause", f"where is {name} covered"):
+                    f.write(json.dumps({"anchor": q, "positive_id": f"{name}.txt"}) + "\n")
+        ws.import_pairs(more)
+        rounds, lines = _rounds(ws, generate_max=0, train={"epochs": 1, "batch_size": 8, "max_seq_length": 64,
+                                                           "wise_grid": [0.0, 0.5, 1.0]})
+        r = rounds.advance(until="review")
+        r = rounds.advance(until="evaluate", force=True)
+        dev, gate = rounds.folds()
+        assert dev and gate and not dev & gate
+        run = rounds.run_dir(r)
+        eval_anchors = {json.loads(x)["anchor"] for x in (run / "eval.jsonl").read_text().splitlines()}
+        assert {query_key(a) for a in eval_anchors} <= dev  # the checkpoint's eval loss: the dev fold only
+        assert {query_key(q) for q in rounds.evalset().queries} == gate  # promotion: the rest
+        w = r["manifest"]["steps"]["train"]["wise"]
+        assert w["alpha"] in (0.0, 0.5, 1.0) and set(w["dev_ndcg@10"]) == {"0.0", "0.5", "1.0"}
+        assert w["n_dev_queries"] == len(dev) and any("WiSE-FT" in line for line in lines)
+        saved = SentenceTransformer(r["manifest"]["model"]["path"], device="cpu").state_dict()
+        base = SentenceTransformer(str(minilm_path), device="cpu").state_dict()
+        key = next(k for k, v in saved.items() if v.is_floating_point() and v.ndim == 2)
+        if w["alpha"] == 0.0:
+            assert saved[key].allclose(base[key])
+        else:
+            assert not saved[key].allclose(base[key])
+
+
+def test_held_out_queries_are_real_ones_never_offline_synthetic(workspace, tmp_path):
+    _seed(workspace, tmp_path, n_pairs=3)
+    with workspace.store.transaction() as cur:  # twelve offline synthetic pairs a reviewer accepted
+        workspace.store.insert_ignore(cur, "pairs", [
+            {"pair_id": f"syn-{i}", "anchor": f"synthetic question {i}", "positive_id": "payment.txt#0",
+             "positive_text": "x", "source": "synthetic", "status": "accepted", "split": "train",
+             "meta": json.dumps({"generator": "offline:keyphrase"})} for i in range(12)])
+    for i in range(12):
+        workspace.store.append_decision(f"syn-{i}", "ann", "accept", {"previous_status": "pending"})
+    rounds, _ = _rounds(workspace)
+    with pytest.raises(RoundError, match="3 human-verified real queries.*offline synthetic queries never count"):
+        rounds.ensure_eval_split()
+    workspace.store.execute("UPDATE pairs SET meta = ? WHERE source = 'synthetic'",
+                            [json.dumps({"generator": "llm:some-model"})])
+    lines: list[str] = []
+    rounds.log = lines.append
+    workspace.store.execute("UPDATE pairs SET status = 'dropped' WHERE source = 'seed'")  # no real query at all
+    assert rounds.ensure_eval_split() == 5  # LLM-written queries only when nothing else exists, and it says so
+    assert any("LLM-generated queries" in line for line in lines)
 
 
 def test_recommendation_uses_baseline_pairs_and_speed(workspace, tmp_path):
