@@ -5,8 +5,9 @@ own retries are off; this module retries itself so that every kind of failure - 
 timeouts, dropped connections, and also answers that are not the JSON we asked for - is
 handled in one loop, with exponential backoff and jitter, and ends in one clear `LLMError`.
 
-Paid work is never repeated: `LLMCache` keeps validated answers in DuckDB keyed by
-(passage hash, prompt id@version, LLM model), and a hit makes no HTTP request.
+Paid work is never repeated: the client's `AnswerCache` (storage.llm_cache.LLMCache, in
+DuckDB) keeps validated answers keyed by (passage hash, prompt id@version, LLM model), and a
+hit makes no HTTP request. This module is transport only: it imports nothing from storage/.
 
 The API key is a `SecretStr`: it is only unwrapped to build the SDK client, and every message
 this module produces passes through `_redact`, so it never reaches logs, errors or DuckDB.
@@ -14,7 +15,6 @@ this module produces passes through `_redact`, so it never reaches logs, errors 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import openai
@@ -33,7 +33,6 @@ from loop.errors import EmbedloopError, validation_problems
 
 if TYPE_CHECKING:
     from loop.config import Settings
-    from storage.db import Store
 
 log = logging.getLogger("embedloop.llm")
 
@@ -145,40 +144,15 @@ class CacheKey(NamedTuple):
     round: int | None = None  # recorded with the answer, not part of the key
 
 
-class LLMCache:
-    """Validated LLM answers in the `llm_cache` table, keyed by sha256(passage, prompt, model)."""
+class AnswerCache(Protocol):
+    """Where the client keeps validated answers (storage.llm_cache.LLMCache writes DuckDB)."""
 
-    def __init__(self, store: Store):
-        self.store = store
-        # One DuckDB connection serves every thread (a cursor each); serialising writes avoids
-        # write-write conflicts when two workers finish at once.
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(passage_hash: str, prompt: str, llm_model: str) -> str:
-        return hashlib.sha256(f"{passage_hash}\x00{prompt}\x00{llm_model}".encode()).hexdigest()
-
-    def get(self, passage_hash: str, prompt: str, llm_model: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = self.store.execute(
-                "SELECT response FROM llm_cache WHERE cache_key = ?", [self.key(passage_hash, prompt, llm_model)]
-            ).fetchall()
-        return json.loads(rows[0][0]) if rows else None
+    def get(self, passage_hash: str, prompt: str, llm_model: str) -> dict[str, Any] | None: ...
 
     def put(
         self, passage_hash: str, prompt: str, llm_model: str, response: dict[str, Any],
-        usage: Usage = Usage(), round: int | None = None,
-    ) -> None:
-        with self._lock:
-            self.store.execute(
-                "INSERT OR REPLACE INTO llm_cache (cache_key, passage_hash, prompt, llm_model, response, "
-                "prompt_tokens, output_tokens, round) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.key(passage_hash, prompt, llm_model), passage_hash, prompt, llm_model,
-                 json.dumps(response, ensure_ascii=False), usage.prompt_tokens, usage.completion_tokens, round],
-            )
-
-    def __len__(self) -> int:
-        return int(self.store.scalar("SELECT count(*) FROM llm_cache"))
+        usage: Usage | None = None, round: int | None = None,
+    ) -> None: ...
 
 
 class _TokenBucket:
@@ -253,7 +227,7 @@ class LLMClient:
     """
 
     def __init__(
-        self, settings: LLMSettings, cache: LLMCache | None = None, *,
+        self, settings: LLMSettings, cache: AnswerCache | None = None, *,
         backoff_base_s: float = 0.5, max_backoff_s: float = 30.0, seed: int | None = None,
     ):
         self.settings = settings

@@ -197,7 +197,8 @@ class Workspace:
         """The LLM client for the configured endpoint, or None (the offline generator is used)."""
         if not self.settings.llm_configured:
             return None
-        from loop.llm import LLMCache, LLMClient, LLMSettings
+        from loop.llm import LLMClient, LLMSettings
+        from storage.llm_cache import LLMCache
 
         return LLMClient(LLMSettings.from_settings(self.settings), LLMCache(self.store))
 

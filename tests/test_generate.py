@@ -28,9 +28,10 @@ from loop.generate import (
     run_generation,
     sentences,
 )
-from loop.llm import LLMCache, LLMClient, LLMError, LLMSettings
+from loop.llm import LLMClient, LLMError, LLMSettings
 from loop.prompts import PromptError, PromptTemplate, fence, load_prompt
 from loop.records import content_hash
+from storage.llm_cache import LLMCache
 from tests.openai_server import MODEL, Reply, openai_server  # noqa: F401 - fixture
 
 PASSAGE = (

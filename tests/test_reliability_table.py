@@ -31,13 +31,14 @@ from loop.errors import ConfigError, InputError, NotFoundError, VectorIndexError
 from loop.evaluate import evalset_from_beir
 from loop.export import export
 from loop.jobs import JobRunner
-from loop.llm import LLMCache, LLMClient, LLMError, LLMSettings
+from loop.llm import LLMClient, LLMError, LLMSettings
 from loop.prompts import PromptError, load_prompt
 from loop.review import DecisionIn, ReviewConflict, claim_next, decide, read_decisions
 from loop.rounds import LeakageError, LoopConfig, Rounds
 from loop.workspace import Workspace
 from storage.db import Store
 from storage.index import VectorIndex
+from storage.llm_cache import LLMCache
 from tests.fakes import FakeEmbedder
 from tests.fault_driver import docs
 from tests.openai_server import MODEL, FakeOpenAI, Reply

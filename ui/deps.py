@@ -209,7 +209,8 @@ def llm_endpoint() -> dict[str, Any]:
 def llm_client(endpoint: dict[str, Any] | None = None, **overrides: Any):
     """The LLM client for `endpoint` (default: the chosen one), or None: then the offline
     generator is used. `overrides` go to LLMSettings (e.g. a short timeout for a test)."""
-    from loop.llm import LLMCache, LLMClient, LLMSettings
+    from loop.llm import LLMClient, LLMSettings
+    from storage.llm_cache import LLMCache
 
     ep = endpoint or llm_endpoint()
     key, _ = llm_key()
