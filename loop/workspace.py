@@ -16,9 +16,8 @@ from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError, VectorIndexError
-from loop.ingest import (
-    Fields, hf_offsets, import_pairs, import_queries, is_plain_folder, prefixed, read_documents, store_documents,
-)
+from loop.ingest import hf_offsets, import_pairs, import_queries, prefixed, store_documents
+from loop.readers import Fields, is_plain_folder, read_documents
 from loop.records import Document, IngestReport, SearchHit
 from storage.db import Store
 from storage.index import VectorIndex

@@ -387,7 +387,7 @@ def split_traversal(what: str) -> Callable[..., str]:
 
 def zip_member(name: str, link: bool = False) -> Callable[..., str]:
     def run(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
-        from ui.tasks import extract_beir_zip
+        from loop.readers import extract_beir_zip
 
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
@@ -402,7 +402,7 @@ def zip_member(name: str, link: bool = False) -> Callable[..., str]:
         outside = [tmp / "evil", tmp.parent / "evil", Path("/tmp/evil/corpus.jsonl")]
         existed = [p.exists() for p in outside]
         before = files_under(tmp)
-        msg = raises(InputError, lambda: extract_beir_zip(env.ws, path))
+        msg = raises(InputError, lambda: extract_beir_zip(path, env.ws.settings.max_file_mb))
         assert files_under(tmp) == before  # nothing extracted, inside or next to the upload
         assert [p.exists() for p in outside] == existed
         return msg
