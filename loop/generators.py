@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 
-OFFLINE_GENERATORS = ("offline:inverse_cloze", "offline:title", "offline:keyphrase")
 GENERATION_PROMPT = "generate_queries"
 
 _GENERATOR = re.compile(r"^(offline:(inverse_cloze|title|keyphrase)|llm:\S.*)$")
