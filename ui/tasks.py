@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-
-from loop import train
 from loop.errors import InputError
 from loop.evaluate import intervals, score_distributions
 from loop.jobs import Cancelled, JobContext
@@ -172,7 +170,7 @@ def run_round(ws: Workspace, config: Any, until: str, force: bool, llm: Any):
 
         def stop_training() -> None:
             if run_dir.is_dir():
-                train.request_stop(run_dir)  # the trainer keeps its best checkpoint and exits
+                ws.stop_training(run_dir)  # the trainer keeps its best checkpoint and exits
 
         ctx.on_cancel.append(stop_training)
         ctx.progress(0, 0, f"Round {r['round']}: {r['state']}")
