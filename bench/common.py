@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from loop.evaluate import EvalReport, Gain, compare, ir_metrics, metric_names
-from loop.ingest import iter_jsonl, read_qrels
+from loop.readers import iter_jsonl, read_qrels
 from loop.review import REVIEW_SHOWN, DecisionIn, ReviewConflict, decide, pending
 
 MAX_BYTES = 8 * 2**30

@@ -43,7 +43,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from loop.ingest import Fields
+    from loop.readers import Fields
 
     if not args.paths and not args.demo:
         raise InputError("nothing to ingest: give one or more PATHs, or --demo")

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from loop.errors import IndexMismatchError, InputError
-from loop.ingest import iter_jsonl, read_qrels
+from loop.readers import iter_jsonl, read_qrels
 from loop.records import content_hash, query_key
 from storage.db import Store
 

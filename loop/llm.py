@@ -5,8 +5,10 @@ own retries are off; this module retries itself so that every kind of failure - 
 timeouts, dropped connections, and also answers that are not the JSON we asked for - is
 handled in one loop, with exponential backoff and jitter, and ends in one clear `LLMError`.
 
-Paid work is never repeated: `LLMCache` keeps validated answers in DuckDB keyed by
-(passage hash, prompt id@version, LLM model), and a hit makes no HTTP request.
+Paid work is never repeated: the client's `AnswerCache` (storage.llm_cache.LLMCache, in
+DuckDB) keeps validated answers keyed by (passage hash, prompt id@version, LLM model), and a
+hit makes no HTTP request. This module is transport only: it imports nothing from storage/.
+Its settings, usage, cache key and error are defined in loop/llm_types.py and exported here.
 
 The API key is a `SecretStr`: it is only unwrapped to build the SDK client, and every message
 this module produces passes through `_redact`, so it never reaches logs, errors or DuckDB.
@@ -14,7 +16,6 @@ this module produces passes through `_redact`, so it never reaches logs, errors 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -23,21 +24,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Protocol, TypeVar
 
 import openai
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
-from loop.errors import EmbedloopError, validation_problems
+from loop.errors import validation_problems
+from loop.llm_types import CacheKey, LLMError, LLMSettings, Usage
 
-if TYPE_CHECKING:
-    from loop.config import Settings
-    from storage.db import Store
+__all__ = ["AnswerCache", "CacheKey", "LLMClient", "LLMError", "LLMSettings", "Usage"]
 
 log = logging.getLogger("embedloop.llm")
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # A local endpoint often needs no key, but the SDK refuses to start without one.
 _NO_KEY = "no-key"
 
@@ -46,139 +44,15 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 
-class LLMError(EmbedloopError):
-    """The LLM endpoint failed, or kept answering with something unusable.
+class AnswerCache(Protocol):
+    """Where the client keeps validated answers (storage.llm_cache.LLMCache writes DuckDB)."""
 
-    Attributes:
-        kind: what went wrong last: rate_limited, server_error, http_error, timeout,
-            connection, invalid_json, off_schema, empty, refusal, truncated, cancelled.
-        status: the HTTP status of the last failure, when there was one.
-        endpoint: scheme://host[:port] of the endpoint (never a key or a path with secrets).
-        attempts: how many requests were made.
-        fatal: retrying later will not help without a fix (bad key, unknown model, bad URL).
-    """
-
-    def __init__(
-        self, message: str, *, kind: str, endpoint: str = "", status: int | None = None,
-        attempts: int = 0, fatal: bool = False,
-    ):
-        self.kind = kind
-        self.endpoint = endpoint
-        self.status = status
-        self.attempts = attempts
-        self.fatal = fatal
-        super().__init__(message)
-
-
-class LLMSettings(BaseModel):
-    """How to reach the LLM. The key is excluded from dumps and repr."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str = DEFAULT_BASE_URL
-    model: str = Field(min_length=1)
-    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=20)
-    # Generation is latency-bound: 16 requests in flight make it ~16x sequential. Paid endpoints
-    # that allow less answer 429, which backs off (honouring Retry-After) without failing the job.
-    concurrency: int = Field(default=16, ge=1, le=256)
-    requests_per_minute: float = Field(default=6000.0, gt=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, v: str) -> str:
-        v = v.strip() or DEFAULT_BASE_URL
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https:// (e.g. http://127.0.0.1:8080/v1)")
-        return v.rstrip("/")
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> LLMSettings:
-        """The LLM part of the workspace settings (`llm_base_url`, `llm_model`, `llm_api_key`)."""
-        values: dict[str, Any] = {
-            "base_url": settings.llm_base_url or DEFAULT_BASE_URL,
-            "model": settings.llm_model,
-            "api_key": settings.llm_api_key,
-            "concurrency": settings.llm_concurrency,
-            "requests_per_minute": settings.llm_requests_per_minute,
-        }
-        return cls(**{**values, **overrides})
-
-    @property
-    def endpoint(self) -> str:
-        """scheme://host[:port]: safe to show (no user-info, path or query)."""
-        parts = urlsplit(self.base_url)
-        host = parts.hostname or "?"
-        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-class Usage(BaseModel):
-    """Tokens and requests spent; `a + b` sums, `sum(usages, Usage())` works too."""
-
-    model_config = ConfigDict(frozen=True)
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    requests: int = 0
-    cached: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            requests=self.requests + other.requests,
-            cached=self.cached + other.cached,
-        )
-
-    def __radd__(self, other: Any) -> Usage:
-        if other == 0:  # sum() starts from 0
-            return self
-        return NotImplemented
-
-
-class CacheKey(NamedTuple):
-    """What identifies one paid answer; the LLM model is added by the client."""
-
-    passage_hash: str
-    prompt: str  # "id@version"
-    round: int | None = None  # recorded with the answer, not part of the key
-
-
-class LLMCache:
-    """Validated LLM answers in the `llm_cache` table, keyed by sha256(passage, prompt, model)."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        # One DuckDB connection serves every thread (a cursor each); serialising writes avoids
-        # write-write conflicts when two workers finish at once.
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(passage_hash: str, prompt: str, llm_model: str) -> str:
-        return hashlib.sha256(f"{passage_hash}\x00{prompt}\x00{llm_model}".encode()).hexdigest()
-
-    def get(self, passage_hash: str, prompt: str, llm_model: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = self.store.execute(
-                "SELECT response FROM llm_cache WHERE cache_key = ?", [self.key(passage_hash, prompt, llm_model)]
-            ).fetchall()
-        return json.loads(rows[0][0]) if rows else None
+    def get(self, passage_hash: str, prompt: str, llm_model: str) -> dict[str, Any] | None: ...
 
     def put(
         self, passage_hash: str, prompt: str, llm_model: str, response: dict[str, Any],
-        usage: Usage = Usage(), round: int | None = None,
-    ) -> None:
-        with self._lock:
-            self.store.execute(
-                "INSERT OR REPLACE INTO llm_cache (cache_key, passage_hash, prompt, llm_model, response, "
-                "prompt_tokens, output_tokens, round) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.key(passage_hash, prompt, llm_model), passage_hash, prompt, llm_model,
-                 json.dumps(response, ensure_ascii=False), usage.prompt_tokens, usage.completion_tokens, round],
-            )
-
-    def __len__(self) -> int:
-        return int(self.store.scalar("SELECT count(*) FROM llm_cache"))
+        usage: Usage | None = None, round: int | None = None,
+    ) -> None: ...
 
 
 class _TokenBucket:
@@ -253,7 +127,7 @@ class LLMClient:
     """
 
     def __init__(
-        self, settings: LLMSettings, cache: LLMCache | None = None, *,
+        self, settings: LLMSettings, cache: AnswerCache | None = None, *,
         backoff_base_s: float = 0.5, max_backoff_s: float = 30.0, seed: int | None = None,
     ):
         self.settings = settings

@@ -49,12 +49,6 @@ class Passage(_Record):
     n_tokens: int
 
 
-class Query(_Record):
-    query_id: str
-    text: str = Field(min_length=1)
-    source: str = ""
-
-
 class PairIn(_Record):
     """A labelled pair as it comes from a user's file, before ids are resolved.
 

@@ -76,8 +76,6 @@ MODEL_DIR = "model"
 FAULT_ENV = "EMBEDLOOP_TRAIN_FAULT"
 _SECRET_ENV = frozenset({"OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY"})
 
-Status = Literal["ok", "failed", "stopped"]
-
 
 class TrainConfig(BaseModel):
     """Hyper-parameters of one training run. Unknown keys are an error.

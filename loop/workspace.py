@@ -16,9 +16,8 @@ from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError, VectorIndexError
-from loop.ingest import (
-    Fields, hf_offsets, import_pairs, import_queries, is_plain_folder, prefixed, read_documents, store_documents,
-)
+from loop.ingest import hf_offsets, import_pairs, import_queries, prefixed, store_documents
+from loop.readers import Fields, is_plain_folder, read_documents
 from loop.records import Document, IngestReport, SearchHit
 from storage.db import Store
 from storage.index import VectorIndex
@@ -193,13 +192,54 @@ class Workspace:
         """Bring the active index in line with the corpus (rebuilds a lost Chroma folder)."""
         return indexing.sync(self.store, self.index, self.embedder(), progress)
 
-    def llm(self):
-        """The LLM client for the configured endpoint, or None (the offline generator is used)."""
-        if not self.settings.llm_configured:
-            return None
-        from loop.llm import LLMCache, LLMClient, LLMSettings
+    def llm(self, endpoint: dict[str, Any] | None = None, api_key: str | None = None, **overrides: Any):
+        """The LLM client, or None when there is no endpoint and no key (the offline generator is used).
 
-        return LLMClient(LLMSettings.from_settings(self.settings), LLMCache(self.store))
+        The one place an LLM client is built: the CLI, the rounds and the app all get theirs here.
+
+        Args:
+            endpoint: base_url, model, concurrency, requests_per_minute to use instead of the
+                settings' (the app's Generate page tries and saves endpoints this way).
+            api_key: a key from elsewhere (Streamlit secrets), used when the settings hold none.
+            **overrides: passed to `LLMSettings` (e.g. a short timeout for a connection test).
+        """
+        from loop.llm import LLMClient, LLMSettings
+        from storage.llm_cache import LLMCache
+
+        s = self.settings
+        if s.llm_api_key is not None and s.llm_api_key.get_secret_value():
+            api_key = s.llm_api_key.get_secret_value()
+        ep = endpoint if endpoint is not None else {
+            "base_url": s.llm_base_url, "model": s.llm_model, "concurrency": s.llm_concurrency,
+            "requests_per_minute": s.llm_requests_per_minute}
+        if not (ep["base_url"] or api_key):
+            return None
+        limits = {k: ep[k] for k in ("concurrency", "requests_per_minute") if ep.get(k) is not None}
+        settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=api_key or None,
+                               **{**limits, **overrides})
+        return LLMClient(settings, LLMCache(self.store))
+
+    # Training runs (a run folder's files, written by the trainer: see loop.train) ----------------
+    @staticmethod
+    def training_progress(run_dir: str | Path) -> list[dict[str, Any]]:
+        """The trainer's progress events so far (start, step, log, checkpoint, end ...)."""
+        from loop import train
+
+        return train.read_progress(run_dir)
+
+    @staticmethod
+    def training_result(run_dir: str | Path) -> dict[str, Any] | None:
+        """The finished run's result.json, or None while it runs (or when it died without one)."""
+        from loop import train
+
+        return train.read_result(run_dir)
+
+    @staticmethod
+    def stop_training(run_dir: str | Path) -> None:
+        """Ask the trainer to stop at its next step; it keeps its best checkpoint."""
+        from loop import train
+
+        train.request_stop(run_dir)
 
     def encode_speed(self, sample: int = 64) -> float:
         """Passages per second the active model encodes here, measured on a sample of the corpus."""

@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from loop.errors import EmbedloopError, WorkspaceLockedError
+from storage.errors import EmbedloopError, WorkspaceLockedError
 from storage.migrations import MIGRATIONS
 
 

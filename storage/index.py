@@ -20,7 +20,7 @@ import chromadb
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
 
-from loop.errors import IndexMismatchError, VectorIndexError
+from storage.errors import IndexMismatchError, VectorIndexError
 
 log = logging.getLogger("embedloop.index")
 MAX_HITS_PER_QUERY_CALL = 10_000  # query rows x k per Chroma call; SQLite allows 32,766 variables

@@ -78,7 +78,8 @@ def generate(ws: Workspace, opts: dict[str, Any]) -> str:
     committed, before the step is recorded).
     """
     import loop.rounds
-    from loop.llm import LLMCache, LLMClient, LLMSettings
+    from loop.llm import LLMClient, LLMSettings
+    from storage.llm_cache import LLMCache
     from loop.rounds import LoopConfig, Rounds
 
     if opts.get("after_write"):

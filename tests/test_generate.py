@@ -10,27 +10,21 @@ from pydantic import SecretStr, ValidationError
 from pydoc_data.topics import topics
 
 from loop import indexing
-from loop.generate import (
+from loop.filters import FilterConfig, drop_reason, filter_pairs, longest_copied_run, review_flags, roundtrip
+from loop.generate import needs_generation, pick_passages, run_generation
+from loop.generators import (
     CorpusStats,
-    FilterConfig,
     GeneratedPair,
-    drop_reason,
-    filter_pairs,
     few_shot_examples,
     keyphrase_query,
-    longest_copied_run,
-    needs_generation,
     normalise,
     offline_pairs,
-    pick_passages,
-    review_flags,
-    roundtrip,
-    run_generation,
     sentences,
 )
-from loop.llm import LLMCache, LLMClient, LLMError, LLMSettings
+from loop.llm import LLMClient, LLMError, LLMSettings
 from loop.prompts import PromptError, PromptTemplate, fence, load_prompt
 from loop.records import content_hash
+from storage.llm_cache import LLMCache
 from tests.openai_server import MODEL, Reply, openai_server  # noqa: F401 - fixture
 
 PASSAGE = (

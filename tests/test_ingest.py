@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from loop.errors import InputError
-from loop.ingest import Fields, chunk_text, hf_offsets, read_documents
+from loop.ingest import chunk_text, hf_offsets
+from loop.readers import Fields, read_documents
 from loop.records import Pair, content_hash
 from loop.workspace import Workspace
 from tests.fakes import FakeEmbedder, FakeTokenizer

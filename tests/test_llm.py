@@ -10,7 +10,8 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from loop.config import Settings
-from loop.llm import CacheKey, LLMCache, LLMClient, LLMError, LLMSettings, Usage, _TokenBucket
+from loop.llm import CacheKey, LLMClient, LLMError, LLMSettings, Usage, _TokenBucket
+from storage.llm_cache import LLMCache
 from tests.openai_server import MODEL, Reply, openai_server  # noqa: F401 - fixture
 
 KEY = "sk-test-SECRET-0123456789abcdef"

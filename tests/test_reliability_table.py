@@ -31,13 +31,14 @@ from loop.errors import ConfigError, InputError, NotFoundError, VectorIndexError
 from loop.evaluate import evalset_from_beir
 from loop.export import export
 from loop.jobs import JobRunner
-from loop.llm import LLMCache, LLMClient, LLMError, LLMSettings
+from loop.llm import LLMClient, LLMError, LLMSettings
 from loop.prompts import PromptError, load_prompt
 from loop.review import DecisionIn, ReviewConflict, claim_next, decide, read_decisions
 from loop.rounds import LeakageError, LoopConfig, Rounds
 from loop.workspace import Workspace
 from storage.db import Store
 from storage.index import VectorIndex
+from storage.llm_cache import LLMCache
 from tests.fakes import FakeEmbedder
 from tests.fault_driver import docs
 from tests.openai_server import MODEL, FakeOpenAI, Reply
@@ -386,7 +387,7 @@ def split_traversal(what: str) -> Callable[..., str]:
 
 def zip_member(name: str, link: bool = False) -> Callable[..., str]:
     def run(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
-        from ui.tasks import extract_beir_zip
+        from loop.readers import extract_beir_zip
 
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
@@ -401,7 +402,7 @@ def zip_member(name: str, link: bool = False) -> Callable[..., str]:
         outside = [tmp / "evil", tmp.parent / "evil", Path("/tmp/evil/corpus.jsonl")]
         existed = [p.exists() for p in outside]
         before = files_under(tmp)
-        msg = raises(InputError, lambda: extract_beir_zip(env.ws, path))
+        msg = raises(InputError, lambda: extract_beir_zip(path, env.ws.settings.max_file_mb))
         assert files_under(tmp) == before  # nothing extracted, inside or next to the upload
         assert [p.exists() for p in outside] == existed
         return msg

@@ -20,11 +20,12 @@ from loop.embed import Embedder
 from loop.export import export
 from loop.generate import run_generation
 from loop.jobs import JobRunner
-from loop.llm import LLMCache, LLMClient, LLMSettings
+from loop.llm import LLMClient, LLMSettings
 from loop.review import DecisionIn, decide, pending
 from loop.rounds import LoopConfig, Rounds
 from loop.workspace import Workspace
 from storage.db import Store
+from storage.llm_cache import LLMCache
 from tests.fakes import FakeEmbedder
 from tests.fault_driver import docs
 from tests.openai_server import MODEL, Reply, openai_server  # noqa: F401 - fixture

@@ -208,17 +208,10 @@ def llm_endpoint() -> dict[str, Any]:
 
 def llm_client(endpoint: dict[str, Any] | None = None, **overrides: Any):
     """The LLM client for `endpoint` (default: the chosen one), or None: then the offline
-    generator is used. `overrides` go to LLMSettings (e.g. a short timeout for a test)."""
-    from loop.llm import LLMCache, LLMClient, LLMSettings
-
-    ep = endpoint or llm_endpoint()
+    generator is used. Built by `Workspace.llm`; `overrides` go to LLMSettings (e.g. a short
+    timeout for a test)."""
     key, _ = llm_key()
-    if not (ep["base_url"] or key):
-        return None
-    limits = {k: ep[k] for k in ("concurrency", "requests_per_minute") if ep.get(k) is not None}
-    settings = LLMSettings(base_url=ep["base_url"], model=ep["model"] or "gpt-4o-mini", api_key=key,
-                           **{**limits, **overrides})
-    return LLMClient(settings, LLMCache(workspace().store))
+    return workspace().llm(endpoint or llm_endpoint(), api_key=key, **overrides)
 
 
 # First start -----------------------------------------------------------------------------------

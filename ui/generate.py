@@ -10,7 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from loop.config import save_settings
-from loop.generate import FLAGS, recent_pairs
+from loop.filters import FLAGS
+from loop.generate import recent_pairs
 from ui import deps, tasks
 from ui.text import clip, md_escape
 

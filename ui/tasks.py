@@ -9,16 +9,14 @@ import re
 import shutil
 import time
 import uuid
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-
-from loop import train
 from loop.errors import InputError
 from loop.evaluate import intervals, score_distributions
 from loop.jobs import Cancelled, JobContext
+from loop.readers import extract_beir_zip
 from loop.workspace import Workspace
 
 UPLOAD_TYPES = {
@@ -27,8 +25,6 @@ UPLOAD_TYPES = {
     "queries": ["txt", "jsonl", "csv"],
     "beir": ["zip"],
 }
-_ZIP_MAX_MEMBERS = 10_000
-_ZIP_MAX_RATIO = 200  # uncompressed / compressed: beyond this a member is a zip bomb
 
 
 def _safe_name(name: str) -> str:
@@ -55,42 +51,6 @@ def save_uploads(ws: Workspace, files: Sequence[tuple[str, bytes]]) -> list[Path
     return paths
 
 
-def extract_beir_zip(ws: Workspace, zip_path: Path) -> Path:
-    """Unpack a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv) from a zip, safely.
-
-    Refuses members with absolute paths or `..`, links, more than 10,000 members, a member over
-    max_file_mb, or an implausible compression ratio. Returns the folder holding corpus.jsonl.
-    """
-    dest = zip_path.with_suffix("")
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile:
-        raise InputError("not a zip file", zip_path.name) from None
-    with zf:
-        members = zf.infolist()
-        if len(members) > _ZIP_MAX_MEMBERS:
-            raise InputError(f"the zip holds {len(members):,} files; a BEIR folder has a handful", zip_path.name)
-        for m in members:
-            p = PurePosixPath(m.filename)
-            if p.is_absolute() or ".." in p.parts or m.filename.startswith(("/", "\\")):
-                raise InputError(f"unsafe path {m.filename!r} in the zip", zip_path.name)
-            if (m.external_attr >> 16) & 0o170000 == 0o120000:
-                raise InputError(f"the zip contains a link ({m.filename}); links are not accepted", zip_path.name)
-            if m.file_size > ws.max_bytes:
-                raise InputError(f"{m.filename} is larger than max_file_mb ({ws.settings.max_file_mb:g} MiB)",
-                                 zip_path.name)
-            if m.compress_size and m.file_size / m.compress_size > _ZIP_MAX_RATIO and m.file_size > 2**20:
-                raise InputError(f"{m.filename} expands {m.file_size / m.compress_size:.0f}-fold; refusing a "
-                                 f"possible zip bomb", zip_path.name)
-        zf.extractall(dest)
-    found = sorted(p.parent for p in dest.rglob("corpus.jsonl") if "__MACOSX" not in p.parts)
-    if not found:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise InputError("no corpus.jsonl in the zip: a BEIR folder holds corpus.jsonl, queries.jsonl and "
-                         "qrels/<split>.tsv", zip_path.name)
-    return found[0]
-
-
 def import_uploads(ws: Workspace, kind: str, files: Sequence[tuple[str, bytes]], options: dict[str, Any]):
     """The job for an upload of `kind` (documents, pairs, queries, beir); returns the reports."""
 
@@ -110,7 +70,7 @@ def import_uploads(ws: Workspace, kind: str, files: Sequence[tuple[str, bytes]],
             reports = [ws.import_queries(p) for p in paths]
         elif kind == "beir":
             for p in paths:
-                folder = extract_beir_zip(ws, p)
+                folder = extract_beir_zip(p, ws.settings.max_file_mb)
                 ctx.log(f"{p.name}: BEIR folder {folder.name}")
                 reports += ws.ingest([folder], progress=progress)
                 split = options.get("qrels_split")
@@ -210,7 +170,7 @@ def run_round(ws: Workspace, config: Any, until: str, force: bool, llm: Any):
 
         def stop_training() -> None:
             if run_dir.is_dir():
-                train.request_stop(run_dir)  # the trainer keeps its best checkpoint and exits
+                ws.stop_training(run_dir)  # the trainer keeps its best checkpoint and exits
 
         ctx.on_cancel.append(stop_training)
         ctx.progress(0, 0, f"Round {r['round']}: {r['state']}")

@@ -13,7 +13,7 @@ import re
 
 import streamlit as st
 
-from loop.generate import content_words
+from loop.generators import content_words
 
 _STYLE = (
     "white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.95rem; line-height: 1.5; "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from loop import train
 from loop.decide import human_duration
 from loop.review import queue_counts
 from loop.rounds import STATES, LoopConfig, Rounds
@@ -68,7 +67,7 @@ run_dir = rounds.run_dir(latest) if latest else None
 
 def training_progress() -> None:
     """Progress bar, ETA and loss curve of the round's training run (from its progress.jsonl)."""
-    events = train.read_progress(run_dir) if run_dir else []
+    events = ws.training_progress(run_dir) if run_dir else []
     steps = [e for e in events if e.get("event") in ("step", "log") and e.get("max_steps")]
     if not steps:
         return
@@ -87,8 +86,8 @@ def training_progress() -> None:
 status = deps.job_panel("round", poll_s=2.0, on_running=training_progress,
                         stop_label="Stop (training keeps its best checkpoint)")
 if not (status and status["status"] == "running"):
-    result = train.read_result(run_dir) if run_dir else None
-    if run_dir and train.read_progress(run_dir):
+    result = ws.training_result(run_dir) if run_dir else None
+    if run_dir and ws.training_progress(run_dir):
         st.subheader(f"Training of round {latest['round']}")
         training_progress()
         if result:
