@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.common import MAX_BYTES, machine
 from loop.config import bundled_model_path
-from loop.ingest import iter_jsonl
+from loop.readers import iter_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cranfield"
@@ -354,7 +354,7 @@ def bench_llm(texts: list[str], latency: float = 0.2, n: int = 256) -> dict[str,
     sys.path.insert(0, str(ROOT))
     from tests.openai_server import MODEL, FakeOpenAI
 
-    from loop.generate import llm_pairs
+    from loop.generators import llm_pairs
     from loop.llm import LLMClient, LLMSettings
     from loop.prompts import fence, load_prompt
     from loop.records import Passage

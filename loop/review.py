@@ -355,7 +355,7 @@ def read_decisions(path: str | Path, max_bytes: int) -> list[tuple[int, Decision
 
     The whole file is checked: a malformed line, or a card decided twice, is an InputError naming it.
     """
-    from loop.ingest import iter_jsonl
+    from loop.readers import iter_jsonl
 
     out: list[tuple[int, DecisionIn]] = []
     seen: dict[str, int] = {}

@@ -1225,7 +1225,8 @@ def _train(run: Path, ctx: dict, progress: _Progress, world_size: int) -> dict:
     if task is not None and cfg.wise_grid != [1.0] and rank0 and not watch.stop_requested:
         t_wise = time.time()
         progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=len(task.queries))
-        base = SentenceTransformer(cfg.base_model, device=device, local_files_only=True).state_dict()
+        base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
+                                   local_files_only=True).state_dict()
         out["wise"] = {**wise.choose(model, base, task, cfg.wise_grid), "seconds": round(time.time() - t_wise, 2)}
         del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"

@@ -476,7 +476,7 @@ ROWS = [
         decision(ReviewConflict, pair_id=lambda env: env.decided)),
     Row("review", "a card another reviewer holds", "is being reviewed by zoe",
         decision(ReviewConflict, pair_id=lambda env: env.claimed)),
-    Row("review", "unknown action", "Input should be 'accept', 'reject', 'edit' or 'pick'",
+    Row("review", "unknown action", "Input should be 'accept', 'reject', 'edit', 'pick' or 'mark'",
         decision(ValidationError, action="approve")),
     Row("review", "empty reviewer name", "reviewer is empty", decision(ValidationError, reviewer=" ")),
     Row("review", "decisions file with a malformed line", "line 2: malformed JSON",
