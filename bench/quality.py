@@ -91,6 +91,7 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         out_rounds = []
         judged = {ws.base_version: base}  # model version -> its test report
         for n in range(1, rounds + 1):
+            before = judged[ws.active_model]  # what the user had going into this round
             per_round = math.ceil((budget - reviews) / (rounds - n + 1))
             cfg = LoopConfig(**{**overrides, "review_budget": max(0, per_round), "seed": seed})
             loop = Rounds(ws, cfg, log=lambda m: log(f"    [{'random' if random_control else 'loop'} r{n}] {m}"),
@@ -107,7 +108,9 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             emb = (embedder_factory or Embedder)(model["path"], model["version"])
             report = _eval(emb, evalset)
             judged[model["version"]] = report
-            promoted = bool(r["manifest"].get("promotion", {}).get("promote"))
+            promotion = r["manifest"].get("promotion", {})
+            promoted = bool(promotion.get("promote"))
+            test_vs_before = vs(before, report)
             active = ws.active_model  # what the user has after this round: base until a candidate is promoted
             row = round_row(
                 n, report, judged[active], base, reviews=reviews, promoted=promoted,
@@ -115,7 +118,14 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                 train_pairs=r["manifest"].get("train_config") and n_train(loop.run_dir(r)),
                 decisions=dict(reviewer.counts), select=r["manifest"]["steps"].get("select", {}),
                 internal_eval={k: round(v, 4) for k, v in r["manifest"].get("metrics", {}).get("candidate", {}).items()
-                               if k in ("ndcg@10",)})
+                               if k in ("ndcg@10",)},
+                wise=(r["manifest"]["steps"].get("train") or {}).get("wise"),
+                gate={"p_better": round(promotion.get("resolution", {}).get("p_better", 0.0), 4),
+                      "delta": round(r["manifest"].get("vs_active", {}).get("delta", 0.0), 4),
+                      "n_queries": promotion.get("resolution", {}).get("n_queries"),
+                      "half_width": round(promotion.get("resolution", {}).get("half_width", 0.0), 4),
+                      "more_queries_for_0.02": promotion.get("resolution", {}).get("more_queries_for_0.02"),
+                      "test_delta_vs_active": test_vs_before["delta"], "test_ci95_vs_active": test_vs_before["ci95"]})
             out_rounds.append(row)
             log(f"  {'random' if random_control else 'loop'} round {n}: {reviews} reviews, NDCG@10 "
                 f"{report.metrics['ndcg@10']:.4f} (base {base.metrics['ndcg@10']:.4f}), promoted={promoted}, "
@@ -186,6 +196,30 @@ def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str
                     "random_rounds": [r["_report"] for r in randoms or []]}
 
 
+RULES = (0.975, 0.95, 0.9, 0.8, 0.7, 0.5)
+
+
+def gate_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How each promotion rule would have decided every round of `rows` (loop and random-control
+    rounds over all seeds), judged against `qrels/test`: a false promotion is a candidate promoted
+    that scores below the model active before its round on the test split; a false refusal is one
+    refused that scores above it with the test interval above zero. Rule t: promote when the
+    candidate wins in at least t of the held-out set's bootstrap resamples (and its mean is ahead)."""
+    gates = [r["gate"] for r in rows if r.get("gate") and r["gate"].get("n_queries")]
+    out: dict[str, Any] = {"rounds": len(gates),
+                           "better_on_test": sum(g["test_delta_vs_active"] > 0 for g in gates),
+                           "significantly_better_on_test": sum(g["test_ci95_vs_active"][0] > 0 for g in gates)}
+    for t in RULES:
+        promote = [g["p_better"] >= t and g["delta"] > 0 for g in gates]
+        out[f"p>={t:g}"] = {
+            "promoted": sum(promote),
+            "false_promotions": sum(p and g["test_delta_vs_active"] < 0 for p, g in zip(promote, gates, strict=True)),
+            "false_refusals": sum(not p and g["test_ci95_vs_active"][0] > 0 for p, g in zip(promote, gates, strict=True)),
+            "refused_better": sum(not p and g["test_delta_vs_active"] > 0 for p, g in zip(promote, gates, strict=True)),
+        }
+    return out
+
+
 def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     """The seeds' results as one: seed means in the same keys (`seed_means`), with every interval
     (`ci95_vs_base`, `loop_vs`, `candidate_vs`) replaced by the paired bootstrap pooled over seeds
@@ -217,6 +251,9 @@ def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
             out[key] = {n: pooled_vs([rep[which][n] for rep in reports], [rep[which]["loop"] for rep in reports])
                         for n in reports[0][which] if n != "loop"}
         out["targets"] = _targets(out["loop_vs"])
+    every_round = [row for r in results for row in r.get("rounds", []) + r.get("random_control", {}).get("rounds", [])]
+    if every_round:
+        out["gate_calibration"] = gate_calibration(every_round)
     out["per_seed"] = results
     return out
 
@@ -309,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
-                                           "loop_vs", "targets", "wall_s") if k in result}, indent=1))
+                                           "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
     return 0
 
 

@@ -110,6 +110,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             n = r["ndcg@10"]
             line += f"; NDCG@10 base {n['base']:.4f} -> candidate {n['candidate']:.4f}"
             line += f" ({'promoted' if r.get('promoted') else 'not promoted'})"
+        if r.get("resolution"):
+            res = r["resolution"]
+            more = res["more_queries_for_0.02"]
+            line += (f"; held-out set of {res['n_queries']} queries resolves +-{res['half_width']:.3f}"
+                     + (f": {more} more verified queries would resolve +0.02" if more else ""))
         if r.get("error"):
             line += f"; {r['error']}"
         print(line)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from pydantic import BaseModel, ConfigDict
 
 from loop.errors import InputError
@@ -152,14 +154,48 @@ def should_finetune(
     )
 
 
-def promotion_gate(
-    candidate: EvalReport, active: EvalReport, metric: str = PRIMARY_METRIC, min_delta: float = 0.0
-) -> tuple[bool, list[str]]:
-    """Promote `candidate` only if it beats `active` beyond noise on the same held-out queries.
+class Resolution(BaseModel):
+    """How finely a held-out set can measure a difference between two models."""
 
-    Promotion needs the paired-bootstrap 95% interval of candidate - active to lie wholly
-    above zero, and the mean difference to exceed `min_delta`. Otherwise the candidate stays
-    a candidate (the active model and index are untouched).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_queries: int
+    half_width: float  # of the 95% interval of the difference
+    p_better: float  # share of bootstrap resamples in which the candidate wins
+    queries_for: dict[str, int]  # effect -> held-out queries that would resolve it (the same spread assumed)
+
+    def more_queries(self, effect: float = 0.02) -> int:
+        return max(0, self.queries_for[f"{effect:g}"] - self.n_queries)
+
+
+def resolution(active: EvalReport, candidate: EvalReport, metric: str = PRIMARY_METRIC, *,
+               effects: tuple[float, ...] = (0.01, 0.02, 0.05), n_boot: int = 2000, seed: int = 0) -> Resolution:
+    """The half-width of the paired interval, the bootstrap share of wins, and how many queries
+    would resolve each of `effects` (n = (1.96 sd / effect)^2, sd of the per-query differences;
+    at least the queries there are when the spread is zero)."""
+    c = compare(active, candidate, metric, n_boot=n_boot, seed=seed)
+    order = [{q: i for i, q in enumerate(candidate.query_ids)}[q] for q in active.query_ids]
+    diff = np.asarray(candidate.per_query[metric], dtype=np.float64)[order] - np.asarray(
+        active.per_query[metric], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    return Resolution(
+        n_queries=len(diff), half_width=(c.ci_high - c.ci_low) / 2, p_better=float((means > 0).mean()),
+        queries_for={f"{e:g}": max(len(diff), math.ceil((1.96 * sd / e) ** 2)) for e in effects})
+
+
+def promotion_gate(
+    candidate: EvalReport, active: EvalReport, metric: str = PRIMARY_METRIC, min_delta: float = 0.0,
+    confidence: float = 0.975,
+) -> tuple[bool, list[str]]:
+    """Promote `candidate` only if it beats `active` on the same held-out queries with `confidence`.
+
+    The rule: the mean difference exceeds `min_delta`, and in at least `confidence` of the paired
+    bootstrap resamples of the queries the candidate wins. 0.975 is the classic test (the 95%
+    interval wholly above zero); the loop's default (LoopConfig.promote_confidence) is chosen by
+    `bench.quality`'s gate calibration (bench/README.md). Otherwise the candidate stays a
+    candidate (the active model and index are untouched).
 
     Returns:
         (promote, reasons quoting the numbers).
@@ -168,26 +204,40 @@ def promotion_gate(
         ValueError: the reports come from different eval sets or lack `metric`.
     """
     c = compare(active, candidate, metric)
+    res = resolution(active, candidate, metric)
     name = metric.upper() if metric == "map" else metric.replace("ndcg", "NDCG").replace("mrr", "MRR")
     reasons = [
         f"Candidate {c.other_version} scores {name} {c.other:.4f} against {c.base:.4f} for the active model "
         f"{c.base_version}: a difference of {c.delta:+.4f} (95% interval {c.ci_low:+.4f} to {c.ci_high:+.4f}, "
-        f"{c.n_queries} held-out queries)."
+        f"{c.n_queries} held-out queries); it wins in {res.p_better:.0%} of the bootstrap resamples."
     ]
-    beyond_noise = c.ci_low > 0
+    sure = res.p_better >= confidence
     big_enough = c.delta > min_delta
-    if beyond_noise:
+    if sure and c.ci_low > 0:
         reasons.append("The whole interval is above zero: the gain is beyond noise.")
+    elif sure:
+        reasons.append(f"That is at least the required {confidence:.0%}: a likely gain, though the interval still "
+                       f"includes zero.")
     elif c.ci_high < 0:
         reasons.append("The whole interval is below zero: the candidate is worse. Keep the active model.")
     else:
         reasons.append(
-            "The interval includes zero: the difference may be noise. Keep the active model; "
-            "the candidate stays a candidate (more held-out queries would narrow the interval)."
+            f"That is below the required {confidence:.0%}: the difference may be noise. Keep the active model; "
+            f"the candidate stays a candidate."
         )
-    if beyond_noise and not big_enough:
+    more = res.more_queries(0.02)
+    reasons.append(
+        f"This set resolves differences of about +-{res.half_width:.3f}; "
+        + (f"{more} more verified held-out queries would resolve +0.02." if more else "it can resolve +0.02.")
+    )
+    if c.base >= 0.95:
+        reasons.append(
+            f"The active model already scores {c.base:.3f} here: this set cannot show a gain. Add held-out queries the "
+            f"model gets wrong (logged queries a reviewer answered, or imported pairs with `--split eval`)."
+        )
+    if sure and not big_enough:
         reasons.append(f"The gain {c.delta:+.4f} is not above the required minimum of {min_delta:+.4f}; not promoted.")
-    promote = beyond_noise and big_enough
+    promote = sure and big_enough
     if promote:
         reasons.append("Promote: re-index the corpus with the candidate and switch the active model.")
     return promote, reasons

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from loop import indexing, train
-from loop.decide import Recommendation, promotion_gate, should_finetune
+from loop.decide import Recommendation, promotion_gate, resolution, should_finetune
 from loop.embed import Embedder, model_hash
 from loop.errors import EmbedloopError, InputError, VectorIndexError
 from loop.evaluate import (
@@ -718,9 +718,12 @@ class Rounds:
         t0 = time.monotonic()
         evalset = self.evalset()
         version = r["manifest"]["model"]["version"]
-        ok, reasons = promotion_gate(self.report_for(version, evalset), self.report_for(self.ws.active_model, evalset),
-                                     min_delta=self.config.promote_min_delta)
-        r["manifest"]["promotion"] = {"promote": ok, "reasons": reasons}
+        cand, active = self.report_for(version, evalset), self.report_for(self.ws.active_model, evalset)
+        ok, reasons = promotion_gate(cand, active, min_delta=self.config.promote_min_delta,
+                                     confidence=self.config.promote_confidence)
+        res = resolution(active, cand)
+        r["manifest"]["promotion"] = {"promote": ok, "reasons": reasons, "confidence": self.config.promote_confidence,
+                                      "resolution": {**res.model_dump(), "more_queries_for_0.02": res.more_queries()}}
         for line in reasons:
             self.log(line)
         self._step_done(r, "promote", {"promoted": ok}, t0)

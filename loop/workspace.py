@@ -290,6 +290,8 @@ class Workspace:
                 entry["vs_base"] = {k: m["vs_base"][k] for k in ("delta", "ci_low", "ci_high")}
             if "promotion" in m:
                 entry["promoted"] = m["promotion"]["promote"]
+                if "resolution" in m["promotion"]:
+                    entry["resolution"] = m["promotion"]["resolution"]
             if "model" in m:
                 entry["model"] = m["model"]["version"]
             rounds.append(entry)

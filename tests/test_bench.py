@@ -308,3 +308,21 @@ def test_bench_encode_measures_sentence_transformers_onnx_arms(beir_dir, tmp_pat
         floor = 0.95 if "qint8" in arm else 0.999
         assert out[arm]["ratio_vs_stock"] > 0 and out[arm]["cosine_to_stock_min"] >= floor
         assert 0 <= out[arm]["ndcg@10"] <= 1
+
+
+def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
+    from bench.quality import gate_calibration
+
+    def row(p, delta, test_delta, test_lo):
+        return {"gate": {"p_better": p, "delta": delta, "n_queries": 20, "test_delta_vs_active": test_delta,
+                         "test_ci95_vs_active": [test_lo, test_delta + 0.01]}}
+
+    rows = [row(0.99, 0.05, 0.03, 0.01),    # promoted by every rule, rightly
+            row(0.85, 0.02, -0.01, -0.03),  # worse on test: a false promotion under rules up to 0.85
+            row(0.6, 0.01, 0.02, 0.005),    # better on test: refused by the strict rules
+            {"gate": {"n_queries": None}}]  # a round without a gate is not counted
+    cal = gate_calibration(rows)
+    assert cal["rounds"] == 3 and cal["better_on_test"] == 2 and cal["significantly_better_on_test"] == 2
+    assert cal["p>=0.975"] == {"promoted": 1, "false_promotions": 0, "false_refusals": 1, "refused_better": 1}
+    assert cal["p>=0.8"] == {"promoted": 2, "false_promotions": 1, "false_refusals": 1, "refused_better": 1}
+    assert cal["p>=0.5"] == {"promoted": 3, "false_promotions": 1, "false_refusals": 0, "refused_better": 0}

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from loop.decide import gain_fraction, human_duration, promotion_gate, should_finetune
+from loop.decide import gain_fraction, human_duration, promotion_gate, resolution, should_finetune
 from loop.errors import InputError
 from loop.evaluate import EvalReport
 
@@ -119,3 +119,24 @@ def test_promotion_gate(candidate, min_delta, promote, phrase):
 def test_promotion_gate_refuses_different_eval_sets():
     with pytest.raises(ValueError, match="different eval sets"):
         promotion_gate(_report("ft-2", _ACTIVE), _report("base-1", _ACTIVE, fingerprint="other"))
+
+
+def test_a_likely_gain_passes_a_lower_confidence_and_the_set_says_what_it_can_resolve():
+    rng = np.random.default_rng(3)
+    active = rng.uniform(0.3, 0.7, 30)
+    cand = active + 0.02 + rng.normal(0, 0.06, 30)  # a small gain, 30 queries: the interval spans zero
+    a, c = _report("base-1", active), _report("ft-2", cand)
+    res = resolution(a, c)
+    assert 0.8 < res.p_better < 0.975 and res.n_queries == 30
+    sd = float(np.std(cand - active, ddof=1))
+    assert res.queries_for["0.02"] == math.ceil((1.96 * sd / 0.02) ** 2) and res.more_queries(0.02) == res.queries_for[
+        "0.02"] - 30
+    assert promotion_gate(c, a)[0] is False  # the classic test: the interval must clear zero
+    ok, reasons = promotion_gate(c, a, confidence=0.8)
+    assert ok and any("a likely gain" in r for r in reasons)
+    assert any(f"{res.more_queries(0.02)} more verified held-out queries would resolve +0.02" in r for r in reasons)
+
+
+def test_a_held_out_set_the_active_model_already_aces_says_it_cannot_show_a_gain():
+    ok, reasons = promotion_gate(_report("ft-2", [1.0] * 8), _report("base-1", [1.0] * 8))
+    assert not ok and any("cannot show a gain" in r for r in reasons)
