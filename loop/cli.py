@@ -205,8 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             reports = {v: evaluate(ws.embedder(v), evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
         else:
             rounds = _rounds(ws, args)
-            evalset = rounds.evalset()
-            reports = {v: rounds.report_for(v, evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
+            evalset = rounds.heldout.evalset()
+            reports = {v: rounds.heldout.report_for(v, evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
         base = reports[ws.base_version]
         out = {"evalset": evalset.name, "n_queries": len(evalset.query_ids), "models": {}}
         for v, rep in reports.items():
@@ -219,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 entry["vs_base_by_metric"] = every
             out["models"][v] = entry
         if args.target is not None:
-            out["recommendation"] = _rounds(ws, args).recommend(args.target).model_dump()
+            out["recommendation"] = _rounds(ws, args).heldout.recommend(args.target).model_dump()
     if args.json:
         _print_json(out)
         return 0

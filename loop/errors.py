@@ -19,7 +19,9 @@ __all__ = [
     "EmbedloopError",
     "IndexMismatchError",
     "InputError",
+    "LeakageError",
     "NotFoundError",
+    "RoundError",
     "VectorIndexError",
     "WorkspaceLockedError",
     "validation_problems",
@@ -65,3 +67,11 @@ class InputError(EmbedloopError):
 
 class NotFoundError(EmbedloopError):
     """A referenced record (passage, pair, model version, ...) does not exist."""
+
+
+class RoundError(EmbedloopError):
+    """A round cannot advance (e.g. pending reviews, a failed training run)."""
+
+
+class LeakageError(RoundError):
+    """Training data contains a held-out query or one of its (query, positive) pairs."""

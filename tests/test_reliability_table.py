@@ -63,7 +63,7 @@ class Env:
         self.pids = self.ws.store.first_passage_of_docs([f"doc{i:03d}" for i in range(20)])
         self._pairs("accepted", range(12), "seed")
         self.cards = self._pairs("pending", range(12, 16), "card")
-        Rounds(self.ws).ensure_eval_split()  # fixed once, as the first train step would
+        Rounds(self.ws).heldout.ensure()  # fixed once, as the first train step would
         decide(self.ws.store, DecisionIn(pair_id=self.cards[0], action="reject", reviewer="ann"))
         self.decided = self.cards[0]
         assert claim_next(self.ws.store, "zoe", claim_seconds=3600).pair_id == self.cards[1]
@@ -252,14 +252,14 @@ def training(fault: str) -> Callable[..., str]:
 
 
 def training_leak(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
-    """The last guard: training rows read before the train step's clean-up (`ensure_eval_split`,
+    """The last guard: training rows read before the train step's clean-up (`HeldOut.ensure`,
     which drops such pairs, tests/test_rounds.py) refuse a held-out query."""
     eval_anchor = env.ws.store.scalar("SELECT anchor FROM pairs WHERE split = 'eval' LIMIT 1")
     with env.ws.store.transaction() as cur:  # a held-out query slipped into the training data
         Store.insert_ignore(cur, "pairs", [{"pair_id": "leak", "anchor": eval_anchor.upper(), "positive_text": "x",
                                             "source": "seed", "status": "accepted", "split": "train"}])
     try:
-        return raises(LeakageError, Rounds(env.ws, LoopConfig(**TRAIN_LOOP)).training_rows)
+        return raises(LeakageError, Rounds(env.ws, LoopConfig(**TRAIN_LOOP)).data.rows)
     finally:
         env.ws.store.execute("DELETE FROM pairs WHERE pair_id = 'leak'")
 

@@ -104,10 +104,10 @@ def test_random_control_slice_goes_to_review(workspace, tmp_path):
 def test_eval_split_is_fixed_once_and_leakage_is_refused(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace, eval_fraction=0.25)
-    held = rounds.ensure_eval_split()
+    held = rounds.heldout.ensure()
     assert held == 5  # max(5, 25% of 10)
-    assert rounds.ensure_eval_split() == 0  # fixed: never moves again
-    evalset = rounds.evalset()
+    assert rounds.heldout.ensure() == 0  # fixed: never moves again
+    evalset = rounds.heldout.evalset()
     assert len(evalset.query_ids) == 5
     # A training pair that reuses a held-out query is refused.
     eval_anchor = evalset.queries[0]
@@ -116,7 +116,7 @@ def test_eval_split_is_fixed_once_and_leakage_is_refused(workspace, tmp_path):
         "VALUES ('leak', ?, 'x', 'seed', 'accepted', 'train')", [eval_anchor.upper()]
     )
     with pytest.raises(LeakageError, match="held-out query"):
-        rounds.training_rows()
+        rounds.data.rows()
 
 
 def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_path):
@@ -129,8 +129,8 @@ def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_pat
         workspace.store.insert_ignore(cur, "pairs", [
             {"pair_id": f"open-{i}", "anchor": a, "positive_text": "another passage", "source": "mined",
              "status": "candidate" if i % 2 else "pending", "split": "train"} for i, a in enumerate(anchors)])
-    rounds.ensure_eval_split()
-    held = set(rounds.evalset().queries)
+    rounds.heldout.ensure()
+    held = set(rounds.heldout.evalset().queries)
     rows = workspace.store.rows("SELECT anchor, status, reason FROM pairs WHERE pair_id LIKE 'open-%'")
     assert {r["anchor"] for r in rows if r["status"] == "dropped"} == held
     assert all(r["reason"] == "its query is held out for evaluation" for r in rows if r["status"] == "dropped")
@@ -140,7 +140,7 @@ def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_pat
                             "VALUES ('again', ?, 'payment.txt#0', 'x', 'synthetic', 'candidate', 'train')", [query.upper()])
     rounds.select(rounds.open())
     assert workspace.store.scalar("SELECT status FROM pairs WHERE pair_id = 'again'") == "dropped"
-    rounds.training_rows()  # no leak
+    rounds.data.rows()  # no leak
 
 
 def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(workspace, tmp_path):
@@ -148,7 +148,7 @@ def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(work
     rounds, _ = _rounds(workspace)
     rounds.config.mine_top = 3  # a card per passage of a logged query's top 3
     rounds.advance(until="review")
-    rounds.ensure_eval_split()  # held out first: the reviewed query below stays a training query
+    rounds.heldout.ensure()  # held out first: the reviewed query below stays a training query
     # A logged query proposes several passages: reject one, accept another, so the query has an
     # accepted training pair whose negative can come from the reviewer.
     by_query: dict[str, list] = {}
@@ -158,7 +158,7 @@ def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(work
     rejected, accepted = next(cards for cards in by_query.values() if len(cards) >= 2)[:2]
     decide(workspace.store, DecisionIn(pair_id=rejected.pair_id, action="reject", reviewer="ann"))
     decide(workspace.store, DecisionIn(pair_id=accepted.pair_id, action="accept", reviewer="ann"))
-    rows = rounds.training_rows()
+    rows = rounds.data.rows()
     assert rows and all(r["anchor"] and r["positive"] for r in rows)
     by_anchor = {r["anchor"]: r for r in rows}
     assert by_anchor[rejected.anchor]["positive"] == accepted.positive_text
@@ -171,7 +171,7 @@ def test_too_few_verified_pairs_for_an_eval_split(workspace, tmp_path):
     _seed(workspace, tmp_path, n_pairs=3)
     rounds, _ = _rounds(workspace)
     with pytest.raises(RoundError, match="at least 10"):
-        rounds.ensure_eval_split()
+        rounds.heldout.ensure()
 
 
 @pytest.mark.slow
@@ -192,8 +192,8 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         # Five held-out queries leave no development fold: the trainer's eval loss runs on a share of
         # the training rows, never on the promotion set.
         snap = json.loads((rounds.run_dir(r) / "snapshot.json").read_text())
-        assert rounds.folds()[0] == set() and snap["n_dev_queries"] == 0
-        assert snap["n_train"] + snap["n_eval"] == len(rounds.training_rows())
+        assert rounds.heldout.folds()[0] == set() and snap["n_dev_queries"] == 0
+        assert snap["n_train"] + snap["n_eval"] == len(rounds.data.rows())
         assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m["metrics"]["candidate"])
         assert m["vs_base"]["ci_low"] <= m["vs_base"]["delta"] <= m["vs_base"]["ci_high"]
         assert set(m["vs_base_by_metric"]) == set(m["metrics"]["candidate"])  # every metric has its interval
@@ -230,12 +230,12 @@ def test_checkpoint_and_wise_weight_come_from_the_development_fold(tmp_path, min
                                                            "wise_grid": [0.0, 0.5, 1.0]})
         r = rounds.advance(until="review")
         r = rounds.advance(until="evaluate", force=True)
-        dev, gate = rounds.folds()
+        dev, gate = rounds.heldout.folds()
         assert dev and gate and not dev & gate
         run = rounds.run_dir(r)
         eval_anchors = {json.loads(x)["anchor"] for x in (run / "eval.jsonl").read_text().splitlines()}
         assert {query_key(a) for a in eval_anchors} <= dev  # the checkpoint's eval loss: the dev fold only
-        assert {query_key(q) for q in rounds.evalset().queries} == gate  # promotion: the rest
+        assert {query_key(q) for q in rounds.heldout.evalset().queries} == gate  # promotion: the rest
         w = r["manifest"]["steps"]["train"]["wise"]
         assert w["alpha"] in (0.0, 0.5, 1.0) and set(w["dev_ndcg@10"]) == {"0.0", "0.5", "1.0"}
         assert w["n_dev_queries"] == len(dev) and any("WiSE-FT" in line for line in lines)
@@ -259,21 +259,21 @@ def test_held_out_queries_are_real_ones_never_offline_synthetic(workspace, tmp_p
         workspace.store.append_decision(f"syn-{i}", "ann", "accept", {"previous_status": "pending"})
     rounds, _ = _rounds(workspace)
     with pytest.raises(RoundError, match="3 human-verified real queries.*offline synthetic queries never count"):
-        rounds.ensure_eval_split()
+        rounds.heldout.ensure()
     workspace.store.execute("UPDATE pairs SET meta = ? WHERE source = 'synthetic'",
                             [json.dumps({"generator": "llm:some-model"})])
     lines: list[str] = []
     rounds.log = lines.append
     workspace.store.execute("UPDATE pairs SET status = 'dropped' WHERE source = 'seed'")  # no real query at all
-    assert rounds.ensure_eval_split() == 5  # LLM-written queries only when nothing else exists, and it says so
+    assert rounds.heldout.ensure() == 5  # LLM-written queries only when nothing else exists, and it says so
     assert any("LLM-generated queries" in line for line in lines)
 
 
 def test_recommendation_uses_baseline_pairs_and_speed(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, _ = _rounds(workspace)
-    rounds.ensure_eval_split()
-    rec = rounds.recommend(target_ndcg=1.0)
+    rounds.heldout.ensure()
+    rec = rounds.heldout.recommend(target_ndcg=1.0)
     assert rec.pairs_available == 5  # 10 seeds, 5 held out
     assert rec.generate_first and not rec.finetune  # far below 1,000 pairs
     assert rec.reindex_seconds > 0 and any("Re-indexing" in r for r in rec.reasons)
@@ -297,10 +297,10 @@ def test_a_query_imported_in_two_forms_is_held_out_in_both(workspace, tmp_path):
     questions = [f"what does the {name} clause say" for name in TOPICS]
     workspace.import_pairs(_write_pairs(tmp_path / "again.jsonl", [_variant(q, " ?") for q in questions]))
     rounds, _ = _rounds(workspace)
-    assert rounds.ensure_eval_split() == 5  # 12 distinct queries, not 24: max(5, 20% of 12)
+    assert rounds.heldout.ensure() == 5  # 12 distinct queries, not 24: max(5, 20% of 12)
     held = {r["anchor"] for r in workspace.store.rows("SELECT anchor FROM pairs WHERE split = 'eval'")}
     assert len(held) == 10 and {_variant(q, " ?") for q in questions if q in held} <= held  # both forms, together
-    train = [r["anchor"] for r in rounds.training_rows()]  # no LeakageError
+    train = [r["anchor"] for r in rounds.data.rows()]  # no LeakageError
     assert len(train) == 14 and not set(train) & held
 
 
@@ -313,8 +313,8 @@ def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, t
     workspace.import_pairs(_write_pairs(tmp_path / "variants.jsonl", variants))
     rounds, lines = _rounds(workspace)
     for _ in range(2):  # the train step runs ensure_eval_split first; a rerun finds nothing more to do
-        assert rounds.ensure_eval_split() == 0  # the imported eval split is the held-out set
-        rows = rounds.training_rows()  # today: LeakageError "4 training pairs use a held-out query"
+        assert rounds.heldout.ensure() == 0  # the imported eval split is the held-out set
+        rows = rounds.data.rows()  # today: LeakageError "4 training pairs use a held-out query"
         assert sorted(r["anchor"] for r in rows) == sorted(questions)
     dropped = workspace.store.rows("SELECT anchor, status, split, reason FROM pairs WHERE status = 'dropped'")
     assert sorted(r["anchor"] for r in dropped) == sorted(variants)
@@ -322,7 +322,7 @@ def test_a_stuck_workspace_drops_training_pairs_of_held_out_queries(workspace, t
     assert [line for line in lines if "held out" in line] == [
         "Dropped 4 accepted training pairs whose query is held out for evaluation (the same query, case, "
         f"spacing and trailing punctuation aside), e.g. {sorted(variants)[0]!r}; they stay stored, marked dropped."]
-    assert len(rounds.evalset().query_ids) == 6  # the held-out set itself did not change
+    assert len(rounds.heldout.evalset().query_ids) == 6  # the held-out set itself did not change
 
 
 # Known positives are never negatives --------------------------------------------------------
@@ -380,7 +380,7 @@ def test_training_rows_never_use_a_known_positive_as_a_negative(workspace, tmp_p
             {"anchor": Q2, "passage_id": ids["range"], "source": "review", "created_at": "2026-01-01 00:00:00"},
             {"anchor": Q2, "passage_id": ids["class"], "source": "review", "created_at": "2026-01-02 00:00:00"}])
     rounds, _ = _rounds(workspace)
-    rows = {(r["anchor"], r["positive"]): r for r in rounds.training_rows()}
+    rows = {(r["anchor"], r["positive"]): r for r in rounds.data.rows()}
     variant = "How does a LOOP iterate over items ?"
     # Mined: the best passage below the margin that no variant of the query has as a positive.
     assert rows[(Q, by["for"])]["negative"] == by["range"]       # was `while` (a positive of Q's variant)

@@ -100,8 +100,8 @@ def test_api_key_is_never_written_anywhere(tmp_path, openai_server, monkeypatch,
             decide(ws.store, DecisionIn(pair_id=card.pair_id, action="accept", reviewer="ann"))
         r = rounds.advance(until="train", force=True)
         assert r["state"] == "train"
-        rounds.ensure_eval_split()  # what the train step writes before starting the trainer:
-        train.write_snapshot(rounds.run_dir(r), rounds.training_rows(), None,
+        rounds.heldout.ensure()  # what the train step writes before starting the trainer:
+        train.write_snapshot(rounds.run_dir(r), rounds.data.rows(), None,
                              {"base_model": str(ws.settings.base_model_path), "epochs": 1})
         model = tmp_path / "model"
         model.mkdir()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from loop.decide import should_finetune
+from loop.heldout import Baseline
 from loop.review import queue_counts
 from loop.rounds import Rounds
 from ui import charts, deps, tasks
@@ -101,7 +101,9 @@ else:
     b[0].caption(f"95% interval {lo:.3f}–{hi:.3f} · {report.n_queries:,} held-out queries")
     target = b[1].number_input("Target NDCG@10", 0.0, 1.0, value=float(min(1.0, round(ndcg + 0.1, 2))), step=0.01,
                                help="The NDCG@10 your search needs to be good enough.")
-    rec = deps.run_safely(should_finetune, ndcg, target, accepted, status["passages"], speed, ci=(lo, hi))
+    # The CLI's recommendation (`embedloop evaluate --target`), on the baseline measured above.
+    rec = deps.run_safely(lambda: Rounds(ws).heldout.recommend(
+        target, Baseline(report=report, intervals=baseline["intervals"]), speed=speed))
     if rec is not None:
         with b[2]:
             if rec.finetune:

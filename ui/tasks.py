@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loop.errors import InputError
-from loop.evaluate import intervals, score_distributions
+from loop.evaluate import score_distributions
 from loop.jobs import Cancelled, JobContext
 from loop.readers import extract_beir_zip
 from loop.workspace import Workspace
@@ -110,17 +110,11 @@ def measure_baseline(ws: Workspace):
 
     def run(ctx: JobContext) -> dict[str, Any]:
         rounds = Rounds(ws, log=ctx.log, cancel=ctx.cancel_requested)
-        rounds.ensure_eval_split()
-        evalset = rounds.evalset()
-        ctx.progress(0, 0, f"Evaluating the base model on {len(evalset.query_ids)} held-out queries")
-        report = rounds.report_for(ws.base_version, evalset)
-        every = intervals(report)  # every metric's 95% interval, one resample of the queries
-        _, lo, hi = every["ndcg@10"]
-        ids = ws.store.passage_ids()[:64]
-        texts = list(ws.store.passages(ids).values()) or ["a"]
-        t0 = time.perf_counter()
-        ws.embedder(ws.base_version).encode(texts)
-        speed = len(texts) / max(time.perf_counter() - t0, 1e-6)
+        rounds.heldout.ensure()
+        ctx.progress(0, 0, f"Evaluating the base model on {len(rounds.heldout.evalset().query_ids)} held-out queries")
+        base = rounds.heldout.measure_baseline()  # what `embedloop evaluate --target` measures too
+        report, every, (lo, hi) = base.report, base.intervals, base.ci
+        speed = ws.encode_speed()
         ctx.log(f"Baseline NDCG@10 {report.metrics['ndcg@10']:.4f} (95% interval {lo:.4f} to {hi:.4f}) on "
                 f"{report.n_queries} queries; encoding {speed:,.0f} passages/s.")
         return {"report": report, "ci": (lo, hi), "intervals": every, "speed": speed, "model": ws.base_version}
@@ -190,7 +184,7 @@ def distributions(ws: Workspace, versions: dict[str, str], max_queries: int = 30
     from loop.rounds import Rounds
 
     def run(ctx: JobContext) -> dict[str, Any]:
-        evalset = Rounds(ws).evalset()
+        evalset = Rounds(ws).heldout.evalset()
         passages_of: dict[str, list[int]] = {}
         for i, pid in enumerate(evalset.passage_ids):
             for d in (evalset.passage_docs or {}).get(pid, [pid]):
