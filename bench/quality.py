@@ -99,32 +99,33 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             loop.advance(until="review")
             reviews += reviewer.review(max(0, budget - reviews))
             r = loop.advance(until="done", force=True)
-            if r["state"] == "train":  # a killed trainer (e.g. the OOM killer) pauses the round: resume once
+            if r.state == "train":  # a killed trainer (e.g. the OOM killer) pauses the round: resume once
                 log(f"  round {n}: training stopped without a result; resuming from its last checkpoint")
                 r = loop.advance(until="done", force=True)
-            if r["state"] != "done":
-                raise RuntimeError(f"round {n} stopped at {r['state']}: {r['manifest'].get('failure') or r.get('error')}")
-            model = r["manifest"]["model"]
-            emb = (embedder_factory or Embedder)(model["path"], model["version"])
+            if r.state != "done":
+                raise RuntimeError(f"round {n} stopped at {r.state}: {r.manifest.failure or r.error}")
+            model = r.manifest.model
+            emb = (embedder_factory or Embedder)(model.path, model.version)
             report = _eval(emb, evalset)
-            judged[model["version"]] = report
-            promotion = r["manifest"].get("promotion", {})
-            promoted = bool(promotion.get("promote"))
+            judged[model.version] = report
+            promotion = r.manifest.promotion
+            promoted = bool(promotion and promotion.promote)
+            res = (promotion.resolution if promotion else None) or {}
             test_vs_before = vs(before, report)
             active = ws.active_model  # what the user has after this round: base until a candidate is promoted
             row = round_row(
                 n, report, judged[active], base, reviews=reviews, promoted=promoted,
                 active_model="base" if active == ws.base_version else active,
-                train_pairs=r["manifest"].get("train_config") and n_train(loop.run_dir(r)),
-                decisions=dict(reviewer.counts), select=r["manifest"]["steps"].get("select", {}),
-                internal_eval={k: round(v, 4) for k, v in r["manifest"].get("metrics", {}).get("candidate", {}).items()
+                train_pairs=r.manifest.train_config and n_train(loop.run_dir(r)),
+                decisions=dict(reviewer.counts), select=r.manifest.steps.get("select", {}),
+                internal_eval={k: round(v, 4) for k, v in (r.manifest.metrics or {}).get("candidate", {}).items()
                                if k in ("ndcg@10",)},
-                wise=(r["manifest"]["steps"].get("train") or {}).get("wise"),
-                gate={"p_better": round(promotion.get("resolution", {}).get("p_better", 0.0), 4),
-                      "delta": round(r["manifest"].get("vs_active", {}).get("delta", 0.0), 4),
-                      "n_queries": promotion.get("resolution", {}).get("n_queries"),
-                      "half_width": round(promotion.get("resolution", {}).get("half_width", 0.0), 4),
-                      "more_queries_for_0.02": promotion.get("resolution", {}).get("more_queries_for_0.02"),
+                wise=(r.manifest.steps.get("train") or {}).get("wise"),
+                gate={"p_better": round(res.get("p_better", 0.0), 4),
+                      "delta": round((r.manifest.vs_active or {}).get("delta", 0.0), 4),
+                      "n_queries": res.get("n_queries"),
+                      "half_width": round(res.get("half_width", 0.0), 4),
+                      "more_queries_for_0.02": res.get("more_queries_for_0.02"),
                       "test_delta_vs_active": test_vs_before["delta"], "test_ci95_vs_active": test_vs_before["ci95"]})
             out_rounds.append(row)
             log(f"  {'random' if random_control else 'loop'} round {n}: {reviews} reviews, NDCG@10 "

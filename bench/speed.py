@@ -414,14 +414,14 @@ def bench_demo(workdir: Path) -> dict[str, Any]:
         t1 = time.perf_counter()
         r = loop.advance(until="done", force=True)
         train_to_done_s = time.perf_counter() - t1
-        steps = {k: v.get("seconds") for k, v in r["manifest"]["steps"].items()}
-        train = r["manifest"]["steps"].get("train", {})
+        steps = {k: v.get("seconds") for k, v in r.manifest.steps.items()}
+        train = r.manifest.steps.get("train", {})
     return {"passages": report.passages_added, "logged_queries": queries.queries_added,
-            "ingest_s": round(ingest_s, 1), "reviewed": len(cards), "state": r["state"],
+            "ingest_s": round(ingest_s, 1), "reviewed": len(cards), "state": r.state,
             "round_s": round(to_review_s + train_to_done_s, 1), "train_to_done_s": round(train_to_done_s, 1),
-            "steps_s": steps, "train_pairs": r["manifest"].get("train_config") and n_train(loop.run_dir(r)),
+            "steps_s": steps, "train_pairs": r.manifest.train_config and n_train(loop.run_dir(r)),
             "peak_rss_mb": train.get("peak_rss_mb"),
-            "promoted": bool(r["manifest"].get("promotion", {}).get("promote")), "target_s": 120}
+            "promoted": bool(r.manifest.promotion and r.manifest.promotion.promote), "target_s": 120}
 
 
 def _save(path: Path | None, out: dict[str, Any]) -> None:

@@ -160,13 +160,13 @@ def _advance(args: argparse.Namespace, until: str, through: bool = False) -> int
         rounds = _rounds(ws, args)
         try:
             r = rounds.advance(until=until, force=args.force)
-            why = r.get("error")
+            why = r.error
         except RoundError as e:  # the round stays where it was
             r, why = rounds.current(), str(e)
-        print(f"round {r['round']}: state {r['state']}" + (f" ({why})" if why else ""))
+        print(f"round {r.round}: state {r.state}" + (f" ({why})" if why else ""))
         if getattr(args, "json", False):
-            _print_json(r)
-    reached = r["state"] != "failed" and STATES.index(r["state"]) >= STATES.index(until)
+            _print_json(r.model_dump(mode="json", exclude_none=True))
+    reached = r.state != "failed" and STATES.index(r.state) >= STATES.index(until)
     return 0 if reached else 1
 
 

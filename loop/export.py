@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.errors import InputError, NotFoundError
+from loop.records import RoundRecord
 from storage.db import Store
 
 
@@ -29,7 +30,7 @@ def model_card(store: Store, version: str) -> str:
     if not rows:
         raise NotFoundError(f"No model version {version!r}.")
     model = rows[0]
-    rounds = store.rows("SELECT round, state, manifest FROM rounds ORDER BY round")
+    rounds = [RoundRecord.from_row(r) for r in store.rounds()]
     counts = store.counts()
     lines = [
         "---", "library_name: sentence-transformers", "tags: [sentence-transformers, embedloop]", "---", "",
@@ -45,15 +46,15 @@ def model_card(store: Store, version: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rounds:
-        m: dict[str, Any] = json.loads(r["manifest"] or "{}")
-        metrics = m.get("metrics", {})
-        vs = m.get("vs_base", {})
+        m = r.manifest
+        metrics = m.metrics or {}
+        vs = m.vs_base or {}
         base = metrics.get("base", {}).get("ndcg@10")
         cand = metrics.get("candidate", {}).get("ndcg@10")
         ci = f"{vs['delta']:+.4f} ({vs['ci_low']:+.4f} to {vs['ci_high']:+.4f})" if vs else "-"
         lines.append(
-            f"| {r['round']} | {r['state']} | {base if base is None else f'{base:.4f}'} | "
-            f"{cand if cand is None else f'{cand:.4f}'} | {ci} | {m.get('promotion', {}).get('promote', '-')} |"
+            f"| {r.round} | {r.state} | {base if base is None else f'{base:.4f}'} | "
+            f"{cand if cand is None else f'{cand:.4f}'} | {ci} | {m.promotion.promote if m.promotion else '-'} |"
         )
     lines += ["", "## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
               "model = SentenceTransformer('PATH_TO_THIS_FOLDER')", "```", ""]

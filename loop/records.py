@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -111,3 +111,75 @@ class IngestReport(_Record):
     pairs_unchanged: int = 0
     pairs_skipped: int = 0  # pairs naming a document without text
     indexed: int = 0
+
+
+# Rounds ------------------------------------------------------------------------------------------
+RoundState = Literal["generate", "select", "review", "train", "evaluate", "promote", "reindex", "done", "failed"]
+
+
+class ModelRef(BaseModel):
+    """A trained model of a round: its version, folder and content hash."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    path: str = ""
+    sha256: str = ""
+
+
+class Promotion(BaseModel):
+    """The promotion step's verdict, its reasons (sentences quoting the numbers) and the
+    held-out set's resolution (`decide.resolution`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    promote: bool
+    reasons: list[str] = []
+    confidence: float | None = None
+    resolution: dict[str, Any] | None = None
+
+
+class Manifest(BaseModel):
+    """What a round did, step by step: written as each step finishes, so a rerun resumes.
+
+    `steps[name]` holds each finished step's result (with its `seconds`); the other fields are
+    filled by the step that knows them. Unknown keys of older manifests are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int
+    started: str = ""
+    finished: str | None = None
+    config: dict[str, Any] = {}
+    base_model: dict[str, Any] = {}
+    steps: dict[str, dict[str, Any]] = {}
+    data_snapshot: str | None = None
+    train_config: dict[str, Any] | None = None
+    model: ModelRef | None = None
+    metrics: dict[str, Any] | None = None  # base / active / candidate metrics, matryoshka, n_queries
+    vs_base: dict[str, Any] | None = None  # a `evaluate.Comparison`, dumped
+    vs_base_by_metric: dict[str, dict[str, Any]] | None = None
+    vs_active: dict[str, Any] | None = None
+    promotion: Promotion | None = None
+    collection: str | None = None
+    previous_model: str | None = None
+    failure: str | None = None
+
+
+class RoundRecord(BaseModel):
+    """One row of `rounds`: its number, the next step to run (`state`), the last error, the manifest."""
+
+    round: int
+    state: RoundState
+    error: str | None = None
+    manifest: Manifest
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RoundRecord:
+        """A `rounds` row as the store returns it (the manifest as JSON text or a dict)."""
+        import json
+
+        m = row.get("manifest") or {}
+        m = json.loads(m) if isinstance(m, str) else m
+        return cls(round=row["round"], state=row["state"], error=row.get("error"),
+                   manifest=Manifest.model_validate({"round": row["round"], **m}))

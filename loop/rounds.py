@@ -28,6 +28,7 @@ from loop.evaluate import PRIMARY_METRIC, compare, compare_all
 from loop.generate import needs_generation, run_generation
 from loop.heldout import HELD_OUT_REASON, HeldOut
 from loop.negatives import MiningPolicy
+from loop.records import Manifest, ModelRef, Promotion, RoundRecord
 from loop.select import RoutingPolicy
 from loop.training_data import TrainingData, search_ids
 from loop.workspace import Workspace
@@ -117,27 +118,23 @@ class Rounds:
         self.selection = Selection(ws, self.config, lambda m: self.log(m), self.heldout, self.data)
 
     # Round records ---------------------------------------------------------------------------
-    def current(self) -> dict[str, Any] | None:
+    def current(self) -> RoundRecord | None:
         """The open round (not done, not failed), if any."""
         rows = self.store.rows(
             "SELECT round, state, error, manifest FROM rounds WHERE state NOT IN ('done', 'failed') ORDER BY round DESC LIMIT 1"
         )
-        if not rows:
-            return None
-        r = rows[0]
-        r["manifest"] = json.loads(r["manifest"] or "{}")
-        return r
+        return RoundRecord.from_row(rows[0]) if rows else None
 
-    def open(self) -> dict[str, Any]:
+    def open(self) -> RoundRecord:
         """The open round, or a new one."""
         r = self.current()
         if r:
             return r
         n = int(self.store.scalar("SELECT coalesce(max(round), 0) FROM rounds")) + 1
-        manifest = {"round": n, "started": _now(), "config": self.config.model_dump(mode="json"),
-                    "base_model": self._base_info(), "steps": {}}
+        manifest = Manifest(round=n, started=_now(), config=self.config.model_dump(mode="json"),
+                            base_model=self._base_info())
         self.store.execute("INSERT INTO rounds (round, state, manifest) VALUES (?, 'generate', ?)",
-                           [n, json.dumps(manifest)])
+                           [n, manifest.model_dump_json(exclude_none=True)])
         self.log(f"Round {n} opened.")
         return self.current()  # type: ignore[return-value]
 
@@ -145,28 +142,28 @@ class Rounds:
         row = self.store.rows("SELECT version, path, sha256 FROM model_versions WHERE version = ?", [self.ws.base_version])
         return row[0] if row else {"version": self.ws.base_version}
 
-    def _save(self, r: dict[str, Any], state: str | None = None, error: str | None = None) -> None:
+    def _save(self, r: RoundRecord, state: str | None = None, error: str | None = None) -> None:
         if state:
-            r["state"] = state
-        r["error"] = error  # the caller's record says what the stored one says
+            r.state = state  # type: ignore[assignment]
+        r.error = error  # the caller's record says what the stored one says
         self.store.execute(
             "UPDATE rounds SET state = ?, error = ?, manifest = ?, updated_at = current_timestamp WHERE round = ?",
-            [r["state"], error, json.dumps(r["manifest"], default=str), r["round"]],
+            [r.state, error, r.manifest.model_dump_json(exclude_none=True), r.round],
         )
 
-    def _step_done(self, r: dict[str, Any], step: str, result: dict[str, Any], t0: float) -> None:
+    def _step_done(self, r: RoundRecord, step: str, result: dict[str, Any], t0: float) -> None:
         result["seconds"] = round(time.monotonic() - t0, 2)
-        r["manifest"]["steps"][step] = result
+        r.manifest.steps[step] = result
         nxt = STATES[STATES.index(step) + 1]
         self._save(r, nxt)
 
-    def fail(self, r: dict[str, Any], reason: str) -> None:
-        r["manifest"]["failure"] = reason
+    def fail(self, r: RoundRecord, reason: str) -> None:
+        r.manifest.failure = reason
         self._save(r, "failed", reason)
-        self.log(f"Round {r['round']} failed: {reason}")
+        self.log(f"Round {r.round} failed: {reason}")
 
     # Driver -------------------------------------------------------------------------------
-    def advance(self, until: str = "done", force: bool = False) -> dict[str, Any]:
+    def advance(self, until: str = "done", force: bool = False) -> RoundRecord:
         """Run steps of the open round (opening one if needed) until `until` is reached.
 
         `until="review"` stops once the review queue is filled. The review step passes only
@@ -175,21 +172,21 @@ class Rounds:
         if until not in STATES:
             raise InputError(f"until must be one of {', '.join(STATES)}")
         r = self.open()
-        steps: dict[str, Callable[[dict[str, Any]], None]] = {
+        steps: dict[str, Callable[[RoundRecord], None]] = {
             "generate": self.generate, "select": self.select, "review": lambda rr: self.review_gate(rr, force),
             "train": self.train, "evaluate": self.evaluate, "promote": self.promote, "reindex": self.reindex,
         }
-        while r["state"] not in ("done", "failed"):
-            if STATES.index(r["state"]) >= STATES.index(until) or self.cancel.is_set():
+        while r.state not in ("done", "failed"):
+            if STATES.index(r.state) >= STATES.index(until) or self.cancel.is_set():
                 break
-            before = r["state"]
+            before = r.state
             steps[before](r)
-            if r["state"] == before:  # the step could not finish now (e.g. training stopped)
+            if r.state == before:  # the step could not finish now (e.g. training stopped)
                 break
         return r
 
     # Steps --------------------------------------------------------------------------------
-    def generate(self, r: dict[str, Any]) -> None:
+    def generate(self, r: RoundRecord) -> None:
         t0 = time.monotonic()
         accepted = int(self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split = 'train'"))
         wanted = min(needs_generation(accepted, self.config.generate_threshold), self.config.generate_max)
@@ -200,25 +197,25 @@ class Rounds:
         # Generation writes all its candidates in one transaction: if this round's are there, a
         # crash came between that write and the step record. Generating again would pay twice.
         written = int(self.store.scalar("SELECT count(*) FROM pairs WHERE source = 'synthetic' AND round = ?",
-                                        [r["round"]]))
+                                        [r.round]))
         if written:
-            self.log(f"Generation already wrote {written} candidates for round {r['round']}; not generating again.")
+            self.log(f"Generation already wrote {written} candidates for round {r.round}; not generating again.")
             self._step_done(r, "generate", {"recovered": True, "requested": wanted, "written": written}, t0)
             return
         who = f"LLM {self.llm.model}" if self.llm else "the offline generator (no LLM endpoint configured)"
         self.log(f"Generating up to {wanted} pairs with {who} ({accepted} accepted pairs so far)...")
         report = run_generation(
             self.store, lambda qs: search_ids(self.ws, qs, self.config.k), llm=self.llm, domain=self.config.domain,
-            round=r["round"], n=wanted, seed=self.config.seed + r["round"],
+            round=r.round, n=wanted, seed=self.config.seed + r.round,
         )
         self.log(f"Generated {report.generated}, kept {report.kept}, wrote {report.written} candidates.")
         self._step_done(r, "generate", report.model_dump(mode="json"), t0)
 
-    def select(self, r: dict[str, Any]) -> None:
+    def select(self, r: RoundRecord) -> None:
         t0 = time.monotonic()
-        self._step_done(r, "select", self.selection.run(r["round"]), t0)
+        self._step_done(r, "select", self.selection.run(r.round), t0)
 
-    def review_gate(self, r: dict[str, Any], force: bool = False) -> None:
+    def review_gate(self, r: RoundRecord, force: bool = False) -> None:
         pending = int(self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'pending'"))
         if pending and not force:
             raise RoundError(
@@ -227,16 +224,16 @@ class Rounds:
             )
         decided = self.store.rows(
             "SELECT action, count(*) AS n FROM decisions d JOIN pairs p USING (pair_id) WHERE p.round = ? GROUP BY action",
-            [r["round"]],
+            [r.round],
         )
         self._step_done(r, "review", {"pending_left": pending, "decisions": {d["action"]: d["n"] for d in decided}},
                         time.monotonic())
 
     # Training -----------------------------------------------------------------------------
-    def run_dir(self, r: dict[str, Any]) -> Path:
-        return self.ws.settings.runs_dir / f"round-{r['round']:03d}"
+    def run_dir(self, r: RoundRecord) -> Path:
+        return self.ws.settings.runs_dir / f"round-{r.round:03d}"
 
-    def train(self, r: dict[str, Any], wait: bool = True, poll_s: float = 2.0) -> None:
+    def train(self, r: RoundRecord, wait: bool = True, poll_s: float = 2.0) -> None:
         t0 = time.monotonic()
         run = self.run_dir(r)
         result = train.read_result(run)
@@ -252,8 +249,8 @@ class Rounds:
                 # never on the promotion set; without a fold the trainer holds out a share of the rows.
                 dev_pairs, task = self.data.dev_fold()
                 digest = train.write_snapshot(run, rows, dev_pairs if len(dev_pairs) >= 2 else None, cfg, dev=task)
-                r["manifest"]["data_snapshot"] = digest
-                r["manifest"]["train_config"] = json.loads((run / train.CONFIG_FILE).read_text())
+                r.manifest.data_snapshot = digest
+                r.manifest.train_config = json.loads((run / train.CONFIG_FILE).read_text())
                 self._save(r)
                 self.log(f"Training on {len(rows)} pairs (snapshot {digest[:12]}) in {run}...")
             else:
@@ -265,7 +262,7 @@ class Rounds:
             else:
                 proc = train.start(run, env=self.train_env)
                 pid = proc.pid
-            job_id = f"train-{r['round']}"
+            job_id = f"train-{r.round}"
             self.store.execute(
                 "INSERT OR REPLACE INTO jobs (job_id, kind, status, pid, args) VALUES (?, 'train', 'running', ?, ?)",
                 [job_id, pid, json.dumps({"run_dir": str(run)})],
@@ -288,13 +285,13 @@ class Rounds:
             return
         model_dir = Path(result["model_dir"])
         digest = model_hash(model_dir)
-        version = f"r{r['round']}-{digest[:10]}"
+        version = f"r{r.round}-{digest[:10]}"
         self.store.execute(
             "INSERT OR IGNORE INTO model_versions (version, path, parent, sha256, round, status) "
             "VALUES (?, ?, ?, ?, ?, 'candidate')",
-            [version, str(model_dir), self.ws.base_version, digest, r["round"]],
+            [version, str(model_dir), self.ws.base_version, digest, r.round],
         )
-        r["manifest"]["model"] = {"version": version, "path": str(model_dir), "sha256": digest}
+        r.manifest.model = ModelRef(version=version, path=str(model_dir), sha256=digest)
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
         if result.get("wise"):
             w = result["wise"]
@@ -331,58 +328,58 @@ class Rounds:
         }
 
     # Evaluation and promotion ----------------------------------------------------------------
-    def evaluate(self, r: dict[str, Any]) -> None:
+    def evaluate(self, r: RoundRecord) -> None:
         t0 = time.monotonic()
         evalset = self.heldout.evalset()
-        version = r["manifest"]["model"]["version"]
+        version = r.manifest.model.version
         base = self.heldout.report_for(self.ws.base_version, evalset)
         active = self.heldout.report_for(self.ws.active_model, evalset)
         cand = self.heldout.report_for(version, evalset)
         every = compare_all(base, cand)  # one resample of the queries for every metric's interval
         vs_base = every[PRIMARY_METRIC]
         vs_active = compare(active, cand)
-        r["manifest"]["metrics"] = {"base": base.metrics, "active": active.metrics, "candidate": cand.metrics,
+        r.manifest.metrics = {"base": base.metrics, "active": active.metrics, "candidate": cand.metrics,
                                     "matryoshka": cand.matryoshka, "n_queries": cand.n_queries}
-        r["manifest"]["vs_base"] = vs_base.model_dump()
-        r["manifest"]["vs_base_by_metric"] = {m: c.model_dump() for m, c in every.items()}
-        r["manifest"]["vs_active"] = vs_active.model_dump()
+        r.manifest.vs_base = vs_base.model_dump()
+        r.manifest.vs_base_by_metric = {m: c.model_dump() for m, c in every.items()}
+        r.manifest.vs_active = vs_active.model_dump()
         self.log(f"NDCG@10: base {base.metrics['ndcg@10']:.4f}, active {active.metrics['ndcg@10']:.4f}, "
                  f"candidate {cand.metrics['ndcg@10']:.4f} (vs base {vs_base.delta:+.4f}, "
                  f"95% CI {vs_base.ci_low:+.4f}..{vs_base.ci_high:+.4f})")
         self._step_done(r, "evaluate", {"candidate": version}, t0)
 
-    def promote(self, r: dict[str, Any]) -> None:
+    def promote(self, r: RoundRecord) -> None:
         t0 = time.monotonic()
         evalset = self.heldout.evalset()
-        version = r["manifest"]["model"]["version"]
+        version = r.manifest.model.version
         cand, active = self.heldout.report_for(version, evalset), self.heldout.report_for(self.ws.active_model, evalset)
         ok, reasons = promotion_gate(cand, active, min_delta=self.config.promote_min_delta,
                                      confidence=self.config.promote_confidence)
         res = resolution(active, cand)
-        r["manifest"]["promotion"] = {"promote": ok, "reasons": reasons, "confidence": self.config.promote_confidence,
-                                      "resolution": {**res.model_dump(), "more_queries_for_0.02": res.more_queries()}}
+        r.manifest.promotion = Promotion(promote=ok, reasons=reasons, confidence=self.config.promote_confidence,
+                                         resolution={**res.model_dump(), "more_queries_for_0.02": res.more_queries()})
         for line in reasons:
             self.log(line)
         self._step_done(r, "promote", {"promoted": ok}, t0)
         if not ok:  # the candidate stays a candidate; nothing is re-indexed
-            r["manifest"]["finished"] = _now()
+            r.manifest.finished = _now()
             self._save(r, "done")
 
-    def reindex(self, r: dict[str, Any]) -> None:
+    def reindex(self, r: RoundRecord) -> None:
         t0 = time.monotonic()
-        version = r["manifest"]["model"]["version"]
+        version = r.manifest.model.version
         # A rerun after a crash between the switch and the step record finds the switch done.
         if self.ws.active_model != version:
             emb = self.ws.embedder(version)
             self.log(f"Re-indexing the corpus with {version}...")
             name = indexing.build(self.store, self.ws.index, emb, precomputed=self.heldout.corpus_vectors(version))
-            r["manifest"]["previous_model"] = self.ws.active_model  # the switch below replaces it
+            r.manifest.previous_model = self.ws.active_model  # the switch below replaces it
             self._save(r)
             indexing.activate(self.store, name)
         name = self.store.pointer(indexing.ACTIVE_INDEX)  # activate also set the models' status, in one go
-        old = r["manifest"].get("previous_model")  # None only in a round stopped here by an earlier version
-        r["manifest"]["collection"] = name
-        r["manifest"]["finished"] = _now()
+        old = r.manifest.previous_model  # None only in a round stopped here by an earlier version
+        r.manifest.collection = name
+        r.manifest.finished = _now()
         kept = indexing.collection_for(self.store, old) if old else "the previous index"
         self.log(f"Index {name} verified and active; {kept} kept for rollback.")
         self._step_done(r, "reindex", {"collection": name, "previous_model": old}, t0)

@@ -18,7 +18,7 @@ from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError, VectorIndexError
 from loop.ingest import hf_offsets, import_pairs, import_queries, prefixed, store_documents
 from loop.readers import Fields, is_plain_folder, read_documents
-from loop.records import Document, IngestReport, SearchHit
+from loop.records import Document, IngestReport, RoundRecord, SearchHit
 from storage.db import Store
 from storage.index import VectorIndex
 
@@ -264,6 +264,10 @@ class Workspace:
             raise InputError("k must be between 1 and 1000")
         return indexing.search(self.store, self.index, self.embedder(), [query], k)[0]
 
+    def rounds(self) -> list[RoundRecord]:
+        """Every round, oldest first, as typed records."""
+        return [RoundRecord.from_row(r) for r in self.store.rounds()]
+
     def status(self) -> dict[str, Any]:
         counts = self.store.counts()
         active_index = self.store.pointer(indexing.ACTIVE_INDEX)
@@ -282,18 +286,18 @@ class Workspace:
             "SELECT version, path, status, parent, round FROM model_versions WHERE version = ?", [self.active_model]
         )
         rounds = []
-        for r in self.store.rounds():
-            m = r["manifest"]
-            entry: dict[str, Any] = {"round": r["round"], "state": r["state"], "error": r["error"]}
-            if "metrics" in m:
-                entry["ndcg@10"] = {k: m["metrics"][k]["ndcg@10"] for k in ("base", "active", "candidate")}
-                entry["vs_base"] = {k: m["vs_base"][k] for k in ("delta", "ci_low", "ci_high")}
-            if "promotion" in m:
-                entry["promoted"] = m["promotion"]["promote"]
-                if "resolution" in m["promotion"]:
-                    entry["resolution"] = m["promotion"]["resolution"]
-            if "model" in m:
-                entry["model"] = m["model"]["version"]
+        for r in self.rounds():
+            m = r.manifest
+            entry: dict[str, Any] = {"round": r.round, "state": r.state, "error": r.error}
+            if m.metrics and m.vs_base:
+                entry["ndcg@10"] = {k: m.metrics[k]["ndcg@10"] for k in ("base", "active", "candidate")}
+                entry["vs_base"] = {k: m.vs_base[k] for k in ("delta", "ci_low", "ci_high")}
+            if m.promotion:
+                entry["promoted"] = m.promotion.promote
+                if m.promotion.resolution:
+                    entry["resolution"] = m.promotion.resolution
+            if m.model:
+                entry["model"] = m.model.version
             rounds.append(entry)
         return {
             "workspace": str(self.settings.workspace.resolve()),

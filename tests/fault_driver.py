@@ -101,7 +101,7 @@ def generate(ws: Workspace, opts: dict[str, Any]) -> str:
     llm = LLMClient(settings, MarkingCache(ws.store), backoff_base_s=0.01)
     cfg = LoopConfig(generate_max=opts["generate_max"], generate_threshold=10_000)
     r = Rounds(ws, cfg, llm=llm, log=lambda m: say("LOG", m)).advance(until="review")
-    return r["state"]
+    return r.state
 
 
 def review(ws: Workspace, opts: dict[str, Any]) -> str:
@@ -164,7 +164,7 @@ def train(ws: Workspace, opts: dict[str, Any]) -> str:
     cfg = LoopConfig(**{"generate_threshold": 0, "train": opts["train"], **opts.get("loop", {})})
     r = Rounds(ws, cfg, log=lambda m: say("LOG", m), train_env=opts.get("train_env", {})).advance(
         until="evaluate", force=True)
-    return r["state"]
+    return r.state
 
 
 def reindex(ws: Workspace, opts: dict[str, Any]) -> str:
@@ -187,7 +187,7 @@ def reindex(ws: Workspace, opts: dict[str, Any]) -> str:
             time.sleep(600)  # the test kills us here
 
         indexing.activate = activate_then_wait
-        return Rounds(ws, log=lambda m: say("LOG", m)).advance(until="done")["state"]
+        return Rounds(ws, log=lambda m: say("LOG", m)).advance(until="done").state
 
     original = VectorIndex.upsert
     paused = threading.Event()
@@ -206,7 +206,7 @@ def reindex(ws: Workspace, opts: dict[str, Any]) -> str:
 
     VectorIndex.upsert = upsert  # type: ignore[method-assign]
     r = Rounds(ws, log=lambda m: say("LOG", m)).advance(until="done")
-    return r["state"]
+    return r.state
 
 
 SCENARIOS = {"generate": generate, "review": review, "train": train, "reindex": reindex}

@@ -378,7 +378,7 @@ def test_train_page_fills_the_review_queue_with_a_job(ws):
     assert wait_job(ws, "round", timeout=90)["status"] == "done", deps.jobs(ws).status("round")
     at.run()
     ok(at)
-    assert Rounds(ws).current()["state"] == "review"
+    assert Rounds(ws).current().state == "review"
 
 
 def _fake_round(ws) -> None:

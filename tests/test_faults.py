@@ -174,8 +174,8 @@ def test_kill_9_during_generation_keeps_paid_answers(tmp_path, openai_server, mo
 
         rounds = Rounds(ws, LoopConfig(generate_max=48, generate_threshold=10_000), llm=ws.llm())
         r = rounds.advance(until="review")
-        assert r["state"] == "review", r.get("error")
-        step = r["manifest"]["steps"]["generate"]
+        assert r.state == "review", r.error
+        step = r.manifest.steps["generate"]
         texts = ws.store.passages(list(pids.values()))
         asked_again = []
         for body in openai_server.chat_bodies[first_run:]:
@@ -219,10 +219,10 @@ def test_kill_9_after_generation_wrote_does_not_generate_again(tmp_path, openai_
         lines: list[str] = []
         rounds = Rounds(ws, LoopConfig(**loop_cfg), llm=ws.llm(), log=lines.append)
         r = rounds.advance(until="review")
-        assert r["state"] == "review", r.get("error")
+        assert r.state == "review", r.error
         assert openai_server.count == paid, "the rerun asked the LLM again"
         assert table(ws, "SELECT pair_id FROM pairs WHERE source = 'synthetic' ORDER BY pair_id") == pairs
-        step = r["manifest"]["steps"]["generate"]
+        step = r.manifest.steps["generate"]
         assert step["written"] == written and step["recovered"] is True
     record_property("observed", f"killed with {written} candidates written ({paid} LLM requests); the rerun made 0 "
                                 f"requests and wrote 0 pairs: {next(x for x in lines if 'already wrote' in x)}")
@@ -419,14 +419,14 @@ def test_kill_9_during_training_resumes_then_follows(tmp_path, drivers, trainers
         lines: list[str] = []
         r = Rounds(ws, LoopConfig(**TRAIN_LOOP), log=lines.append,
                    train_env=opts["train_env"]).advance(until="evaluate", force=True)
-        assert r["state"] == "evaluate", (r.get("error"), lines[-5:])
+        assert r.state == "evaluate", (r.error, lines[-5:])
         assert any(f"Following the training process {trainer2}" in line for line in lines), lines
         result = train.read_result(run)
         assert result["status"] == "ok" and result["steps"] == 3, result
         assert result["resumed_from"] == str(run.resolve() / "checkpoints" / "checkpoint-1")
         assert [e["pid"] for e in _progress(run, "start")] == [trainer1, trainer2]  # no third trainer
         assert [e["resumed_from_step"] for e in _progress(run, "train_begin")] == [0, 1]
-        assert r["manifest"]["model"]["version"].startswith("r1-")
+        assert r.manifest.model.version.startswith("r1-")
         assert table(ws, "SELECT status FROM jobs WHERE job_id = 'train-1'") == [{"status": "ok"}]
         assert table(ws, "SELECT * FROM decisions ORDER BY decision_id") == decisions
         assert ws.active_model == ws.base_version  # nothing promoted behind the reviewers' backs
@@ -458,16 +458,16 @@ def test_trainer_killed_under_its_owner_pauses_the_round_and_rerun_resumes(tmp_p
         os.kill(_progress(run, "start")[-1]["pid"], signal.SIGKILL)
         t.join(timeout=120)
         r = out["r"]
-        assert r["state"] == "train"
-        assert "without a result" in r["error"] and str(run / train.LOG_FILE) in r["error"]
-        assert "Run the round again to resume" in r["error"]
-        assert table(ws, "SELECT state, error FROM rounds") == [{"state": "train", "error": r["error"]}]
+        assert r.state == "train"
+        assert "without a result" in r.error and str(run / train.LOG_FILE) in r.error
+        assert "Run the round again to resume" in r.error
+        assert table(ws, "SELECT state, error FROM rounds") == [{"state": "train", "error": r.error}]
         assert table(ws, "SELECT * FROM decisions ORDER BY decision_id") == decisions
         assert ws.store.pointer(indexing.ACTIVE_INDEX) == active and ws.search(Q3, k=1)
         # Running the round again trains to the end, in the same run directory.
         again = Rounds(ws, LoopConfig(**TRAIN_LOOP), train_env={"OMP_NUM_THREADS": "1"}).advance(
             until="evaluate", force=True)
-        assert again["state"] == "evaluate", again.get("error")
+        assert again.state == "evaluate", again.error
         assert train.read_result(run)["status"] == "ok"
         assert len(_progress(run, "start")) == 2
     record_property("observed", f"round paused at train: {r['error']}; rerun finished the run (status ok)")
@@ -517,7 +517,7 @@ def test_kill_9_during_reindex_keeps_the_previous_index(tmp_path, drivers, recor
         assert table(ws, "SELECT state FROM rounds") == [{"state": "reindex"}]
 
         r = Rounds(ws).advance(until="done")
-        assert r["state"] == "done"
+        assert r.state == "done"
         assert ws.store.pointer(indexing.ACTIVE_INDEX) == new and ws.active_model == "r1-fake"
         assert ws.index.count(new) == 12
         assert ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
@@ -563,16 +563,16 @@ def test_kill_9_after_the_index_switch_then_rerun_finishes(tmp_path, drivers, re
         assert ws.search(Q3, k=1)[0].doc_ids == ["doc003"]  # the new index answers meanwhile
 
         r = Rounds(ws).advance(until="done")  # today: VectorIndexError "... is the active index", every time
-        assert r["state"] == "done", r.get("error")
-        assert r["manifest"]["steps"]["reindex"]["collection"] == r["manifest"]["collection"] == new
-        assert r["manifest"]["steps"]["reindex"]["previous_model"] == ws.base_version
+        assert r.state == "done", r.error
+        assert r.manifest.steps["reindex"]["collection"] == r.manifest.collection == new
+        assert r.manifest.steps["reindex"]["previous_model"] == ws.base_version
         assert table(ws, "SELECT status FROM model_versions WHERE version = 'r1-fake'") == [{"status": "active"}]
         assert ws.index.count(new) == 12 and ws.search(Q3, k=1)[0].doc_ids == ["doc003"]
         assert indexing.rollback(ws.store, ws.index, ws.embedder) == old
         assert ws.active_model == ws.base_version
     record_property("observed", f"killed after the switch to {new} was committed (round still at reindex); {new} "
                                 f"answered; the rerun finished the round (state done, previous model "
-                                f"{r['manifest']['steps']['reindex']['previous_model']}); rollback returned to {old}")
+                                f"{r.manifest.steps['reindex']['previous_model']}); rollback returned to {old}")
 
 
 # A damaged Chroma folder -------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def llm(kind: str, *replies: Reply, retries: int = 1, timeout_s: float = 5.0, re
             rounds.advance(until="select")
         assert info.value.kind == kind, info.value
         assert "nothing was written" in str(info.value) and KEY not in str(info.value)
-        assert rounds.current()["state"] == "generate"  # the step can simply be run again
+        assert rounds.current().state == "generate"  # the step can simply be run again
         assert env.ws.store.scalar("SELECT count(*) FROM llm_cache WHERE llm_model = ?", [model]) == 0
         return str(info.value)
 
@@ -228,7 +228,7 @@ def llm_injection(env: Env, tmp: Path, mp: pytest.MonkeyPatch) -> str:
         flagged = [p for p in rows if "injection" in json.loads(p["meta"])["flags"]]
         assert len(flagged) == 2 and all(p["status"] == "pending" for p in flagged), rows
         assert not any(p["status"] == "accepted" for p in rows)
-        return (f"round at {r['state']}: {len(flagged)} instruction-like queries kept as candidates, flagged "
+        return (f"round at {r.state}: {len(flagged)} instruction-like queries kept as candidates, flagged "
                 f"'injection' and sent to review ({flagged[0]['reason']}), none auto-accepted")
     finally:
         ws.close()
@@ -240,13 +240,13 @@ def training(fault: str) -> Callable[..., str]:
         before_models = env.ws.store.scalar("SELECT count(*) FROM model_versions")
         rounds = Rounds(env.ws, LoopConfig(**TRAIN_LOOP), train_env={**ONE_THREAD, train.FAULT_ENV: fault})
         r = rounds.advance(until="evaluate", force=True)
-        assert r["state"] == "failed", r
+        assert r.state == "failed", r
         result = train.read_result(rounds.run_dir(r))
         assert result["status"] == "failed" and result["model_dir"] is None
         assert not (rounds.run_dir(r) / train.MODEL_DIR).exists()  # no half-published model
         assert env.ws.store.scalar("SELECT count(*) FROM model_versions") == before_models
         assert env.ws.search("damper3 engine3 flange3", k=1)[0].doc_ids == ["doc003"]  # still answers
-        return r["error"]
+        return r.error
 
     return run
 

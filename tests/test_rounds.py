@@ -72,8 +72,8 @@ def test_round_until_review_fills_the_queue(workspace, tmp_path):
     _seed(workspace, tmp_path)
     rounds, lines = _rounds(workspace)
     r = rounds.advance(until="review")
-    assert r["state"] == "review"
-    steps = r["manifest"]["steps"]
+    assert r.state == "review"
+    steps = r.manifest.steps
     assert steps["generate"]["generator"] == "offline" and steps["generate"]["written"] > 0
     assert steps["select"]["mined"] == 5 * rounds.config.mine_top  # every query-log line proposes its top passages
     counts = workspace.store.counts()["pairs"]
@@ -90,7 +90,7 @@ def test_round_until_review_fills_the_queue(workspace, tmp_path):
         rounds.advance(until="train")
     # Re-running does not redo finished steps.
     again = rounds.advance(until="review")
-    assert again["manifest"]["steps"] == r["manifest"]["steps"]
+    assert again.manifest.steps == r.manifest.steps
 
 
 def test_random_control_slice_goes_to_review(workspace, tmp_path):
@@ -186,22 +186,22 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         for card in pending(ws.store):
             decide(ws.store, DecisionIn(pair_id=card.pair_id, action="accept", reviewer="ann"))
         r = rounds.advance(until="done")
-        assert r["state"] == "done", r.get("error")
-        m = r["manifest"]
-        assert m["data_snapshot"] and m["model"]["sha256"] and Path(m["model"]["path"], "modules.json").exists()
+        assert r.state == "done", r.error
+        m = r.manifest
+        assert m.data_snapshot and m.model.sha256 and Path(m.model.path, "modules.json").exists()
         # Five held-out queries leave no development fold: the trainer's eval loss runs on a share of
         # the training rows, never on the promotion set.
         snap = json.loads((rounds.run_dir(r) / "snapshot.json").read_text())
         assert rounds.heldout.folds()[0] == set() and snap["n_dev_queries"] == 0
         assert snap["n_train"] + snap["n_eval"] == len(rounds.data.rows())
-        assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m["metrics"]["candidate"])
-        assert m["vs_base"]["ci_low"] <= m["vs_base"]["delta"] <= m["vs_base"]["ci_high"]
-        assert set(m["vs_base_by_metric"]) == set(m["metrics"]["candidate"])  # every metric has its interval
-        assert m["vs_base_by_metric"]["ndcg@10"] == m["vs_base"]
-        assert m["promotion"]["reasons"]
+        assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m.metrics["candidate"])
+        assert m.vs_base["ci_low"] <= m.vs_base["delta"] <= m.vs_base["ci_high"]
+        assert set(m.vs_base_by_metric) == set(m.metrics["candidate"])  # every metric has its interval
+        assert m.vs_base_by_metric["ndcg@10"] == m.vs_base
+        assert m.promotion.reasons
         status = ws.status()
-        if m["promotion"]["promote"]:
-            assert status["active_model"]["version"] == m["model"]["version"]
+        if m.promotion.promote:
+            assert status["active_model"]["version"] == m.model.version
             assert status["active_index"]["count"] == status["passages"]
         else:
             assert status["active_model"]["version"] == ws.base_version
@@ -236,10 +236,10 @@ def test_checkpoint_and_wise_weight_come_from_the_development_fold(tmp_path, min
         eval_anchors = {json.loads(x)["anchor"] for x in (run / "eval.jsonl").read_text().splitlines()}
         assert {query_key(a) for a in eval_anchors} <= dev  # the checkpoint's eval loss: the dev fold only
         assert {query_key(q) for q in rounds.heldout.evalset().queries} == gate  # promotion: the rest
-        w = r["manifest"]["steps"]["train"]["wise"]
+        w = r.manifest.steps["train"]["wise"]
         assert w["alpha"] in (0.0, 0.5, 1.0) and set(w["dev_ndcg@10"]) == {"0.0", "0.5", "1.0"}
         assert w["n_dev_queries"] == len(dev) and any("WiSE-FT" in line for line in lines)
-        saved = SentenceTransformer(r["manifest"]["model"]["path"], device="cpu").state_dict()
+        saved = SentenceTransformer(r.manifest.model.path, device="cpu").state_dict()
         base = SentenceTransformer(str(minilm_path), device="cpu").state_dict()
         key = next(k for k, v in saved.items() if v.is_floating_point() and v.ndim == 2)
         if w["alpha"] == 0.0:

@@ -86,7 +86,7 @@ def test_api_key_is_never_written_anywhere(tmp_path, openai_server, monkeypatch,
         cfg = LoopConfig(generate_max=12, generate_threshold=10_000, review_budget=100, mining={"num_negatives": 0})
         rounds = Rounds(ws, cfg, llm=ws.llm(), log=logging.getLogger("embedloop.rounds").info)
         r = rounds.advance(until="review")
-        assert r["manifest"]["steps"]["generate"]["usage"]["requests"] == 4
+        assert r.manifest.steps["generate"]["usage"]["requests"] == 4
         assert openai_server.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}"  # it was used
 
         # An endpoint that echoes the key in its error, run as a job (the app stores job errors).
@@ -99,7 +99,7 @@ def test_api_key_is_never_written_anywhere(tmp_path, openai_server, monkeypatch,
         for card in pending(ws.store):
             decide(ws.store, DecisionIn(pair_id=card.pair_id, action="accept", reviewer="ann"))
         r = rounds.advance(until="train", force=True)
-        assert r["state"] == "train"
+        assert r.state == "train"
         rounds.heldout.ensure()  # what the train step writes before starting the trainer:
         train.write_snapshot(rounds.run_dir(r), rounds.data.rows(), None,
                              {"base_model": str(ws.settings.base_model_path), "epochs": 1})

@@ -9,24 +9,25 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from loop.records import RoundRecord
+
 METRIC = "ndcg@10"
 
 
-def rounds_table(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def rounds_table(history: Sequence[RoundRecord]) -> pd.DataFrame:
     """One row per round that was evaluated: NDCG@10 of base, active and candidate, the
     candidate-minus-base difference with its 95% bootstrap interval, and the promotion verdict."""
     rows = []
     for r in history:
-        m = r["manifest"]
-        metrics = m.get("metrics") or {}
+        m = r.manifest
+        metrics = m.metrics or {}
         if not metrics:
             continue
-        vs = m.get("vs_base") or {}
-        promotion = m.get("promotion") or {}
+        vs = m.vs_base or {}
         rows.append({
-            "round": r["round"],
-            "state": r["state"],
-            "candidate": (m.get("model") or {}).get("version"),
+            "round": r.round,
+            "state": r.state,
+            "candidate": m.model.version if m.model else None,
             "base": (metrics.get("base") or {}).get(METRIC),
             "active then": (metrics.get("active") or {}).get(METRIC),
             "candidate NDCG@10": (metrics.get("candidate") or {}).get(METRIC),
@@ -34,18 +35,18 @@ def rounds_table(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "95% CI low": vs.get("ci_low"),
             "95% CI high": vs.get("ci_high"),
             "queries": metrics.get("n_queries"),
-            "promoted": promotion.get("promote"),
+            "promoted": m.promotion.promote if m.promotion else None,
         })
     return pd.DataFrame(rows)
 
 
-def metrics_table(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def metrics_table(history: Sequence[RoundRecord]) -> pd.DataFrame:
     """One row per (round, metric): base, candidate, the difference and its 95% paired bootstrap
     interval, for rounds whose manifest has every metric's interval (`vs_base_by_metric`)."""
     rows = []
     for r in history:
-        for metric, c in (r["manifest"].get("vs_base_by_metric") or {}).items():
-            rows.append({"round": r["round"], "metric": metric, "base": c.get("base"), "candidate": c.get("other"),
+        for metric, c in (r.manifest.vs_base_by_metric or {}).items():
+            rows.append({"round": r.round, "metric": metric, "base": c.get("base"), "candidate": c.get("other"),
                          "Δ vs base": c.get("delta"), "95% CI low": c.get("ci_low"), "95% CI high": c.get("ci_high")})
     return pd.DataFrame(rows)
 
@@ -66,11 +67,11 @@ def ndcg_chart(table: pd.DataFrame) -> alt.Chart:
     return (base + interval + points).properties(height=280)
 
 
-def matryoshka_frame(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def matryoshka_frame(history: Sequence[RoundRecord]) -> pd.DataFrame:
     rows = []
     for r in history:
-        for dim, score in ((r["manifest"].get("metrics") or {}).get("matryoshka") or {}).items():
-            rows.append({"round": f"round {r['round']}", "dimensions": int(dim), METRIC: score})
+        for dim, score in ((r.manifest.metrics or {}).get("matryoshka") or {}).items():
+            rows.append({"round": f"round {r.round}", "dimensions": int(dim), METRIC: score})
     return pd.DataFrame(rows)
 
 

@@ -16,7 +16,7 @@ st.caption("Every number comes from the fixed held-out set; intervals are paired
            "queries. A candidate goes live only if its interval against the active model lies above zero.")
 ws = deps.workspace()
 jobs = deps.jobs()
-history = ws.store.rounds()
+history = ws.rounds()
 table = charts.rounds_table(history)
 baseline = jobs.result("baseline")
 
@@ -53,15 +53,15 @@ else:
                                     for c in ("base", "candidate", "Δ vs base", "95% CI low", "95% CI high")})
 
     st.subheader("Promotion decision")
-    decided = [h for h in history if h["manifest"].get("promotion")]
+    decided = [h for h in history if h.manifest.promotion]
     if decided:
         last = decided[-1]
-        promo = last["manifest"]["promotion"]
-        if promo["promote"]:
-            st.success(f"Round {last['round']}: promoted — the candidate is the active model.", icon=":material/verified:")
+        promo = last.manifest.promotion
+        if promo.promote:
+            st.success(f"Round {last.round}: promoted — the candidate is the active model.", icon=":material/verified:")
         else:
-            st.warning(f"Round {last['round']}: not promoted — the active model stays.", icon=":material/block:")
-        for reason in promo.get("reasons") or []:
+            st.warning(f"Round {last.round}: not promoted — the active model stays.", icon=":material/block:")
+        for reason in promo.reasons:
             st.markdown(f"- {md_escape(reason)}")
     else:
         st.caption("No round has reached its promotion step yet.")
@@ -76,7 +76,7 @@ else:
 st.subheader("Score distributions, before and after")
 st.caption("Cosine of each held-out query with its positive passage and with its hardest negative (from the active "
            "model's top 10). Training should push the two apart.")
-candidates = [h["manifest"]["model"]["version"] for h in history if (h["manifest"].get("model") or {}).get("version")]
+candidates = [h.manifest.model.version for h in history if h.manifest.model]
 after = candidates[-1] if candidates else (ws.active_model if ws.active_model != ws.base_version else None)
 versions = {f"before: {ws.base_version}": ws.base_version}
 if after:

@@ -99,10 +99,10 @@ if report is not None:
 
 st.subheader("Token counts")
 usage_rows = []
-for h in ws.store.rounds():
-    g = (h["manifest"].get("steps") or {}).get("generate") or {}
+for h in ws.rounds():
+    g = h.manifest.steps.get("generate") or {}
     if g.get("usage"):
-        usage_rows.append({"run": f"round {h['round']}", "generator": g.get("generator"), **g["usage"]})
+        usage_rows.append({"run": f"round {h.round}", "generator": g.get("generator"), **g["usage"]})
 if report is not None:
     usage_rows.append({"run": "this session's last run", "generator": report.generator, **report.usage.model_dump()})
 if usage_rows:

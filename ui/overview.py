@@ -19,7 +19,7 @@ jobs = deps.jobs()
 status = ws.status()
 queue = queue_counts(ws.store)
 accepted = sum(by.get("accepted", 0) for by in status["pairs"].values())
-history = ws.store.rounds()
+history = ws.rounds()
 open_round = Rounds(ws).current()
 
 
@@ -32,7 +32,7 @@ def next_step() -> tuple[str, str | None]:
     if queue["pending"]:
         return f"Review the {queue['pending']:,} pending cards.", "ui/review.py"
     if open_round:
-        return f"Continue round {open_round['round']}: its next step is **{open_round['state']}**.", "ui/train.py"
+        return f"Continue round {open_round.round}: its next step is **{open_round.state}**.", "ui/train.py"
     if not accepted:
         return ("Import the labelled pairs you have (Data), or generate pairs and run a round to fill the "
                 "review queue (Train).", "ui/data.py")
@@ -121,8 +121,8 @@ else:
 st.subheader("Rounds")
 table = charts.rounds_table(history)
 if table.empty:
-    st.caption("No round has been evaluated yet." + (f" Round {open_round['round']} is at step "
-                                                   f"{open_round['state']}." if open_round else ""))
+    st.caption("No round has been evaluated yet." + (f" Round {open_round.round} is at step "
+                                                   f"{open_round.state}." if open_round else ""))
 else:
     st.altair_chart(charts.ndcg_chart(table), width="stretch")
     st.caption("Candidate NDCG@10 per round with its 95% bootstrap interval against the base model (dashed).")

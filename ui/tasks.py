@@ -167,12 +167,12 @@ def run_round(ws: Workspace, config: Any, until: str, force: bool, llm: Any):
                 ws.stop_training(run_dir)  # the trainer keeps its best checkpoint and exits
 
         ctx.on_cancel.append(stop_training)
-        ctx.progress(0, 0, f"Round {r['round']}: {r['state']}")
+        ctx.progress(0, 0, f"Round {r.round}: {r.state}")
         r = rounds.advance(until=until, force=force)
         if ctx.cancel_requested.is_set():  # advance() returns early on a stop: say so
-            raise Cancelled(f"Stopped by the user; round {r['round']} is at step {r['state']}.")
-        ctx.log(f"Round {r['round']} is at step {r['state']}.")
-        return {"round": r["round"], "state": r["state"]}
+            raise Cancelled(f"Stopped by the user; round {r.round} is at step {r.state}.")
+        ctx.log(f"Round {r.round} is at step {r.state}.")
+        return {"round": r.round, "state": r.state}
 
     return run
 

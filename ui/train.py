@@ -18,17 +18,17 @@ ws = deps.workspace()
 jobs = deps.jobs()
 rounds = Rounds(ws)
 current = rounds.current()
-history = ws.store.rounds()
+history = ws.rounds()
 latest = current or (history[-1] if history else None)
 running = jobs.running("round")
 
 if latest:
-    state = latest["state"]
+    state = latest.state
     steps = [f"**:blue[{s}]**" if s == state else (f"~~{s}~~" if state in STATES and STATES.index(s) < STATES.index(state)
                                                       else s) for s in STATES]
-    st.markdown(f"Round **{latest['round']}**: " + " → ".join(steps if state != "failed" else STATES))
+    st.markdown(f"Round **{latest.round}**: " + " → ".join(steps if state != "failed" else STATES))
     if state == "failed":
-        deps.show_error(f"Round {latest['round']} failed: {latest.get('error') or latest['manifest'].get('failure')}. "
+        deps.show_error(f"Round {latest.round} failed: {latest.error or latest.manifest.failure}. "
                         "Start again to open a new round.")
 else:
     st.markdown("No round yet: the first one opens when you start it.")
@@ -88,7 +88,7 @@ status = deps.job_panel("round", poll_s=2.0, on_running=training_progress,
 if not (status and status["status"] == "running"):
     result = ws.training_result(run_dir) if run_dir else None
     if run_dir and ws.training_progress(run_dir):
-        st.subheader(f"Training of round {latest['round']}")
+        st.subheader(f"Training of round {latest.round}")
         training_progress()
         if result:
             reason = f" — {md_escape(result['reason'])}" if result.get("reason") else ""
