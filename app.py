@@ -3,6 +3,7 @@
 import streamlit as st
 
 from ui import deps
+from ui.first_start import first_start
 
 st.set_page_config(page_title="embedloop", page_icon=":material/model_training:", layout="wide")
 
@@ -17,5 +18,5 @@ PAGES = [
     st.Page("ui/export.py", title="Export", icon=":material/download:"),
 ]
 page = st.navigation(PAGES)
-deps.first_start(deps.workspace())  # an empty workspace gets the demo corpus, as a job
+first_start(deps.workspace())  # an empty workspace gets the demo corpus, as a job
 page.run()

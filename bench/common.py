@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from loop.evaluate import EvalReport, Gain, compare, ir_metrics, metric_names
+from loop.evaluate import EvalReport, compare
+from loop.metrics import Gain, ir_metrics, metric_names
 from loop.readers import iter_jsonl, read_qrels
 from loop.review import REVIEW_SHOWN, DecisionIn, ReviewConflict, decide, pending
 

@@ -36,7 +36,8 @@ from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, mac
                           seed_means, stock_finetune, summary, vs)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
-from loop.evaluate import EvalReport, EvalSet, evalset_from_beir, evaluate
+from loop.evalsets import EvalSet, evalset_from_beir
+from loop.evaluate import EvalReport, evaluate
 
 
 def _eval(emb: Any, evalset: EvalSet) -> EvalReport:

@@ -24,7 +24,8 @@ from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample
 from loop import train
 from loop.config import bundled_model_path
 from loop.embed import Embedder
-from loop.evaluate import evalset_from_beir, evaluate
+from loop.evalsets import evalset_from_beir
+from loop.evaluate import evaluate
 
 ARMS = {
     "seq256-3ep-lr3e-5": {"max_seq_length": 256, "epochs": 3, "learning_rate": 3e-5},

@@ -150,7 +150,8 @@ def bench_encode(texts: list[str], backends: list[str], cache_dir: Path, batch_s
     from bench.common import GAIN
     from bench.st_onnx import ARMS
     from loop.embed import Embedder
-    from loop.evaluate import evalset_from_beir, evaluate
+    from loop.evalsets import evalset_from_beir
+    from loop.evaluate import evaluate
 
     path = bundled_model_path()
     stock = SentenceTransformer(str(path), device="cpu", local_files_only=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loop import indexing
-from loop.evaluate import held_out_keys
+from loop.evalsets import held_out_keys
 from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, features, route
 

@@ -197,7 +197,8 @@ def cmd_review_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from loop.evaluate import compare_all, evalset_from_beir, evaluate, intervals
+    from loop.evalsets import evalset_from_beir
+    from loop.evaluate import compare_all, evaluate, intervals
 
     with _open(args) as ws:
         if args.beir:

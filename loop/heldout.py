@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from loop import indexing
 from loop.decide import Recommendation, should_finetune
 from loop.errors import RoundError, VectorIndexError
-from loop.evaluate import (
-    CorpusEmbeddings, EvalReport, EvalSet, dev_fold, evaluate, evalset_from_store, held_out_keys, intervals,
-)
+from loop.evalsets import EvalSet, dev_fold, evalset_from_store, held_out_keys
+from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate, intervals
 from loop.records import query_key
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import duckdb
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from loop.errors import EmbedloopError, InputError, NotFoundError, validation_problems
-from loop.evaluate import held_out_keys
+from loop.evalsets import held_out_keys
 from loop.records import Pair, query_key
 from storage.db import Store
 

@@ -15,7 +15,7 @@ import numpy as np
 from loop import indexing
 from loop.embed import Embedder
 from loop.errors import LeakageError
-from loop.evaluate import held_out_keys
+from loop.evalsets import held_out_keys
 from loop.negatives import known_positives, select_negatives
 from loop.records import query_key
 from loop.wise import DevTask, dev_task

@@ -17,7 +17,8 @@ from storage.db import Store
 from tests.fakes import FakeEmbedder
 from tests.openai_server import MODEL, openai_server  # noqa: F401 - fixture
 from ui import deps
-from ui.deps import REVIEWER_KEY, WORKSPACE_KEY
+from ui.deps import WORKSPACE_KEY
+from ui.reviewers import REVIEWER_KEY
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)> **not bold** [link](javascript:alert(1))'

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from bench.common import Beir, SimulatedReviewer, bm25_report, summary, vs
-from loop.evaluate import EvalReport, evalset_from_beir, evaluate
+from loop.evalsets import evalset_from_beir
+from loop.evaluate import EvalReport, evaluate
 from loop.review import pending
 from loop.rounds import LoopConfig, Rounds
 from tests.fakes import FakeEmbedder
@@ -135,7 +136,7 @@ def test_dev_split_judges_on_train_queries_only(beir_dir, tmp_path):
 # Several seeds: pooled intervals and seed means ------------------------------------------------
 def test_pooled_bootstrap_resamples_seeds_and_queries():
     from bench.common import pooled_bootstrap
-    from loop.evaluate import paired_bootstrap
+    from loop.metrics import paired_bootstrap
 
     a = np.full((2, 50), 0.5)
     assert pooled_bootstrap(a, a + 0.1) == pytest.approx((0.1, 0.1, 0.1))  # a constant gain has no spread

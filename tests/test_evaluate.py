@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 
 from loop.errors import IndexMismatchError, InputError
-from loop.evaluate import (
-    DocGroups,
-    EvalReport,
-    EvalSet,
-    compare,
-    evalset_from_beir,
-    evalset_from_store,
-    evaluate,
-    exact_search,
-    ir_metrics,
-    paired_bootstrap,
-    score_distributions,
-    truncate,
-)
+from loop.evalsets import EvalSet, evalset_from_beir, evalset_from_store
+from loop.evaluate import EvalReport, compare, evaluate, score_distributions
+from loop.metrics import DocGroups, exact_search, ir_metrics, paired_bootstrap, truncate
 from tests.fakes import FakeEmbedder
 
 L3 = math.log2(3)
@@ -305,7 +294,8 @@ def _report_of(version, per_query: dict[str, np.ndarray]) -> EvalReport:
 
 
 def test_every_metric_gets_an_interval_from_one_resample_of_the_queries():
-    from loop.evaluate import compare_all, metric_names
+    from loop.evaluate import compare_all
+    from loop.metrics import metric_names
 
     rng = np.random.default_rng(7)
     names = metric_names()

@@ -28,7 +28,7 @@ from pydantic import SecretStr, ValidationError
 
 from loop import indexing, train
 from loop.errors import ConfigError, InputError, NotFoundError, VectorIndexError
-from loop.evaluate import evalset_from_beir
+from loop.evalsets import evalset_from_beir
 from loop.export import export
 from loop.jobs import JobRunner
 from loop.llm import LLMClient, LLMError, LLMSettings

@@ -7,8 +7,10 @@
   work runs there, never in the script thread; `job_panel` polls it from a fragment.
 - `run_safely` / `show_error`: project errors (and a pydantic validation error of a value the
   user typed) become one red message; anything else is a bug and keeps its traceback.
-- `reviewer()`: who is reviewing: the signed-in OIDC user when `[auth]` is configured in
-  Streamlit secrets, else a name typed in single-user mode.
+- `llm_key()` / `llm_endpoint()` / `llm_client()`: the LLM endpoint this process uses.
+
+The reviewer's identity and sign-in are in ui/reviewers.py; the first-start demo corpus is in
+ui/first_start.py.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from loop.workspace import Workspace
 from ui.text import md_escape
 
 WORKSPACE_KEY = "embedloop.workspace"
-REVIEWER_KEY = "embedloop.reviewer"  # the single-user mode's reviewer name (kept across pages)
 DEMO_JOB = "ingest-demo"
-INDEX_JOB = "reindex"
+INDEX_JOB = "reindex"  # DEMO_JOB and INDEX_JOB: the first start's jobs (ui/first_start.py)
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -212,126 +213,3 @@ def llm_client(endpoint: dict[str, Any] | None = None, **overrides: Any):
     timeout for a test)."""
     key, _ = llm_key()
     return workspace().llm(endpoint or llm_endpoint(), api_key=key, **overrides)
-
-
-# First start -----------------------------------------------------------------------------------
-def first_start(ws: Workspace) -> None:
-    """The embedded default: an empty workspace gets the demo corpus, ingested as a job.
-
-    A workspace with passages but no usable index (a lost Chroma folder, say) gets its index
-    rebuilt from DuckDB, also as a job, once per process.
-    """
-    j = jobs(ws)
-    if INDEX_JOB not in j.latest and DEMO_JOB not in j.latest:
-        status = ws.status()
-        if status["passages"]:
-            j.latest.setdefault(INDEX_JOB, "")  # checked once per process
-            idx = status["active_index"] or {}
-            if not idx.get("collection") or idx["collection"] not in ws.index.collections():
-                def rebuild(ctx: JobContext) -> int:
-                    ctx.log("The active index is missing: rebuilding it from the workspace's passages…")
-                    return ws.ensure_index(lambda done, total: ctx.progress(done, total, "Re-indexing"))
-
-                j.submit(INDEX_JOB, rebuild)
-    if j.latest.get(INDEX_JOB) and (j.running(INDEX_JOB) or (j.status(INDEX_JOB) or {}).get("status") == "failed"):
-        st.info("The search index is being rebuilt from the workspace (it was missing).", icon=":material/build:")
-        job_panel(INDEX_JOB)
-        return
-    if DEMO_JOB not in j.latest:
-        if ws.status()["documents"]:
-            return
-
-        def ingest_demo(ctx: JobContext) -> Any:
-            from loop import demo
-
-            ctx.log(f"First start: ingesting the demo corpus ({len(demo.demo_documents())} Python language "
-                    f"reference topics) and its query log…")
-            ctx.progress(0, 0, "Loading the embedding model…")
-
-            def progress(done: int, total: int) -> None:
-                ctx.progress(done, total, "Indexing the demo corpus")
-
-            report, log = demo.ingest_demo(ws, progress)
-            ctx.log(f"{report.documents_added} documents, {report.passages_added} passages, {report.indexed} vectors; "
-                    f"{log.queries_added} logged queries.")
-            return report
-
-        j.submit(DEMO_JOB, ingest_demo)
-    failed = (j.status(DEMO_JOB) or {}).get("status") in ("failed", "interrupted")
-    if j.running(DEMO_JOB) or failed:
-        st.info(
-            "First start: the workspace is empty, so embedloop loads its embedded default: the bundled "
-            "all-MiniLM-L6-v2 model, a demo corpus (Python's language reference topics) with a log of "
-            "questions about it, and the offline pair generator. Import your own data on the Data page at any time.",
-            icon=":material/rocket_launch:",
-        )
-        job_panel(DEMO_JOB)
-        if failed:
-            st.button("Try again", key="retry-demo", icon=":material/refresh:", on_click=j.latest.pop, args=(DEMO_JOB,))
-
-
-# Reviewers -------------------------------------------------------------------------------------
-def auth_configured() -> bool:
-    """Whether `[auth]` (OIDC sign-in) is configured in Streamlit secrets."""
-    try:
-        return "auth" in st.secrets
-    except Exception:  # no secrets file at all
-        return False
-
-
-def auth_providers() -> list[str]:
-    """Named providers (`[auth.NAME]` sections); empty when `[auth]` holds a single provider."""
-    try:
-        auth = st.secrets["auth"]
-    except Exception:
-        return []
-    return [k for k, v in auth.items() if hasattr(v, "keys")]
-
-
-def reviewer_identity() -> str | None:
-    """Who decides: the signed-in user (email, else name) with auth, else the typed name."""
-    if auth_configured():
-        if not st.user.get("is_logged_in"):
-            return None
-        who = st.user.get("email") or st.user.get("name") or st.user.get("sub")
-        return str(who) if who else None
-    name = (st.session_state.get(REVIEWER_KEY) or "").strip()
-    return name or None
-
-
-def reviewer() -> str | None:
-    """The reviewer, asking them to sign in (auth) or to give a name (single-user mode)."""
-    if auth_configured():
-        who = reviewer_identity()
-        if who is None:
-            st.info("Reviewers sign in, so that every decision records who made it.", icon=":material/login:")
-            providers = auth_providers()
-            for p in providers or [None]:
-                label = f"Sign in with {p}" if p else "Sign in"
-                st.button(label, key=f"login-{p or 'default'}", on_click=st.login, args=(p,) if p else (),
-                          type="primary", icon=":material/login:")
-            return None
-        return who
-
-    def keep() -> None:
-        st.session_state[REVIEWER_KEY] = st.session_state["reviewer_name_input"].strip()
-
-    st.session_state.setdefault("reviewer_name_input", st.session_state.get(REVIEWER_KEY, ""))
-    st.text_input("Reviewer name", key="reviewer_name_input", on_change=keep, placeholder="e.g. Ann",
-                  help="Recorded with every decision.")
-    st.caption(
-        "Single-user mode: no sign-in is configured. Add an `[auth]` section to `.streamlit/secrets.toml` "
-        "(OIDC) to let several reviewers sign in."
-    )
-    who = reviewer_identity()
-    if who is None:
-        st.info("Type your name and press Enter to start reviewing.", icon=":material/badge:")
-    return who
-
-
-def sign_out(who: str) -> None:
-    """Give back the reviewer's claimed cards, then sign out (auth mode)."""
-    from loop.review import release
-
-    run_safely(release, workspace().store, who)
-    st.logout()

@@ -8,7 +8,7 @@ drawn again: the next card is only claimed after `review.decide` committed the l
 import streamlit as st
 
 from loop.review import REVIEW_SHOWN, DecisionIn, claim_next, decide, queue_counts, undo_last
-from ui import deps
+from ui import deps, reviewers
 from ui.text import md_escape, text_block
 
 TOPK = REVIEW_SHOWN  # the model's top passages shown with a card: keys 1-9 pick one, ticks mark several
@@ -48,7 +48,7 @@ _KEYS_JS = """
 st.title("Review")
 ws = deps.workspace()
 st.html(_KEYS_JS, unsafe_allow_javascript=True)  # before the name box: Enter there must already leave it
-who = deps.reviewer()
+who = reviewers.reviewer()
 if who is None:
     st.stop()
 
@@ -89,8 +89,8 @@ def _toggle_edit(pair_id: str) -> None:
 head = st.columns([3, 1], vertical_alignment="center")
 with head[1]:
     st.caption(f"Reviewing as **{md_escape(who)}**")
-    if deps.auth_configured():
-        st.button("Sign out", on_click=deps.sign_out, args=(who,), icon=":material/logout:")
+    if reviewers.auth_configured():
+        st.button("Sign out", on_click=reviewers.sign_out, args=(who,), icon=":material/logout:")
 
 claimed = deps.run_safely(lambda: (claim_next(ws.store, who),))
 if claimed is None:
