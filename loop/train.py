@@ -4,7 +4,7 @@ The process that owns DuckDB never trains. It exports a snapshot of the inputs i
 directory, starts the trainer (loop/trainer.py) as a subprocess and polls files; the subprocess
 never opens DuckDB. Importing this module imports no torch.
 
-    parent (owner process): this module           child: python -m loop.trainer RUN_DIR
+    parent (owner process): this module            child: python -m loop.trainer RUN_DIR
     write_snapshot(run_dir, train, eval, cfg)      reads config.json, train.jsonl, eval.jsonl
     proc = start(run_dir)                          trains; appends progress.jsonl
     read_progress(run_dir) / request_stop(run_dir) checkpoints/checkpoint-N (one per epoch, best 3 kept)
@@ -19,7 +19,7 @@ Run directory:
     config.json      TrainConfig (loop/train_config.py)   snapshot.json  data hash and counts
     train.jsonl      {anchor, positive[, negative]} per line; eval.jsonl likewise
     dev.json         the development fold that chooses the WiSE-FT weight (loop/wise.py), if any
-    progress.jsonl   one JSON event per line (see `RunMonitor` in loop/train_monitor.py)
+    progress.jsonl   one JSON event per line (see `RunMonitor` in loop/train_hooks.py)
     STOP             created by `request_stop`: training stops at the next step
     checkpoints/     trainer checkpoints; a restart resumes from the last complete one
     model/           the final (best by eval loss) model, when status is ok or stopped
