@@ -177,7 +177,7 @@ def train_stock(path: Path, pairs: list[dict], tmp: Path, cuda: bool, max_seq_le
 def train_project(path: Path, pairs: list[dict], eval_pairs: list[dict], run: Path, cuda: bool, max_seq_length: int,
                   batch: int, steps: int, warm: int) -> dict[str, Any]:
     """loop/train.py's own run on these pairs, in this process (`train.main`, the subprocess's entry)."""
-    from loop import train
+    from loop import train, trainer
 
     cfg = {"base_model": str(path), "batch_size": batch, "epochs": 1, "max_steps": warm + steps,
            "max_seq_length": max_seq_length, "logging_steps": warm, "save_total_limit": 1,
@@ -186,7 +186,7 @@ def train_project(path: Path, pairs: list[dict], eval_pairs: list[dict], run: Pa
     _free(cuda)
     t0 = time.perf_counter()
     with open(run / train.LOG_FILE, "a") as log, redirect_stdout(log):  # where the subprocess's output goes
-        code = train.main(run)
+        code = trainer.main(run)
     wall = time.perf_counter() - t0
     result = train.read_result(run) or {}
     if code != 0 or result.get("status") != "ok":

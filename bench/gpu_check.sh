@@ -32,10 +32,10 @@ import warnings
 import torch
 
 from loop.embed import Embedder
-from loop.train import Faults, _Watch
+from loop.train_monitor import Faults, Watch
 
 loss = torch.ones((), device="cuda") * 2
-watch = _Watch(Faults(), poll_every=10)
+watch = Watch(Faults(), poll_every=10)
 watch.record(loss, 1)  # the first call allocates its flag tensor once
 torch.cuda.set_sync_debug_mode("warn")
 with warnings.catch_warnings(record=True) as caught:
@@ -43,7 +43,7 @@ with warnings.catch_warnings(record=True) as caught:
     for step in range(2, 12):
         watch.record(loss * step, step)
     torch.cuda.set_sync_debug_mode(0)
-print(f"sync check: _Watch.record, 10 steps: {len(caught)} host syncs (want 0)")
+print(f"sync check: Watch.record, 10 steps: {len(caught)} host syncs (want 0)")
 
 import pathlib, sys, tempfile  # noqa: E401,E402
 sys.path.insert(0, "bench")

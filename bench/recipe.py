@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample
-from loop import train
+from loop import train, trainer
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import evalset_from_beir
@@ -51,7 +51,7 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
                 run_dir = tmp_path / f"{name}-s{seed}"
                 train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})
                 t0 = time.perf_counter()
-                if train.main(run_dir) != 0:
+                if trainer.main(run_dir) != 0:
                     raise RuntimeError(f"{name} seed {seed}: {train.read_result(run_dir)}")
                 wall = time.perf_counter() - t0
                 result = train.read_result(run_dir)

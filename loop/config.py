@@ -27,7 +27,7 @@ from loop.errors import ConfigError, validation_problems
 
 CONFIG_FILE = "embedloop.toml"
 KEY_ENV = ("OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY")  # where the LLM key is read from (first wins)
-# EMBEDLOOP_* variables that are not settings: read by loop.embed, loop.train and scripts/setup.sh.
+# EMBEDLOOP_* variables that are not settings: read by loop.embed, loop.trainer and scripts/setup.sh.
 OTHER_ENV = frozenset({"EMBEDLOOP_ONNX_CACHE", "EMBEDLOOP_TRAIN_FAULT", "EMBEDLOOP_TORCH"})
 
 log = logging.getLogger("embedloop.config")

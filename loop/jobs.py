@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loop.errors import EmbedloopError
-from loop.train import pid_alive
+from loop.procs import pid_alive
 from storage.db import Store
 
 

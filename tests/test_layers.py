@@ -1,5 +1,7 @@
 """The layers import only downwards: storage/ knows nothing of loop/, loop/llm.py nothing of
-storage/, and ui/ reaches the engine without its trainer, LLM transport or storage."""
+storage/, ui/ reaches the engine without its trainer, LLM transport or storage, the training
+parent (loop/train.py) imports neither torch nor the trainer process's modules, and the job runner
+nothing of training."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAINING = ("loop.train", "loop.train_config", "loop.trainer", "loop.train_batching", "loop.train_hooks",
+            "loop.train_loss", "loop.train_monitor")
+CHILD = ("torch", "transformers", "sentence_transformers", "datasets") + TRAINING[2:]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -34,8 +39,11 @@ def offending(files: list[Path], banned: tuple[str, ...]) -> list[str]:
 @pytest.mark.parametrize(("files", "banned"), [
     pytest.param(sorted((ROOT / "storage").glob("*.py")), ("loop",), id="storage-imports-no-loop"),
     pytest.param([ROOT / "loop" / "llm.py", ROOT / "loop" / "llm_types.py"], ("storage",), id="llm-imports-no-storage"),
-    pytest.param(sorted((ROOT / "ui").glob("*.py")) + [ROOT / "app.py"], ("loop.train", "loop.llm", "storage"),
+    pytest.param(sorted((ROOT / "ui").glob("*.py")) + [ROOT / "app.py"], (*TRAINING, "loop.llm", "storage"),
                  id="ui-imports-the-engine-face"),
+    pytest.param([ROOT / "loop" / "train.py", ROOT / "loop" / "train_config.py"], CHILD,
+                 id="training-parent-imports-no-trainer"),
+    pytest.param([ROOT / "loop" / "jobs.py", ROOT / "loop" / "procs.py"], TRAINING, id="jobs-import-no-training"),
 ])
 def test_layers_import_only_downwards(files, banned):
     assert files

@@ -1,4 +1,4 @@
-"""loop.train: config and snapshot (fast); real training runs with the bundled MiniLM (slow).
+"""loop.train and loop.trainer: config and snapshot (fast); real training runs with the bundled MiniLM (slow).
 
 Slow runs are as small as a real run can be (8-16 pairs, batch 8, max_seq_length 32) so that
 each takes seconds of compute; most run `main` in-process to pay the import cost once, and the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loop import train
+from loop import train, train_batching, train_loss, train_monitor, trainer
 from loop.errors import ConfigError, EmbedloopError, InputError
 from loop.records import Pair
 
@@ -176,7 +176,7 @@ def test_read_progress_tolerates_a_torn_last_line(tmp_path):
     (tmp_path / "progress.jsonl").write_text(good + '{"event": "step", "st')
     assert train.read_progress(tmp_path) == [{"event": "step", "step": 1}]
     # A resumed writer ends the torn line first, so its own events parse.
-    train._Progress(tmp_path / "progress.jsonl", enabled=True).emit("start", step=5, loss=float("nan"))
+    train_monitor.Progress(tmp_path / "progress.jsonl", enabled=True).emit("start", step=5, loss=float("nan"))
     events = train.read_progress(tmp_path)
     assert [e["event"] for e in events] == ["step", "start"]
     assert events[1]["loss"] is None and events[1]["step"] == 5  # NaN is not JSON: written as null
@@ -188,19 +188,19 @@ def test_result_stop_and_command(tmp_path):
     assert train.read_result(tmp_path) is None
     train.request_stop(tmp_path)
     assert (tmp_path / "STOP").exists()
-    assert train.command(tmp_path, 1)[1:3] == ["-m", "loop.train"]
+    assert train.command(tmp_path, 1)[1:3] == ["-m", "loop.trainer"]
     multi = train.command(tmp_path, 2)
     assert multi[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in multi
-    assert multi[-3:] == ["-m", "loop.train", str(tmp_path.resolve())]
+    assert multi[-3:] == ["-m", "loop.trainer", str(tmp_path.resolve())]
     with pytest.raises(ConfigError, match="write_snapshot"):
         train.start(tmp_path / "empty")
 
 
 def test_faults_parse():
-    f = train.Faults.parse("nan_at_step=3, sleep_per_step=0.5")
+    f = train_monitor.Faults.parse("nan_at_step=3, sleep_per_step=0.5")
     assert (f.nan_at_step, f.sleep_per_step, f.oom_at_step) == (3, 0.5, None)
     with pytest.raises(ConfigError, match="nan_at_step"):
-        train.Faults.parse("explode=1")
+        train_monitor.Faults.parse("explode=1")
 
 
 def test_is_running_checks_liveness_and_identity(tmp_path):
@@ -225,7 +225,7 @@ def test_start_refuses_a_second_trainer_on_a_live_run(tmp_path, minilm_path):
     snapshot(run, minilm_path, 8)
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loop.train", str(run)])
     try:
-        train._Progress(run / "progress.jsonl", enabled=True).emit("start", pid=fake.pid)
+        train_monitor.Progress(run / "progress.jsonl", enabled=True).emit("start", pid=fake.pid)
         wait_for(lambda: train.running_pid(run) == fake.pid, 10, what="the fake trainer to be seen")
         assert train.running_pid(tmp_path) is None
         with pytest.raises(EmbedloopError, match=f"pid {fake.pid}\\) is already running"):
@@ -247,11 +247,11 @@ def test_snapshot_refuses_to_replace_a_started_run(tmp_path, minilm_path):
 
 
 def test_main_without_a_run_dir_exits_2(tmp_path):
-    assert train.main(tmp_path / "missing") == 2
+    assert trainer.main(tmp_path / "missing") == 2
 
 
 def test_main_without_a_snapshot_leaves_a_failed_result(tmp_path):
-    assert train.main(tmp_path) == 1
+    assert trainer.main(tmp_path) == 1
     res = train.read_result(tmp_path)
     assert res["status"] == "failed" and "call write_snapshot" in res["reason"]
     assert [e["event"] for e in train.read_progress(tmp_path)] == ["start", "end"]
@@ -263,11 +263,11 @@ def test_last_complete_checkpoint_skips_and_removes_torn_ones(tmp_path):
         d.mkdir()
         if state is not None:
             (d / "trainer_state.json").write_text(state)
-    assert train._last_complete_checkpoint(tmp_path, cleanup=False).name == "checkpoint-4"
+    assert trainer._last_complete_checkpoint(tmp_path, cleanup=False).name == "checkpoint-4"
     assert (tmp_path / "checkpoint-6").exists()
-    assert train._last_complete_checkpoint(tmp_path, cleanup=True).name == "checkpoint-4"
+    assert trainer._last_complete_checkpoint(tmp_path, cleanup=True).name == "checkpoint-4"
     assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
-    assert train._last_complete_checkpoint(tmp_path / "none", cleanup=True) is None
+    assert trainer._last_complete_checkpoint(tmp_path / "none", cleanup=True) is None
 
 
 def test_length_grouped_batches_group_lengths_and_never_repeat_a_text():
@@ -275,7 +275,7 @@ def test_length_grouped_batches_group_lengths_and_never_repeat_a_text():
     values = [(f"q{i // 3}", f"p{i}") for i in range(90)]
     lengths = [(i * 37) % 120 + 5 for i in range(90)]
     blocks = [[f"p{j}" for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i] for i in range(90)]
-    batches = train.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)
+    batches = train_batching.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)
     assert len(batches) <= 12 and sum(map(len, batches)) >= 84  # ceil(90 / 8); at most a few rows wait
     for b in batches:
         texts = [t for i in b for t in values[i]]
@@ -289,8 +289,8 @@ def test_length_grouped_batches_group_lengths_and_never_repeat_a_text():
     random.Random(1).shuffle(order)
     plain = sum(max(lengths[i] for i in order[s:s + 8]) * len(order[s:s + 8]) for s in range(0, 90, 8))
     assert padded < 0.8 * plain
-    assert batches == train.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)  # seeded
-    assert batches != train.length_grouped_batches(values, lengths, 8, seed=2, blocks=blocks)
+    assert batches == train_batching.length_grouped_batches(values, lengths, 8, seed=1, blocks=blocks)  # seeded
+    assert batches != train_batching.length_grouped_batches(values, lengths, 8, seed=2, blocks=blocks)
 
 
 def test_a_filled_negative_is_never_a_positive_of_the_same_query(tmp_path, minilm_path):
@@ -311,12 +311,12 @@ def test_a_batch_that_does_not_fit_the_memory_budget_is_micro_batched():
     from types import SimpleNamespace
 
     minilm = SimpleNamespace(hidden_size=384, num_attention_heads=12, num_hidden_layers=6)
-    per_text = train.activation_mb_per_text(minilm, 128)
+    per_text = train_loss.activation_mb_per_text(minilm, 128)
     assert 25 < per_text < 40  # measured: 32 triplets at 128 tokens held ~3.2 GB
-    assert train.micro_batch(32, 3, per_text, 4096) is None  # fits: plain MNRL
-    assert train.micro_batch(32, 3, per_text, 2048) == 32  # one column at a time fits
-    assert train.micro_batch(32, 3, per_text, 500) == int(500 // per_text) < 32
-    assert train.micro_batch(32, 3, per_text, 1) == 1
+    assert train_loss.micro_batch(32, 3, per_text, 4096) is None  # fits: plain MNRL
+    assert train_loss.micro_batch(32, 3, per_text, 2048) == 32  # one column at a time fits
+    assert train_loss.micro_batch(32, 3, per_text, 500) == int(500 // per_text) < 32
+    assert train_loss.micro_batch(32, 3, per_text, 1) == 1
 
 
 @pytest.mark.parametrize("device, env", [("auto", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
@@ -374,7 +374,7 @@ def test_pretokenized_batches_match_the_models_own_preprocessing(minilm_path):
 
     model = SentenceTransformer(str(minilm_path), device="cpu", local_files_only=True)
     texts = [p[k] for p in make_pairs(12) for k in ("anchor", "positive")]
-    collator = train.PretokenizedCollator(model.preprocess, texts, max_length=48, chunk=5)  # several chunks
+    collator = train_batching.PretokenizedCollator(model.preprocess, texts, max_length=48, chunk=5)  # several chunks
     rows = [{"anchor": texts[i], "positive": texts[i + 1]} for i in (0, 4, 8)]
     batch = collator(rows)
     for column in ("anchor", "positive"):
@@ -397,7 +397,7 @@ def test_pretokenized_batches_match_the_models_own_preprocessing(minilm_path):
 )
 def test_loss_variants_train(tmp_path, minilm_path, variant):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, **variant)
-    assert train.main(tmp_path) == 0
+    assert trainer.main(tmp_path) == 0
     res = train.read_result(tmp_path)
     assert res["status"] == "ok" and res["steps"] == 2, res
     losses = [e["loss"] for e in train.read_progress(tmp_path) if e["event"] == "step"]
@@ -407,7 +407,7 @@ def test_loss_variants_train(tmp_path, minilm_path, variant):
 @pytest.mark.slow
 def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm_path):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, memory_budget_mb=16)
-    assert train.main(tmp_path) == 0
+    assert trainer.main(tmp_path) == 0
     res = train.read_result(tmp_path)
     assert res["status"] == "ok" and res["steps"] == 2 and res["micro_batch_size"] is not None, res
     assert res["micro_batch_size"] < res["batch_size"]
@@ -417,7 +417,7 @@ def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm
 def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeypatch):
     snapshot(tmp_path, minilm_path, 16, epochs=2)  # 2 steps per epoch
     monkeypatch.setenv(train.FAULT_ENV, "nan_at_step=3")
-    assert train.main(tmp_path) == 1
+    assert trainer.main(tmp_path) == 1
     res = train.read_result(tmp_path)
     assert res["status"] == "failed"
     assert res["reason"].startswith("loss became NaN at step 3")
@@ -440,7 +440,7 @@ def test_stop_file_stops_and_keeps_best(tmp_path, minilm_path, monkeypatch):
 
     t = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
     t.start()
-    assert train.main(tmp_path) == 0
+    assert trainer.main(tmp_path) == 0
     t.join(timeout=1)
     res = train.read_result(tmp_path)
     assert res["status"] == "stopped", res
@@ -453,13 +453,13 @@ def test_stop_file_stops_and_keeps_best(tmp_path, minilm_path, monkeypatch):
 def test_oom_and_disk_full_fail_with_a_fix(tmp_path, minilm_path, monkeypatch):
     snapshot(tmp_path / "oom", minilm_path, 16, epochs=1)
     monkeypatch.setenv(train.FAULT_ENV, "oom_at_step=1")
-    assert train.main(tmp_path / "oom") == 1
+    assert trainer.main(tmp_path / "oom") == 1
     reason = train.read_result(tmp_path / "oom")["reason"]
     assert reason.startswith("Out of GPU memory at step 1 (batch_size=8): lower batch_size"), reason
 
     snapshot(tmp_path / "disk", minilm_path, 8, epochs=1)
     monkeypatch.setenv(train.FAULT_ENV, "disk_full_at_step=1")
-    assert train.main(tmp_path / "disk") == 1
+    assert trainer.main(tmp_path / "disk") == 1
     res = train.read_result(tmp_path / "disk")
     assert res["status"] == "failed" and res["reason"].startswith("Disk full while saving at step 1"), res
     assert "restart the run" in res["reason"]
