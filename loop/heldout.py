@@ -142,7 +142,7 @@ class HeldOut:
         return n
 
     def folds(self) -> tuple[set[str], set[str]]:
-        """The held-out query keys as (development fold, promotion set): `evaluate.dev_fold`."""
+        """The held-out query keys as (development fold, promotion set): `evalsets.dev_fold`."""
         keys = held_out_keys(self.store)
         dev = dev_fold(keys, self.config.dev_share, self.config.seed)
         return dev, keys - dev
