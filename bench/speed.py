@@ -1,5 +1,8 @@
 """Speed benchmark (CPU): the project's paths side by side with the stock way, in one run.
 
+(Longer than the project's ~400 lines on purpose: one file per benchmark command, each part —
+encode, reindex, train, review, llm, demo — with its stock comparison beside it.)
+
     python -m bench.speed [--data DIR] [--passages N] [--train-pairs N] [--only PART ...] [--out FILE.json]
                           [--backends B ...] [--st-onnx-site DIR]
 

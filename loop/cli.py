@@ -201,15 +201,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from loop.evaluate import compare_all, evaluate, intervals
 
     with _open(args) as ws:
+        n_dev = 0
         if args.beir:
             evalset = evalset_from_beir(args.beir, args.split)
             reports = {v: evaluate(ws.embedder(v), evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
         else:
             rounds = _rounds(ws, args)
             evalset = rounds.heldout.evalset()
+            n_dev = len(rounds.heldout.folds()[0])
             reports = {v: rounds.heldout.report_for(v, evalset) for v in dict.fromkeys([ws.base_version, ws.active_model])}
         base = reports[ws.base_version]
-        out = {"evalset": evalset.name, "n_queries": len(evalset.query_ids), "models": {}}
+        out = {"evalset": evalset.name, "n_queries": len(evalset.query_ids), "n_dev_queries": n_dev, "models": {}}
         for v, rep in reports.items():
             # 95% bootstrap intervals of every metric: of the mean, and of the difference to the base
             entry = {"metrics": rep.metrics, "intervals": {m: list(ci) for m, ci in intervals(rep).items()},
@@ -224,7 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
         return 0
-    print(f"{out['evalset']}: {out['n_queries']} queries")
+    print(f"{out['evalset']}: {out['n_queries']} queries" + (
+        f" (the promotion set; {n_dev} more held-out queries are the development fold)" if n_dev else ""))
     for v, e in out["models"].items():
         print(f"{v}{'' if 'vs_base' in e else '  (base)'}")
         for name, (mean, lo, hi) in e["intervals"].items():

@@ -595,14 +595,17 @@ def test_evaluate_reports_base_and_active(loop_run):
     out = json.loads(rj.stdout)
     base = run.status["start"]["active_model"]["version"]
     promoted = run.status["round --until done"]["active_model"]["version"]
-    assert out["n_queries"] == len(EVAL_QUERIES) and list(out["models"]) == [base, promoted]
+    # The promotion set: the held-out queries less the development fold (35% of 7 = 2; 5 stay).
+    assert out["n_dev_queries"] == 2 and out["n_queries"] == len(EVAL_QUERIES) - 2
+    assert list(out["models"]) == [base, promoted]
     assert "vs_base" not in out["models"][base]
     vs = out["models"][promoted]["vs_base"]
     assert vs["ci_low"] > 0 and vs["ci_low"] <= vs["delta"] <= vs["ci_high"]
     assert out["models"][promoted]["metrics"]["ndcg@10"] == pytest.approx(
         out["models"][base]["metrics"]["ndcg@10"] + vs["delta"])
     lines = r.stdout.splitlines()
-    assert lines[0] == f"{out['evalset']}: {len(EVAL_QUERIES)} queries"
+    assert lines[0] == (f"{out['evalset']}: {len(EVAL_QUERIES) - 2} queries (the promotion set; 2 more held-out "
+                        f"queries are the development fold)")
     at_base, at_promoted = lines.index(f"{base}  (base)"), lines.index(promoted)
     assert at_base < at_promoted and not any("vs base" in ln for ln in lines[at_base:at_promoted])
     ndcg = next(ln for ln in lines[at_promoted:] if ln.strip().startswith("ndcg@10 "))
