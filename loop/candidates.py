@@ -16,6 +16,7 @@ import numpy as np
 
 from loop import indexing
 from loop.evalsets import held_out_keys
+from loop.pair_status import ACCEPTED, CANDIDATE, DROPPED, PENDING, check_routes
 from loop.records import Pair, query_key
 from loop.select import AUTO, DROP, REVIEW, features, route
 
@@ -53,7 +54,7 @@ class Selection:
         texts = self.store.passages(sorted({pid for ids in top for pid in ids}))
         new = [
             {"pair_id": Pair.make_id(text, texts[pid]), "anchor": text, "positive_id": pid,
-             "positive_text": texts[pid], "source": "mined", "status": "candidate", "split": "train",
+             "positive_text": texts[pid], "source": "mined", "status": CANDIDATE, "split": "train",
              "round": round_n, "query_id": qid, "origin": f"query log + top-{rank + 1}",
              "meta": json.dumps({"generator": f"mined:top{rank + 1}"})}
             for (qid, text), ids in zip(rows, top, strict=True) for rank, pid in enumerate(ids)
@@ -109,18 +110,19 @@ class Selection:
             meta["scored_by"] = emb.version
             rt = routing.route[i]
             if rt == AUTO:
-                status = "accepted"
+                status = ACCEPTED
             elif rt == DROP:
-                status = "dropped"
+                status = DROPPED
             elif i in queued:
-                status = "pending"
+                status = PENDING
                 counts["control"] += int(routing.control[i])
             else:
-                status, rt = "candidate", "waiting"
+                status, rt = CANDIDATE, "waiting"
             counts[rt if rt in counts else "review"] += 1
             reason = routing.reason[i] if rt != "waiting" else f"over this round's review budget ({routing.reason[i]})"
             updates.append({"pair_id": c["pair_id"], "status": status, "reason": reason,
                             "priority": float(routing.priority[i]), "meta": json.dumps(meta), "round": round_n})
+        check_routes(u["status"] for u in updates)
         with self.store.transaction() as cur:
             self.store.update_from(
                 cur, "pairs", "pair_id", updates,

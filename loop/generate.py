@@ -22,6 +22,7 @@ from loop.generators import (
     offline_pairs,
 )
 from loop.llm import LLMClient, LLMError, Usage
+from loop.pair_status import CANDIDATE
 from loop.prompts import PromptTemplate, load_prompt
 from loop.records import Passage
 
@@ -161,7 +162,7 @@ def run_generation(
     rows = [
         {
             "pair_id": p.pair_id, "anchor": p.anchor, "positive_id": p.positive_id,
-            "positive_text": p.positive_text, "source": "synthetic", "status": "candidate", "split": "train",
+            "positive_text": p.positive_text, "source": "synthetic", "status": CANDIDATE, "split": "train",
             "round": round, "origin": p.generator,
             "meta": json.dumps({"generator": p.generator, "prompt": p.prompt, "flags": p.flags, "seed": seed}),
         }

@@ -22,6 +22,7 @@ from loop.decide import Recommendation, should_finetune
 from loop.errors import RoundError, VectorIndexError
 from loop.evalsets import EvalSet, dev_fold, evalset_from_store, held_out_keys
 from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate, intervals
+from loop.pair_status import DROPPED, move
 from loop.records import query_key
 
 if TYPE_CHECKING:
@@ -74,11 +75,7 @@ class HeldOut:
         leaking = [(pid, anchor, status) for pid, anchor, status in rows if query_key(anchor) in held_out]
         if not leaking:
             return
-        self.store.execute(
-            "UPDATE pairs SET status = 'dropped', reason = ?, claimed_by = NULL, claim_expires = NULL, "
-            "updated_at = current_timestamp WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))",
-            [HELD_OUT_REASON, [pid for pid, _, _ in leaking]],
-        )
+        move(self.store, [pid for pid, _, _ in leaking], DROPPED, "hold_out", reason=HELD_OUT_REASON)
         accepted = [anchor for _, anchor, status in leaking if status == "accepted"]
         if accepted:
             self.log(f"Dropped {len(accepted)} accepted training pairs whose query is held out for evaluation (the "

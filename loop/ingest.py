@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loop.errors import InputError, validation_problems
+from loop.pair_status import ACCEPTED
 from loop.readers import is_beir, iter_csv, iter_jsonl, read_beir_queries, read_qrels, read_queries
 from loop.records import Document, IngestReport, Pair, PairIn, content_hash
 from storage.db import Store
@@ -276,7 +277,7 @@ def _pair_rows(
         rows.setdefault(pair_id, {
             "pair_id": pair_id, "anchor": p.anchor, "positive_id": pos_id, "positive_text": pos_text,
             "negative_id": neg_id, "negative_text": neg_text, "score": p.score, "source": "seed",
-            "status": "accepted", "split": split, "origin": origin,
+            "status": ACCEPTED, "split": split, "origin": origin,
         })
     if not rows:
         raise InputError("no pairs in this file" + (f" ({empty} name documents without text)" if empty else ""), path)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from loop.errors import EmbedloopError, InputError, NotFoundError, validation_problems
 from loop.evalsets import held_out_keys
+from loop.pair_status import ACCEPTED, PENDING, REJECTED, move
 from loop.records import Pair, query_key
 from storage.db import Store
 
@@ -188,7 +189,7 @@ def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: dat
     if require_claim and claimed_by != d.reviewer:
         raise ReviewConflict(f"Pair {d.pair_id} is not claimed by {d.reviewer}; fetch the next card again.")
     payload: dict[str, Any] = {"previous_status": status}
-    new_status = "accepted" if d.action == "accept" else "rejected"
+    new_status = ACCEPTED if d.action == "accept" else REJECTED
     if d.action == "mark":
         new_status = _apply_mark(cur, d, anchor, pos_id, split, query_id, now, payload)
     new_pair: dict[str, Any] | None = None
@@ -225,15 +226,12 @@ def _apply(store: Store, cur: duckdb.DuckDBPyConnection, d: DecisionIn, now: dat
     if negative:
         added = Store.insert_ignore(cur, "negatives", [{"anchor": anchor, "passage_id": negative, "source": "review"}])
         payload["negative"] = negative if added else None
-    cur.execute(
-        "UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? WHERE pair_id = ?",
-        [new_status, now, d.pair_id],
-    )
+    move(cur, d.pair_id, new_status, "decide", now=now)
     return store.append_decision(d.pair_id, d.reviewer, d.action, payload, cur)
 
 
 def _answer(cur: duckdb.DuckDBPyConnection, pair: dict[str, Any], d: DecisionIn, split: str, query_id: str | None,
-            now: datetime, status: str = "accepted") -> tuple[str | None, dict[str, str] | None]:
+            now: datetime, status: str = ACCEPTED) -> tuple[str | None, dict[str, str] | None]:
     """Record that `pair` (anchor, positive_id, positive_text) is a right answer (or, with status
     'rejected', a wrong one). Returns (the new pair's id, or None) and the open card it answered.
 
@@ -242,8 +240,8 @@ def _answer(cur: duckdb.DuckDBPyConnection, pair: dict[str, Any], d: DecisionIn,
     puts it back. A wrong answer creates no pair, it only closes such a card.
     """
     pair_id = Pair.make_id(pair["anchor"], pair["positive_text"])
-    if status == "accepted" and Store.insert_ignore(cur, "pairs", [{
-        "pair_id": pair_id, **pair, "source": "edited", "status": "accepted", "split": split,
+    if status == ACCEPTED and Store.insert_ignore(cur, "pairs", [{
+        "pair_id": pair_id, **pair, "source": "edited", "status": ACCEPTED, "split": split,
         "query_id": query_id, "origin": f"review:{d.action}",
         "meta": json.dumps({"from_pair": d.pair_id, "reviewer": d.reviewer}),
     }]):
@@ -253,8 +251,7 @@ def _answer(cur: duckdb.DuckDBPyConnection, pair: dict[str, Any], d: DecisionIn,
     ).fetchall()
     if not open_card:
         return None, None
-    cur.execute("UPDATE pairs SET status = ?, claimed_by = NULL, claim_expires = NULL, updated_at = ? "
-                "WHERE pair_id = ?", [status, now, pair_id])
+    move(cur, pair_id, status, "answer", now=now)
     return None, {"pair_id": pair_id, "previous_status": open_card[0][0]}
 
 
@@ -313,17 +310,13 @@ def undo_last(store: Store, reviewer: str) -> str | None:
                     cur.execute("DELETE FROM pairs WHERE pair_id = ?", [created])
             for resolved in [p.get("resolved_pair"), *p.get("resolved_pairs", [])]:
                 if resolved:
-                    cur.execute("UPDATE pairs SET status = ? WHERE pair_id = ?",
-                                [resolved["previous_status"], resolved["pair_id"]])
+                    move(cur, resolved["pair_id"], resolved["previous_status"], "undo")
             negatives = [n for n in [p.get("negative"), *p.get("negatives", [])] if n]
             if negatives:
                 anchor = cur.execute("SELECT anchor FROM pairs WHERE pair_id = ?", [pair_id]).fetchall()[0][0]
                 cur.execute("DELETE FROM negatives WHERE anchor = ? AND passage_id IN (SELECT unnest(?::VARCHAR[]))",
                             [anchor, negatives])
-            cur.execute(
-                "UPDATE pairs SET status = 'pending', claimed_by = ?, claim_expires = ? WHERE pair_id = ?",
-                [reviewer, _now() + timedelta(seconds=CLAIM_SECONDS), pair_id],
-            )
+            move(cur, pair_id, PENDING, "undo", claim=(reviewer, _now() + timedelta(seconds=CLAIM_SECONDS)))
             store.append_decision(pair_id, reviewer, "undo", {"undid": decision_id}, cur)
             return pair_id
 
