@@ -215,6 +215,14 @@ def test_seeds_combine_into_means_promotions_and_pooled_intervals_of_the_active_
     assert out["targets"]["beats_all_controls"] is True
     assert out["per_query_ndcg@10"]["loop"] == [0.6] * 4
     json.dumps(out)  # plain JSON
+    # bench/README.md's tables are printed from such a JSON (bench.table), never typed by hand.
+    from bench.table import tables
+
+    text = tables({**out, "dataset": "tiny", "budget": 10, "n_rounds": 1, "n_test_queries": 4,
+                   "machine": {"commit": "abc", "date": "today"}, "wall_s": {"total": 1.0}})
+    assert "| loop, round 1 | 10 | 0.6500 | **0.6000** |" in text
+    assert "| (c) stock fine-tune, 10 gold pairs | 10 | 0.5000 |" in text
+    assert "stock +0.1000 [+0.100, +0.100]" in text and "Promotions per seed (loop): [1, 0]." in text
 
 
 def test_reviewer_order_follows_its_seed(workspace, beir_dir):

@@ -1,0 +1,86 @@
+"""A `bench.quality` JSON as the markdown tables bench/README.md shows (printed, never edited by hand).
+
+    python -m bench.table FILE.json
+
+Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
+candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
+NDCG@10, R@100, MRR@10 and the interval against the base (pooled over seeds and queries when the
+run had several seeds); then the loop against each control, promotions per seed, the reviews and
+passages judged, and the gate calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _ci(row: dict[str, Any]) -> str:
+    if "delta_vs_base" not in row:
+        return "-"
+    lo, hi = row["ci95_vs_base"]
+    return f"{row['delta_vs_base']:+.4f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _row(name: str, row: dict[str, Any], reviews: Any = "-", active: Any = "-") -> str:
+    return (f"| {name} | {reviews} | {row['ndcg@10']:.4f} | {active} | {row['recall@100']:.4f} | "
+            f"{row['mrr@10']:.4f} | {_ci(row)} |")
+
+
+def tables(d: dict[str, Any]) -> str:
+    seeds = d.get("seeds", [0])
+    out = [f"{d['dataset']}: budget {d['budget']}, {d['n_rounds']} rounds, seeds {seeds}, "
+           f"{d['n_test_queries']} test queries, commit {d['machine']['commit']}, {d['machine']['date']}", "",
+           "| system | reviews | NDCG@10 | ACTIVE NDCG@10 | R@100 | MRR@10 | vs base, 95% CI |",
+           "|---|---|---|---|---|---|---|",
+           _row("(a) off-the-shelf", d["base"], 0)]
+    if "bm25" in d:
+        out.append(_row("(d) BM25", d["bm25"], 0))
+    if "stock_finetune" in d:
+        out.append(_row(f"(c) stock fine-tune, {d['stock_finetune'].get('train_pairs')} gold pairs",
+                        d["stock_finetune"], d["budget"]))
+    for r in d.get("random_control", {}).get("rounds", []):
+        out.append(_row(f"(b) random control, round {r['round']}", r, r["reviews"], f"{r['active_ndcg@10']:.4f}"))
+    for r in d.get("rounds", []):
+        out.append(_row(f"loop, round {r['round']}", r, r["reviews"], f"**{r['active_ndcg@10']:.4f}**"))
+    if "loop_vs" in d:
+        out += ["", "Loop's active model after the last round minus each control (pooled paired 95% CI): " + "; ".join(
+            f"{name} {v['delta']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for name, v in d["loop_vs"].items())
+                + "."]
+    if "candidate_vs" in d:
+        out += ["Last candidate minus each control: " + "; ".join(
+            f"{name} {v['delta']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+            for name, v in d["candidate_vs"].items()) + "."]
+    if "promotions_per_seed" in d:
+        out.append(f"Promotions per seed (loop): {d['promotions_per_seed']}.")
+    last = (d.get("rounds") or [{}])[-1].get("decisions") or {}
+    if last:
+        out.append(f"Reviews after the last round (seed mean): accept {last.get('accept')}, pick {last.get('pick')}, "
+                   f"reject {last.get('reject')}; passages judged {last.get('passages_judged')}, marked relevant "
+                   f"{last.get('positives')}.")
+    cal = d.get("gate_calibration")
+    if cal:
+        out += ["", f"Gate calibration over {cal['rounds']} rounds (loop and random control, every seed; "
+                    f"{cal['better_on_test']} candidates better than the active model on the test split, "
+                    f"{cal['significantly_better_on_test']} significantly):", "",
+                "| rule: promote when p(candidate wins) >= | promoted | false promotions | false refusals "
+                "(test CI > 0) | refused a better one |", "|---|---|---|---|---|"]
+        out += [f"| {k[3:]} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
+                f"{v['refused_better']} |" for k, v in cal.items() if k.startswith("p>=")]
+    out += ["", f"Wall time: {json.dumps(d.get('wall_s'))}"]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
+        return 2
+    print(tables(json.loads(Path(args[0]).read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
