@@ -470,7 +470,7 @@ def test_trainer_killed_under_its_owner_pauses_the_round_and_rerun_resumes(tmp_p
         assert again.state == "evaluate", again.error
         assert train.read_result(run)["status"] == "ok"
         assert len(_progress(run, "start")) == 2
-    record_property("observed", f"round paused at train: {r['error']}; rerun finished the run (status ok)")
+    record_property("observed", f"round paused at train: {r.error}; rerun finished the run (status ok)")
 
 
 def _wait_gone(pid: int, timeout: float = 30) -> None:
