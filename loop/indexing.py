@@ -242,9 +242,11 @@ def _sync(store: Store, index: VectorIndex, name: str, embedder: Embedder, progr
     return len(missing)
 
 
-def search(store: Store, index: VectorIndex, embedder: Embedder, queries: list[str], k: int = 10) -> list[list[SearchHit]]:
-    """Top-k passages of the active index for each query, embedded by the active model."""
-    name = store.pointer(ACTIVE_INDEX)
+def search(store: Store, index: VectorIndex, embedder: Embedder, queries: list[str], k: int = 10,
+           collection: str | None = None) -> list[list[SearchHit]]:
+    """Top-k passages for each query: of the active index, embedded by the active model, or of
+    `collection`, embedded by the embedder of that collection's model (the index refuses a mix)."""
+    name = collection or store.pointer(ACTIVE_INDEX)
     if not name:
         raise VectorIndexError("There is no active index yet: ingest documents first (`embedloop ingest PATH`).")
     try:

@@ -255,23 +255,12 @@ class Rounds:
                 self.log(f"Training on {len(rows)} pairs (snapshot {digest[:12]}) in {run}...")
             else:
                 self.log(f"Resuming training in {run} from its last checkpoint...")
-            proc = None
-            pid = train.running_pid(run)
-            if pid:  # a trainer outlived the process that started it: follow it, don't start another
-                self.log(f"Following the training process {pid} that is still running on {run}...")
-            else:
-                proc = train.start(run, env=self.train_env)
-                pid = proc.pid
-            job_id = f"train-{r.round}"
-            self.store.execute(
-                "INSERT OR REPLACE INTO jobs (job_id, kind, status, pid, args) VALUES (?, 'train', 'running', ?, ?)",
-                [job_id, pid, json.dumps({"run_dir": str(run)})],
-            )
+            handle = train.Run(run, self.store, f"train-{r.round}", env=self.train_env)
+            if handle.start():  # a trainer outlived the process that started it: follow it, don't start another
+                self.log(f"Following the training process {handle.pid} that is still running on {run}...")
             if not wait:
                 return
-            result = self._follow(run, proc, pid, poll_s)
-            self.store.execute("UPDATE jobs SET status = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
-                               [result["status"], result.get("reason"), job_id])
+            result = handle.follow(self._relay, self.cancel, poll_s)
         if result["status"] in ("stopped", "interrupted"):
             # Not a failure of the data or the model: the round stays at `train`, and running it
             # again resumes from the run's last checkpoint (or starts it over if it had none).
@@ -302,30 +291,11 @@ class Rounds:
             "status", "steps", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
             "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "wise")}, t0)
 
-    def _follow(self, run: Path, proc: Any, pid: int, poll_s: float) -> dict[str, Any]:
-        """Wait for the trainer, relaying its progress and a cancel request; return its result."""
-        last = 0
-        stop_sent = False
-
-        def alive() -> bool:
-            return proc.poll() is None if proc is not None else train.is_running(pid)
-
-        while alive():
-            time.sleep(poll_s)
-            if self.cancel.is_set() and not stop_sent:
-                train.request_stop(run)  # the trainer keeps its best checkpoint and exits
-                stop_sent = True
-            events = train.read_progress(run)
-            for ev in events[last:]:
-                if ev.get("loss") is not None and ev.get("event") == "log":
-                    self.log(f"  step {ev.get('step')}/{ev.get('max_steps')} loss {ev['loss']:.4f} "
-                             f"eta {ev.get('eta_seconds', 0):.0f}s")
-            last = len(events)
-        code = proc.returncode if proc is not None else "unknown"
-        return train.read_result(run) or {
-            "status": "interrupted",
-            "reason": f"the trainer exited (code {code}) without a result (killed?); see {run / train.LOG_FILE}",
-        }
+    def _relay(self, ev: dict[str, Any]) -> None:
+        """A trainer's progress event, as a log line."""
+        if ev.get("loss") is not None and ev.get("event") == "log":
+            self.log(f"  step {ev.get('step')}/{ev.get('max_steps')} loss {ev['loss']:.4f} "
+                     f"eta {ev.get('eta_seconds', 0):.0f}s")
 
     # Evaluation and promotion ----------------------------------------------------------------
     def evaluate(self, r: RoundRecord) -> None:

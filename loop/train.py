@@ -356,3 +356,73 @@ def is_running(pid: int) -> bool:
     """Whether `pid` is a live training process (not a zombie, not a reused pid of another program)."""
     # "loop.train" is in the trainer's command line (python -m loop.trainer, or torchrun ... -m loop.trainer).
     return runs(pid, b"loop.train")
+
+
+class Run:
+    """A training run seen from the process that owns the workspace: start (or follow a trainer
+    that outlived its starter), follow its progress, stop it, read its result; it keeps the run's
+    row in `jobs` (`train-<round>`) in step.
+
+    Args:
+        run_dir: the run directory (`write_snapshot` wrote its inputs).
+        store: the workspace's store (the only DuckDB writer is this process).
+        job_id: its row in `jobs`.
+        env: extra environment for the trainer (e.g. fault injection in tests).
+    """
+
+    def __init__(self, run_dir: str | Path, store: Any, job_id: str, env: Mapping[str, str] | None = None):
+        self.dir = Path(run_dir)
+        self.store = store
+        self.job_id = job_id
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+
+    def start(self) -> bool:
+        """Start the trainer, or adopt the one still running on this directory; True if adopted."""
+        self.pid = running_pid(self.dir)
+        adopted = self.pid is not None
+        if not adopted:
+            self.proc = start(self.dir, env=self.env)
+            self.pid = self.proc.pid
+        self.store.execute(
+            "INSERT OR REPLACE INTO jobs (job_id, kind, status, pid, args) VALUES (?, 'train', 'running', ?, ?)",
+            [self.job_id, self.pid, json.dumps({"run_dir": str(self.dir)})],
+        )
+        return adopted
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and is_running(self.pid)
+
+    def stop(self) -> None:
+        """Ask the trainer to stop: it keeps its best checkpoint and exits."""
+        request_stop(self.dir)
+
+    def follow(self, on_event: Any = None, cancel: Any = None, poll_s: float = 2.0) -> dict:
+        """Wait for the trainer, passing each new progress event to `on_event` and a set `cancel`
+        event on as a stop request; return its result (recorded in the job row)."""
+        seen, stop_sent = 0, False
+        while self.alive():
+            time.sleep(poll_s)
+            if cancel is not None and cancel.is_set() and not stop_sent:
+                self.stop()
+                stop_sent = True
+            events = read_progress(self.dir)
+            for ev in events[seen:]:
+                if on_event is not None:
+                    on_event(ev)
+            seen = len(events)
+        result = self.result()
+        self.store.execute("UPDATE jobs SET status = ?, error = ?, updated_at = current_timestamp WHERE job_id = ?",
+                           [result["status"], result.get("reason"), self.job_id])
+        return result
+
+    def result(self) -> dict:
+        """The trainer's result, or 'interrupted' when it exited without one (killed?)."""
+        code = self.proc.returncode if self.proc is not None else "unknown"
+        return read_result(self.dir) or {
+            "status": "interrupted",
+            "reason": f"the trainer exited (code {code}) without a result (killed?); see {self.dir / LOG_FILE}",
+        }

@@ -15,7 +15,7 @@ from typing import Any
 from loop import indexing
 from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
-from loop.errors import ConfigError, InputError, VectorIndexError
+from loop.errors import ConfigError, InputError, NotFoundError, VectorIndexError
 from loop.ingest import hf_offsets, import_pairs, import_queries, prefixed, store_documents
 from loop.readers import Fields, is_plain_folder, read_documents
 from loop.records import Document, IngestReport, RoundRecord, SearchHit
@@ -257,12 +257,19 @@ class Workspace:
         return len(texts) / max(time.perf_counter() - t0, 1e-9)
 
     # Queries -----------------------------------------------------------------------------
-    def search(self, query: str, k: int = 10) -> list[SearchHit]:
+    def search(self, query: str, k: int = 10, version: str | None = None) -> list[SearchHit]:
+        """Top-k passages for `query`: by the active model on the active index, or by model `version`
+        on its own kept collection (NotFoundError when that collection is not kept)."""
         if not query.strip():
             raise InputError("the query is empty")
         if not 1 <= k <= 1000:
             raise InputError("k must be between 1 and 1000")
-        return indexing.search(self.store, self.index, self.embedder(), [query], k)[0]
+        if version is None or version == self.active_model:
+            return indexing.search(self.store, self.index, self.embedder(), [query], k)[0]
+        name = indexing.collection_for(self.store, version)
+        if name not in self.index.collections():
+            raise NotFoundError(f"The collection of {version} is not kept in this index, so it cannot be searched.")
+        return indexing.search(self.store, self.index, self.embedder(version), [query], k, collection=name)[0]
 
     def rounds(self) -> list[RoundRecord]:
         """Every round, oldest first, as typed records."""

@@ -491,6 +491,14 @@ def test_search_shows_base_and_active_side_by_side(ws):
     ok(at)
     assert [h.value for h in at.subheader] == ["Base model", "Active model"]
     assert len(at.html) == 20  # ten hits in each column
+    # The engine searches by version (Workspace.search(version=...)); a collection no longer kept says so.
+    base = ws.search("open a file", 10, version=ws.base_version)
+    assert [h.passage_id for h in base] == [h.passage_id for h in indexing.search(
+        ws.store, ws.index, ws.embedder(ws.base_version), ["open a file"], 10,
+        collection=indexing.collection_for(ws.store, ws.base_version))[0]]
+    ws.index.drop(indexing.collection_for(ws.store, ws.base_version))
+    at.button[0].click().run()
+    assert any("is not kept in this index" in e.value for e in at.error) and len(at.html) == 10
 
 
 def test_a_lost_index_is_rebuilt_as_a_job_on_start(ws):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from loop.indexing import collection_for
 from ui import deps
 from ui.text import md_escape, text_block
 
@@ -26,15 +25,6 @@ def show(hits: list[tuple[str, float, str, list[str]]]) -> None:
             text_block(text, query, max_height=220)
 
 
-def base_hits(q: str, n: int) -> list[tuple[str, float, str, list[str]]]:
-    """The base model on its own collection (searched with queries it embedded)."""
-    name = collection_for(ws.store, ws.base_version)
-    emb = ws.embedder(ws.base_version)
-    rows = ws.index.search(name, emb.encode([q]), ws.base_version, k=n)[0]
-    docs = ws.store.docs_of_passages([pid for pid, _, _ in rows])
-    return [(pid, score, text, docs.get(pid, [])) for pid, score, text in rows]
-
-
 if submitted and query.strip():
     active = deps.run_safely(ws.search, query, k)
     active_hits = [(h.passage_id, h.score, h.text, h.doc_ids) for h in active or []]
@@ -47,10 +37,8 @@ if submitted and query.strip():
         with left:
             st.subheader("Base model")
             st.caption(md_escape(ws.base_version))
-            if collection_for(ws.store, ws.base_version) not in ws.index.collections():
-                st.info("The base model's collection is not kept in this index, so it cannot be searched.")
-            else:
-                show(deps.run_safely(base_hits, query, k) or [])
+            base = deps.run_safely(ws.search, query, k, ws.base_version)  # says so when its collection is gone
+            show([(h.passage_id, h.score, h.text, h.doc_ids) for h in base or []])
         with right:
             st.subheader("Active model")
             st.caption(md_escape(ws.active_model))
