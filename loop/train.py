@@ -6,9 +6,12 @@ never opens DuckDB. Importing this module imports no torch.
 
     parent (owner process): this module            child: python -m loop.trainer RUN_DIR
     write_snapshot(run_dir, train, eval, cfg)      reads config.json, train.jsonl, eval.jsonl
-    proc = start(run_dir)                          trains; appends progress.jsonl
-    read_progress(run_dir) / request_stop(run_dir) checkpoints/checkpoint-N (one per epoch, best 3 kept)
-    read_result(run_dir) -> dict | None            model/ (the best checkpoint) and result.json
+    run = Run(run_dir, store, job_id); run.start() trains; appends progress.jsonl
+    run.follow(on_event, cancel) / run.stop()      checkpoints/checkpoint-N (one per epoch, best 3 kept)
+    run.result() -> dict                           model/ (the best checkpoint, WiSE-FT mixed) and result.json
+
+(A little over the project's ~400 lines on purpose: the parent's whole side of the process
+boundary, the snapshot contract and the run handle, in one file.)
 
 The trainer uses the configured `device` only; with `train_devices` N > 1 (asked for, never
 assumed), `start` launches `torchrun --nproc_per_node N` on the same entry; the trainer then runs
