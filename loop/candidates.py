@@ -1,6 +1,6 @@
 """The select step: mine the query log, score every open candidate with the current model, route it.
 
-Routing (`loop.select.route`) sends a candidate to auto-accept, review or drop; the review budget
+Routing (`loop.routing.route`) sends a candidate to auto-accept, review or drop; the review budget
 takes the random-control slice first, then the highest expected value of a label; the rest waits
 for a later round. A candidate's margins are measured against passages that are not known
 answers of its query (`TrainingData.known_positives`).
@@ -18,7 +18,7 @@ from loop import indexing
 from loop.evalsets import held_out_keys
 from loop.pair_status import ACCEPTED, CANDIDATE, DROPPED, PENDING, check_routes
 from loop.records import Pair, query_key
-from loop.select import AUTO, DROP, REVIEW, features, route
+from loop.routing import AUTO, DROP, REVIEW, features, route
 
 if TYPE_CHECKING:
     from loop.heldout import HeldOut

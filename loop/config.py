@@ -114,10 +114,6 @@ class Settings(BaseSettings):
         return self.workspace / "chroma"
 
     @property
-    def models_dir(self) -> Path:
-        return self.workspace / "models"
-
-    @property
     def runs_dir(self) -> Path:
         return self.workspace / "runs"
 

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from loop import indexing
-from loop.decide import Recommendation, should_finetune
+from loop.verdicts import Recommendation, should_finetune
 from loop.errors import RoundError, VectorIndexError
 from loop.evalsets import EvalSet, dev_fold, evalset_from_store, held_out_keys
 from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate, intervals

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_valid
 
 from loop import indexing, train
 from loop.candidates import Selection
-from loop.decide import promotion_gate, resolution
+from loop.verdicts import promotion_gate, resolution
 from loop.embed import model_hash
 from loop.errors import InputError, LeakageError, RoundError
 from loop.evaluate import PRIMARY_METRIC, compare, compare_all
@@ -29,7 +29,7 @@ from loop.generate import needs_generation, run_generation
 from loop.heldout import HELD_OUT_REASON, HeldOut
 from loop.negatives import MiningPolicy
 from loop.records import Manifest, ModelRef, Promotion, RoundRecord
-from loop.select import RoutingPolicy
+from loop.routing import RoutingPolicy
 from loop.training_data import TrainingData, search_ids
 from loop.workspace import Workspace
 

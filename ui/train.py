@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from loop.decide import human_duration
+from loop.verdicts import human_duration
 from loop.review import queue_counts
 from loop.rounds import STATES, LoopConfig, Rounds
 from ui import charts, deps, tasks

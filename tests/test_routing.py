@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from loop.select import AUTO, DROP, REVIEW, RoutingPolicy, features, hardest_negative, positive_rank, route
+from loop.routing import AUTO, DROP, REVIEW, RoutingPolicy, features, hardest_negative, positive_rank, route
 
 
 def _f(pos_score, topk_ids, topk_scores, positives, base=None):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from loop.decide import gain_fraction, human_duration, promotion_gate, resolution, should_finetune
+from loop.verdicts import gain_fraction, human_duration, promotion_gate, resolution, should_finetune
 from loop.errors import InputError
 from loop.evaluate import EvalReport
 
