@@ -31,7 +31,7 @@ def test_the_best_weight_of_the_grid_wins_and_a_tie_goes_to_the_base_side():
     record = choose(model, base, task, [0.0, 0.25, 0.5, 0.75, 1.0])
     # w 0 and 1 rank the relevant passage second (NDCG 0.631); 0.25, 0.5 and 0.75 rank it first.
     assert record["dev_ndcg@10"] == {"0.0": 0.6309, "0.25": 1.0, "0.5": 1.0, "0.75": 1.0, "1.0": 0.6309}
-    assert record["alpha"] == 0.25 and float(model.w) == pytest.approx(0.25)
+    assert record["alpha"] == 0.25 and float(model.w.detach()) == pytest.approx(0.25)
     assert int(model.ids) == 7
 
 
