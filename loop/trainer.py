@@ -340,7 +340,8 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
         progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=len(task.queries))
         base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
                                    local_files_only=True).state_dict()
-        out["wise"] = {**wise.choose(model, base, task, cfg.wise_grid), "seconds": round(time.time() - t_wise, 2)}
+        out["wise"] = {**wise.choose(model, base, task, cfg.wise_grid, max_seq_length=seq_len),
+                       "seconds": round(time.time() - t_wise, 2)}
         del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"
     if rank0:

@@ -80,19 +80,27 @@ def mix(base: dict[str, Any], tuned: dict[str, Any], a: float) -> dict[str, Any]
 
 
 def choose(model: Any, base_state: dict[str, Any], task: DevTask, grid: list[float],
-           batch_size: int = 64) -> dict[str, Any]:
+           batch_size: int = 64, max_seq_length: int | None = None) -> dict[str, Any]:
     """Score each weight of `grid` on `task`, leave `model` holding the chosen mix; return the record.
+
+    `max_seq_length`: tokens per text while scoring (the training length: the weights are compared
+    with one another, at a fraction of the full length's cost); the model's own is restored after.
 
     Returns:
         {"alpha": chosen, "dev_ndcg@10": {alpha: score}, "n_dev_queries", "pool"}.
     """
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     scores: dict[float, float] = {}
+    own = getattr(model, "max_seq_length", None)
+    if max_seq_length and own:
+        model.max_seq_length = min(own, max_seq_length)
     for a in sorted(set(grid)):
         model.load_state_dict(mix(base_state, tuned, a) if a < 1 else tuned)
         q = model.encode(task.queries, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         p = model.encode(task.pool, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         scores[a] = ndcg_at_10(q @ p.T, task.relevant)
+    if own:
+        model.max_seq_length = own
     best = max(scores.values())
     alpha = min(a for a, s in scores.items() if s >= best - 1e-9)  # a tie goes to the base's side
     model.load_state_dict(mix(base_state, tuned, alpha) if alpha < 1 else tuned)
