@@ -323,9 +323,9 @@ class Rounds:
         evalset = self.heldout.evalset()
         version = r.manifest.model.version
         cand, active = self.heldout.report_for(version, evalset), self.heldout.report_for(self.ws.active_model, evalset)
+        res = resolution(active, cand)  # measured once: the gate's reasons and the manifest both quote it
         ok, reasons = promotion_gate(cand, active, min_delta=self.config.promote_min_delta,
-                                     confidence=self.config.promote_confidence)
-        res = resolution(active, cand)
+                                     confidence=self.config.promote_confidence, res=res)
         r.manifest.promotion = Promotion(promote=ok, reasons=reasons, confidence=self.config.promote_confidence,
                                          resolution={**res.model_dump(), "more_queries_for_0.02": res.more_queries()})
         for line in reasons:

@@ -187,12 +187,13 @@ def resolution(active: EvalReport, candidate: EvalReport, metric: str = PRIMARY_
 
 def promotion_gate(
     candidate: EvalReport, active: EvalReport, metric: str = PRIMARY_METRIC, min_delta: float = 0.0,
-    confidence: float = 0.975,
+    confidence: float = 0.975, res: Resolution | None = None,
 ) -> tuple[bool, list[str]]:
     """Promote `candidate` only if it beats `active` on the same held-out queries with `confidence`.
 
     The rule: the mean difference exceeds `min_delta`, and in at least `confidence` of the paired
-    bootstrap resamples of the queries the candidate wins. 0.975 is the classic test (the 95%
+    bootstrap resamples of the queries the candidate wins (`res`: that measurement, when the caller
+    already has it). 0.975 is the classic test (the 95%
     interval wholly above zero); the loop's default (LoopConfig.promote_confidence) is chosen by
     `bench.quality`'s gate calibration (bench/README.md). Otherwise the candidate stays a
     candidate (the active model and index are untouched).
@@ -204,7 +205,7 @@ def promotion_gate(
         ValueError: the reports come from different eval sets or lack `metric`.
     """
     c = compare(active, candidate, metric)
-    res = resolution(active, candidate, metric)
+    res = res or resolution(active, candidate, metric)  # the caller's, when it records it too
     name = metric.upper() if metric == "map" else metric.replace("ndcg", "NDCG").replace("mrr", "MRR")
     reasons = [
         f"Candidate {c.other_version} scores {name} {c.other:.4f} against {c.base:.4f} for the active model "
