@@ -28,6 +28,9 @@ class TrainConfig(BaseModel):
       - max_seq_length 128 while training: passages are chunked to the model's own limit (256 for
         MiniLM), and training on their first 128 tokens costs about half the time and a third of
         the memory (bench/README.md); the saved model still encodes up to its own limit.
+      - early_stopping_patience 1: the best checkpoint by eval loss is kept anyway, so an epoch after
+        one that did not improve on the best is stopped short of (on the demo the first epoch was
+        the best and the next two were a third of the round; bench/README.md).
       - eval_fraction 0.1: only used when no eval rows are given to `write_snapshot`.
     """
 
@@ -44,6 +47,11 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(default=3, ge=1, le=100)
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps (smoke runs).")
+    early_stopping_patience: int | None = Field(
+        default=1, ge=1,
+        description="Stop after this many epochs in a row whose eval loss (the development fold's) is no better "
+        "than the best so far; None = always run every epoch. The best checkpoint is what is kept either way.",
+    )
     batch_size: int = Field(default=32, ge=2, description="Per device; in-batch negatives = batch_size - 1.")
     mini_batch_size: int = Field(default=32, ge=1, description="cached_mnrl only: forward chunk size.")
     memory_budget_mb: int | None = Field(

@@ -215,6 +215,7 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     # Heavy imports only now: the start event (with this pid) is already written.
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+    from transformers import EarlyStoppingCallback
     from transformers import __version__ as tf_version
     from transformers.utils import logging as hf_logging
 
@@ -299,7 +300,8 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
         eval_dataset=_dataset(eval_rows),
         loss=loss,
         data_collator=collator,
-        callbacks=[RunMonitor(run, watch, progress, world_size)],
+        callbacks=[RunMonitor(run, watch, progress, world_size)] + (
+            [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []),
     )
     trainer.watch = watch
     ctx["trainer"] = trainer

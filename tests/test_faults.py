@@ -345,7 +345,8 @@ def _review_until_empty(ws: Workspace, names: list[str], pick: str, deadline_s: 
 
 
 # kill -9 during training -----------------------------------------------------------------------
-TINY_TRAIN = {"epochs": 3, "batch_size": 10, "max_seq_length": 32, "learning_rate": 5e-5}
+TINY_TRAIN = {"epochs": 3, "batch_size": 10, "max_seq_length": 32, "learning_rate": 5e-5,
+              "early_stopping_patience": None}  # every epoch runs: the steps below are counted
 # No mined negatives: 10 rows of distinct texts make exactly one batch, one step per epoch.
 TRAIN_LOOP = {"generate_threshold": 0, "train": TINY_TRAIN, "mining": {"num_negatives": 0}}
 

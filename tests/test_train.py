@@ -337,7 +337,7 @@ def test_training_runs_on_the_configured_device_only(device, env, tmp_path, mini
 @pytest.mark.slow
 def test_run_in_subprocess_finishes_ok(tmp_path, minilm_path):
     run = tmp_path / "run"
-    snapshot(run, minilm_path, 8, epochs=4)  # 1 step per epoch: 4 checkpoints made, 3 kept
+    snapshot(run, minilm_path, 8, epochs=4, early_stopping_patience=None)  # 1 step per epoch: 4 checkpoints, 3 kept
     proc = train.start(run, env=ONE_THREAD)
     assert proc.wait(timeout=300) == 0, run_log(run)
     res = train.read_result(run)
@@ -414,6 +414,18 @@ def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm
 
 
 @pytest.mark.slow
+def test_stops_early_when_the_eval_loss_stops_improving(tmp_path, minilm_path):
+    # A rate far below fp32's resolution of the weights: no weight moves, so every epoch's eval
+    # loss equals the first one's and the second epoch is not an improvement.
+    snapshot(tmp_path, minilm_path, 8, epochs=4, learning_rate=1e-12, weight_decay=0.0)  # 1 step per epoch
+    assert trainer.main(tmp_path) == 0
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["steps"] == 2, res  # patience 1 (the default): epochs 3 and 4 skipped
+    assert res["best_checkpoint"] == str(tmp_path / "checkpoints" / "checkpoint-1")
+    assert [e["step"] for e in train.read_progress(tmp_path) if e["event"] == "eval"] == [1, 2]
+
+
+@pytest.mark.slow
 def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeypatch):
     snapshot(tmp_path, minilm_path, 16, epochs=2)  # 2 steps per epoch
     monkeypatch.setenv(train.FAULT_ENV, "nan_at_step=3")
@@ -469,7 +481,7 @@ def test_oom_and_disk_full_fail_with_a_fix(tmp_path, minilm_path, monkeypatch):
 @pytest.mark.slow
 def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path, minilm_path):
     run = tmp_path / "run"
-    snapshot(run, minilm_path, 8, epochs=3)  # 1 step per epoch
+    snapshot(run, minilm_path, 8, epochs=3, early_stopping_patience=None)  # 1 step per epoch
     proc = train.start(run, env={train.FAULT_ENV: "sleep_per_step=2", **ONE_THREAD})
     # The checkpoint event is written after the save (state file included) is complete.
     wait_for(lambda: any(e["event"] == "checkpoint" for e in train.read_progress(run)), 240, proc,
