@@ -6,7 +6,9 @@
 Protocol (any BEIR folder): ingest the corpus into a temporary workspace; import K seed pairs
 drawn from qrels/train and the train queries as a query log; run R rounds of the real loop
 (`Rounds.advance`) with `SimulatedReviewer` answering from qrels/train, N reviews in all;
-judge each round's candidate model on qrels/test only. Controls, same budget, same run:
+judge each round's candidate model on qrels/test only, searching the workspace's passages (a
+document scores as its best passage, as the product searches; the loop's own held-out evaluation
+encoded them already, so the judge reuses those vectors). Controls, same budget, same run:
 (a) the off-the-shelf model; (b) the same loop with routing replaced by a uniform random
 choice of which candidates are reviewed (every candidate is a random-control card, nothing
 auto-accepted or dropped); (c) the stock sentence-transformers fine-tune (MNRL, batch 32,
@@ -32,27 +34,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_vs, sample,
                           seed_means, stock_finetune, summary, vs)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
-from loop.evaluate import EvalReport, evaluate
+from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate
 
 
-def _eval(emb: Any, evalset: EvalSet) -> EvalReport:
-    return evaluate(emb, evalset, k=100, dims=(None,), gain=GAIN)
+def _eval(emb: Any, evalset: EvalSet, vectors: dict[str, np.ndarray] | None = None) -> EvalReport:
+    """`emb` judged on `evalset`; `vectors` (passage id -> vector, made by this model version, e.g.
+    the loop's own held-out evaluation) spare the corpus encode when they cover the corpus."""
+    corpus = None
+    if vectors is not None and all(p in vectors for p in evalset.passage_ids):
+        corpus = CorpusEmbeddings(emb.version, evalset.corpus_fingerprint,
+                                  np.stack([vectors[p] for p in evalset.passage_ids]).astype(np.float32))
+    return evaluate(emb, evalset, k=100, dims=(None,), gain=GAIN, corpus_emb=corpus)
 
 
-def ingested(beir: Beir, workdir: Path) -> Path:
-    """A closed workspace holding the ingested corpus: every arm starts from a copy of it, so the
-    corpus is chunked and encoded once per benchmark instead of once per arm."""
+def ingested(beir: Beir, workdir: Path, judge: EvalSet) -> tuple[Path, EvalSet, dict[str, np.ndarray]]:
+    """A closed workspace holding the ingested corpus (every loop arm starts from a copy of it, so
+    the corpus is chunked and encoded once per benchmark, not once per arm); the judge's queries
+    and qrels over that workspace's passages (a document scores as its best passage, as the
+    product searches); and the base model's passage vectors from its index."""
+    from loop import indexing
+    from loop.evalsets import workspace_corpus
     from loop.workspace import Workspace
 
-    if not (workdir / "embedloop.duckdb").exists():
-        with Workspace.open(workdir) as ws:
+    with Workspace.open(workdir) as ws:
+        if not ws.store.scalar("SELECT count(*) FROM passages"):
             ws.ingest([beir.folder])
-    return workdir
+        evalset = EvalSet(name=f"{judge.name} over the workspace's passages", query_ids=judge.query_ids,
+                          queries=judge.queries, qrels=judge.qrels, **workspace_corpus(ws.store))
+        vectors = ws.index.embeddings(indexing.collection_for(ws.store, ws.base_version), evalset.passage_ids)
+    return workdir, evalset, dict(zip(evalset.passage_ids, vectors, strict=True))
 
 
 def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rounds: int, workdir: Path,
@@ -106,8 +122,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
             if r.state != "done":
                 raise RuntimeError(f"round {n} stopped at {r.state}: {r.manifest.failure or r.error}")
             model = r.manifest.model
-            emb = (embedder_factory or Embedder)(model.path, model.version)
-            report = _eval(emb, evalset)
+            emb = embedder_factory(model.path, model.version) if embedder_factory else ws.embedder(model.version)
+            report = _eval(emb, evalset, loop.heldout.corpus_vectors(model.version))  # no second corpus encode
             judged[model.version] = report
             promotion = r.manifest.promotion
             promoted = bool(promotion and promotion.promote)
@@ -294,29 +310,29 @@ def main(argv: list[str] | None = None) -> int:
     beir = Beir.read(args.data, splits=tuple(dict.fromkeys((args.train_split, args.eval_split))))
     if args.train_split != "train":
         beir.qrels["train"] = beir.qrels[args.train_split]
-    evalset = evalset_from_beir(args.data, args.eval_split)
+    judge = evalset_from_beir(args.data, args.eval_split)
     tmp = Path(tempfile.mkdtemp(prefix="bench-quality-", dir=args.workdir))
     log = lambda m: print(m, flush=True)  # noqa: E731
     result: dict[str, Any] = {"dataset": args.data.name, "budget": args.budget, "n_rounds": args.rounds,
                               "seed_pairs": args.seed_pairs, "generator": args.generator, "gain": GAIN,
-                              "eval_split": args.eval_split, "n_test_queries": len(evalset.query_ids),
+                              "eval_split": args.eval_split, "n_test_queries": len(judge.query_ids),
+                              "judged_on": "workspace passages (a document scores as its best passage)",
                               "loop_config": args.loop_config, "machine": machine(),
                               "encode_backend": Embedder(bundled_model_path(), "base").backend}
     try:
         base_path = bundled_model_path()
+        with timer("ingest"):
+            template, evalset, base_vectors = ingested(beir, tmp / "ingested", judge)
         with timer("base"):
-            base = _eval(Embedder(base_path, "base"), evalset)
+            base = _eval(Embedder(base_path, "base"), evalset, base_vectors)
         log(f"base NDCG@10 {base.metrics['ndcg@10']:.4f}")
         fixed: dict[str, EvalReport] = {"base": base}  # the arms that do not depend on a seed
         if "bm25" not in args.skip:
-            with timer("bm25"):
-                fixed["bm25"] = bm25_report(beir, evalset, base)
+            with timer("bm25"):  # lexical over whole documents, reported on the same queries
+                fixed["bm25"] = bm25_report(beir, judge, base)
             log(f"bm25 NDCG@10 {fixed['bm25'].metrics['ndcg@10']:.4f}")
         common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
-                      loop_overrides=args.loop_config, log=log)
-        if {"loop", "random"} - set(args.skip):
-            with timer("ingest"):
-                common["template"] = ingested(beir, tmp / "ingested")
+                      loop_overrides=args.loop_config, log=log, template=template)
         seeds = []
         for seed in range(args.seed, args.seed + args.seeds):
             log(f"seed {seed}")

@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -157,17 +157,22 @@ def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test"), k
             f"no accepted {'/'.join(splits)} pairs whose positive is a corpus passage ({skipped} skipped): "
             f"import held-out pairs with `embedloop pairs import FILE --split eval` after ingesting the corpus."
         )
+    qids = sorted(qrels)
+    return EvalSet(name=f"workspace:{'+'.join(splits)}", query_ids=qids, queries=[texts[q] for q in qids],
+                   qrels=qrels, skipped=skipped, **workspace_corpus(store))
+
+
+def workspace_corpus(store: Store) -> dict[str, Any]:
+    """The corpus of a workspace as an `EvalSet` searches it: every passage that belongs to a
+    document, by passage id, with the documents it belongs to (`passage_ids`, `passages`,
+    `passage_docs`). A held-out set and a benchmark's judge over the workspace both use it, so a
+    model's corpus vectors from one fit the other."""
     rows = store.execute(
         "SELECT p.passage_id, any_value(p.text), list(DISTINCT m.doc_id ORDER BY m.doc_id) "
         "FROM passages p JOIN doc_passages m USING (passage_id) GROUP BY p.passage_id ORDER BY p.passage_id"
     ).fetchall()
-    qids = sorted(qrels)
-    return EvalSet(
-        name=f"workspace:{'+'.join(splits)}",
-        query_ids=qids, queries=[texts[q] for q in qids], qrels=qrels,
-        passage_ids=[r[0] for r in rows], passages=[r[1] for r in rows],
-        passage_docs={r[0]: list(r[2]) for r in rows}, skipped=skipped,
-    )
+    return {"passage_ids": [r[0] for r in rows], "passages": [r[1] for r in rows],
+            "passage_docs": {r[0]: list(r[2]) for r in rows}}
 
 
 def evalset_from_beir(folder: str | Path, split: str = "test", *, max_bytes: int = 8 * 2**30) -> EvalSet:

@@ -125,6 +125,41 @@ def test_bm25_and_figures_are_comparable_with_the_embedding_reports(beir_dir):
     assert vs(base, bm)["delta"] == s["delta_vs_base"]
 
 
+class CountingEncoder:
+    """The bundled model, counting the texts it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.version, self.texts = inner, inner.version, 0
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.texts += len(texts)
+        return self.inner.encode(texts)
+
+
+@pytest.mark.slow
+def test_the_judge_searches_the_workspace_passages_and_reuses_a_models_vectors(beir_dir, tmp_path):
+    from bench.quality import _eval, ingested
+    from loop.config import bundled_model_path
+    from loop.embed import Embedder
+
+    judge = evalset_from_beir(beir_dir, "test")
+    _, evalset, vectors = ingested(Beir.read(beir_dir), tmp_path / "ws", judge)
+    assert (evalset.query_ids, evalset.queries, evalset.qrels) == (judge.query_ids, judge.queries, judge.qrels)
+    assert set(vectors) == set(evalset.passage_ids) and evalset.passage_docs  # passages grouped by document
+    assert {d for docs in evalset.passage_docs.values() for d in docs} == set(DOCS)
+    emb = CountingEncoder(Embedder(bundled_model_path(), "base"))
+    reused = _eval(emb, evalset, vectors)  # the base's vectors from the workspace's index
+    assert emb.texts == len(evalset.queries)  # the corpus was not encoded again
+    fresh = _eval(emb, evalset, {p: v for p, v in list(vectors.items())[1:]})  # one missing: encode it all
+    assert emb.texts == 2 * len(evalset.queries) + len(evalset.passages)
+    assert reused.per_query["ndcg@10"] == pytest.approx(fresh.per_query["ndcg@10"], abs=1e-6)
+    assert reused.evalset_fingerprint == fresh.evalset_fingerprint
+
+
 def test_dev_split_judges_on_train_queries_only(beir_dir, tmp_path):
     from bench.common import make_dev_split
 
