@@ -1,7 +1,8 @@
 """Quality benchmark: the real loop against four controls at the same label budget.
 
-    python -m bench.quality --data DIR --budget N --rounds R --out FILE.json [--seeds S] [--seed-pairs K]
-                            [--generator offline|llm] [--skip ARM ...]
+    python -m bench.quality --data DIR --budget N --rounds R --out FILE.json [--seeds S] [--seed SEED]
+                            [--seed-pairs K] [--generator offline|llm] [--skip ARM ...]
+    python -m bench.quality --combine A.json B.json ... --out FILE.json   # seeds run apart, pooled
 
 Protocol (any BEIR folder): ingest the corpus into a temporary workspace; import K seed pairs
 drawn from qrels/train and the train queries as a query log; run R rounds of the real loop
@@ -200,11 +201,14 @@ def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str
         result["random_control"] = {**_strip(randoms)[-1], "rounds": _strip(randoms)}
         active["random"], candidate["random"] = randoms[-1]["_active"], randoms[-1]["_report"]
     # Per-query values, so runs of separate invocations can still be compared with intervals.
+    per_query = lambda r: [round(v, 5) for v in r.per_query["ndcg@10"]]  # noqa: E731
     result["per_query_ndcg@10"] = {
         "query_ids": list(base.query_ids),
-        **{n: [round(v, 5) for v in r.per_query["ndcg@10"]] for n, r in active.items()},
-        **{f"{n}_candidate": [round(v, 5) for v in candidate[n].per_query["ndcg@10"]]
-           for n in ("loop", "random") if n in candidate},
+        **{n: per_query(r) for n, r in active.items()},
+        **{f"{n}_candidate": per_query(candidate[n]) for n in ("loop", "random") if n in candidate},
+        # every round's candidate, so that separate runs' seeds can be combined (`--combine`)
+        **{f"{n}_rounds": [per_query(r["_report"]) for r in rows] for n, rows in (("loop", rounds), ("random", randoms))
+           if rows},
     }
     if "loop" in active:
         result["loop_vs"] = {n: vs(r, active["loop"]) for n, r in active.items() if n != "loop"}
@@ -255,11 +259,17 @@ def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
     for key, name in (("bm25", "bm25"), ("stock_finetune", "stock")):
         if key in out:
             vs_base(out[key], [rep["active"][name] for rep in reports])
-    for i, row in enumerate(out.get("rounds", [])):
-        vs_base(row, [rep["rounds"][i] for rep in reports])
+    def rounds_vs_base(rows: list[dict[str, Any]], key: str) -> None:
+        for i, row in enumerate(rows):
+            others = [rep[key][i] for rep in reports]
+            if all(others):
+                vs_base(row, others)
+            else:  # combined from a JSON written before it kept every round's per-query figures
+                row.pop("ci95_vs_base", None)
+
+    rounds_vs_base(out.get("rounds", []), "rounds")
     if "random_control" in out:
-        for i, row in enumerate(out["random_control"]["rounds"]):
-            vs_base(row, [rep["random_rounds"][i] for rep in reports])
+        rounds_vs_base(out["random_control"]["rounds"], "random_rounds")
         vs_base(out["random_control"], [rep["random_rounds"][-1] for rep in reports])
     out["seeds"] = [r["seed"] for r in results]
     if "rounds" in results[0]:
@@ -276,10 +286,58 @@ def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
     return out
 
 
+def reports_from_json(result: dict[str, Any]) -> dict[str, Any]:
+    """The per-query reports `combine_seeds` pools, rebuilt from one seed's JSON result (its
+    `per_query_ndcg@10`); a round without per-query figures (older JSON) is None, except the last."""
+    pq = result["per_query_ndcg@10"]
+    qids = pq["query_ids"]
+
+    def report(name: str, values: list[float]) -> EvalReport:
+        return EvalReport(model_version=name, evalset="json", evalset_fingerprint="json", n_queries=len(qids),
+                          n_docs=0, dim=0, k=100, metrics={"ndcg@10": float(np.mean(values))},
+                          per_query={"ndcg@10": list(values)}, query_ids=list(qids), gain=GAIN)
+
+    fixed = {n: report(n, pq[n]) for n in ("base", "bm25", "stock") if n in pq}
+    out: dict[str, Any] = {"active": dict(fixed), "candidate": dict(fixed), "rounds": [], "random_rounds": []}
+    for name, rows, key in (("loop", result.get("rounds"), "rounds"),
+                            ("random", (result.get("random_control") or {}).get("rounds"), "random_rounds")):
+        if not rows:
+            continue
+        out["active"][name] = report(name, pq[name])
+        out["candidate"][name] = report(f"{name}_candidate", pq[f"{name}_candidate"])
+        kept = pq.get(f"{name}_rounds")
+        out[key] = ([report(f"{name}_r{i + 1}", v) for i, v in enumerate(kept)] if kept else
+                    [None] * (len(rows) - 1) + [out["candidate"][name]])
+    return out
+
+
+def combine_files(paths: list[Path]) -> dict[str, Any]:
+    """Several `bench.quality` JSONs of one protocol (e.g. seeds run as separate processes) as one:
+    every seed of every file pooled as if one run had made them (`combine_seeds`)."""
+    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    same = ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
+            "loop_config", "judged_on")
+    for key in same:
+        if len({json.dumps(d.get(key), sort_keys=True) for d in docs}) > 1:
+            raise SystemExit(f"--combine: the files differ in {key!r}; only runs of one protocol combine.")
+    seeds = [(r, reports_from_json(r)) for d in docs for r in d["per_seed"]]
+    numbers = [r["seed"] for r, _ in seeds]
+    if len(set(numbers)) != len(numbers):
+        raise SystemExit(f"--combine: seed repeated across the files ({numbers}).")
+    seeds.sort(key=lambda item: item[0]["seed"])
+    head = {k: docs[0][k] for k in (*same, "machine", "encode_backend") if k in docs[0]}
+    return {**head, **combine_seeds(seeds), "combined_from": [
+        {"file": Path(p).name, "seeds": [r["seed"] for r in d["per_seed"]], "machine": d.get("machine"),
+         "wall_s": d.get("wall_s")} for p, d in zip(paths, docs, strict=True)]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
-    p.add_argument("--budget", required=True, type=int, help="reviews (labels) in all")
+    p.add_argument("--data", type=Path, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--budget", type=int, help="reviews (labels) in all")
+    p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="instead of running: pool the seeds of these result files (runs of one protocol, e.g. "
+                        "seeds run as separate processes) into --out")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed-pairs", type=int, default=0, help="gold train pairs imported before round 1")
@@ -296,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="tuning: judge on this share of the TRAIN queries (as 'test') and draw labels from the "
                         "rest; qrels/test is not read")
     args = p.parse_args(argv)
+    if args.combine:
+        out = combine_files(args.combine)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+        log_keys = ("promotions_per_seed", "loop_vs", "targets")
+        print(json.dumps({k: out[k] for k in log_keys if k in out}, indent=1))
+        return 0
+    if args.data is None or args.budget is None:
+        p.error("--data and --budget are required (unless --combine)")
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     dev_root: Path | None = None

@@ -260,6 +260,44 @@ def test_seeds_combine_into_means_promotions_and_pooled_intervals_of_the_active_
     assert "stock +0.1000 [+0.100, +0.100]" in text and "Promotions per seed (loop): [1, 0]." in text
 
 
+def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path):
+    from bench.quality import combine_seeds, main, round_row, seed_result
+
+    base = _report("base", [0.5, 0.4, 0.6, 0.5])
+    seeds = []
+    for seed, first, last in ((0, [0.6, 0.4, 0.6, 0.5], [0.7, 0.5, 0.6, 0.6]), (1, [0.5, 0.5, 0.6, 0.4], [0.6, 0.4, 0.7, 0.5])):
+        r1, r2 = _report(f"r1-{seed}", first), _report(f"r2-{seed}", last)
+        rounds = [round_row(1, r1, base, base, reviews=5, promoted=False),
+                  round_row(2, r2, r2, base, reviews=10, promoted=True)]
+        reports = {"base": base, "stock": _report("stock", [0.5, 0.5, 0.5, 0.5])}
+        seeds.append(seed_result(seed, reports, rounds, None, stock_pairs=10))
+    together = combine_seeds(seeds)
+    protocol = {"dataset": "tiny", "budget": 10, "n_rounds": 2, "n_test_queries": 4, "gain": "exponential"}
+    files = []
+    for result, _ in seeds:  # each seed written by its own `bench.quality --seed S --seeds 1` run
+        files.append(tmp_path / f"seed{result['seed']}.json")
+        files[-1].write_text(json.dumps({**protocol, "per_seed": [result], "wall_s": {"total": 1.0}}))
+    assert main(["--combine", *map(str, files), "--out", str(tmp_path / "all.json")]) == 0
+    combined = json.loads((tmp_path / "all.json").read_text())
+    for key in ("loop_vs", "candidate_vs", "promotions_per_seed", "seeds", "stock_finetune", "targets"):
+        assert combined[key] == together[key], key
+    assert [r["ci95_vs_base"] for r in combined["rounds"]] == [r["ci95_vs_base"] for r in together["rounds"]]
+    assert combined["dataset"] == "tiny" and [c["seeds"] for c in combined["combined_from"]] == [[0], [1]]
+    # A file written before every round's per-query figures were kept: the last round still pools.
+    old = json.loads(files[1].read_text())
+    del old["per_seed"][0]["per_query_ndcg@10"]["loop_rounds"]
+    files[1].write_text(json.dumps(old))
+    assert main(["--combine", *map(str, files), "--out", str(tmp_path / "old.json")]) == 0
+    rows = json.loads((tmp_path / "old.json").read_text())["rounds"]
+    assert "ci95_vs_base" not in rows[0] and rows[1]["ci95_vs_base"] == together["rounds"][1]["ci95_vs_base"]
+    # Runs of different protocols, or the same seed twice, do not combine.
+    files[1].write_text(json.dumps({**old, "budget": 20}))
+    with pytest.raises(SystemExit, match="budget"):
+        main(["--combine", *map(str, files), "--out", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="seed repeated"):
+        main(["--combine", str(files[0]), str(files[0]), "--out", str(tmp_path / "bad.json")])
+
+
 def test_reviewer_order_follows_its_seed(workspace, beir_dir):
     beir = _ingested(workspace, beir_dir)
     Rounds(workspace, LoopConfig(generate_max=6, review_budget=50, routing={"random_fraction": 1.0})).advance(
