@@ -408,3 +408,15 @@ def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
     assert cal["p>=0.975"] == {"promoted": 1, "false_promotions": 0, "false_refusals": 1, "refused_better": 1}
     assert cal["p>=0.8"] == {"promoted": 2, "false_promotions": 1, "false_refusals": 1, "refused_better": 1}
     assert cal["p>=0.5"] == {"promoted": 3, "false_promotions": 1, "false_refusals": 0, "refused_better": 0}
+
+
+@pytest.mark.slow
+def test_pseudo_label_probe_counts_agreements_and_their_precision_on_train_qrels(beir_dir):
+    from bench.pseudo import probe
+
+    out = probe(beir_dir, "train")
+    # q1 and q2: BM25 and the model both put the judged document first; q3 is worded after d1,
+    # which both put first, while the qrels judge d7: an agreement that would be a wrong label.
+    assert out["queries"] == 3 and out["agree"] == {"coverage": 1.0, "labels": 3, "precision": pytest.approx(0.6667)}
+    assert out["dense_top1_precision"] == out["bm25_top1_precision"] == pytest.approx(0.6667)
+    assert out["agree_margin_0.05"]["labels"] <= out["agree_margin_0.02"]["labels"] <= 3

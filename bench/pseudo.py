@@ -1,0 +1,83 @@
+"""Pseudo-label precision: would "BM25 and the model agree on the top document" label a query well?
+
+    python -m bench.pseudo --data DIR [--split train] [--out FILE.json]
+
+Issue 12 allows pseudo-labels for logged queries no one reviewed only if their precision,
+measured on train qrels, justifies it. For every judged query of `--split` (train: never the
+test split), the off-the-shelf model's top document and BM25's top document are found over the
+whole corpus (one passage per document, as `evalset_from_beir` reads it); where they agree, the
+agreed document would become the query's positive. Printed: coverage (the share of queries
+that would get a label), precision (the share of those labels that the qrels judge relevant),
+and for reference the precision of each system's top document alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import machine
+from loop.config import bundled_model_path
+from loop.embed import Embedder
+from loop.evalsets import evalset_from_beir
+from loop.metrics import exact_search
+
+
+def probe(folder: Path, split: str = "train") -> dict:
+    import bm25s
+
+    evalset = evalset_from_beir(folder, split)
+    docs = evalset.passage_ids
+    emb = Embedder(bundled_model_path(), "base")
+    q = np.asarray(emb.encode(list(evalset.queries)), dtype=np.float32)
+    d = np.asarray(emb.encode(list(evalset.passages)), dtype=np.float32)
+    dense_idx, dense_scores = exact_search(q, d, 2)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(evalset.passages), stopwords="en", show_progress=False), show_progress=False)
+    bm_idx, _ = retriever.retrieve(bm25s.tokenize(list(evalset.queries), stopwords="en", show_progress=False), k=1,
+                                   show_progress=False, n_threads=1)
+    dense_top = [docs[int(row[0])] for row in np.asarray(dense_idx)]
+    bm_top = [docs[int(row[0])] for row in np.asarray(bm_idx)]
+    margin = np.asarray(dense_scores)[:, 0] - np.asarray(dense_scores)[:, 1]
+    rel = [evalset.qrels[qid] for qid in evalset.query_ids]
+    hit = lambda tops: [rel[i].get(t, 0) > 0 for i, t in enumerate(tops)]  # noqa: E731
+    dense_hit, bm_hit = hit(dense_top), hit(bm_top)
+    agree = [a == b for a, b in zip(dense_top, bm_top, strict=True)]
+    n = len(agree)
+    out = {"dataset": folder.name, "split": split, "queries": n,
+           "dense_top1_precision": round(float(np.mean(dense_hit)), 4),
+           "bm25_top1_precision": round(float(np.mean(bm_hit)), 4),
+           "agree": {"coverage": round(sum(agree) / n, 4),
+                     "labels": int(sum(agree)),
+                     "precision": round(float(np.mean([h for h, a in zip(dense_hit, agree, strict=True) if a])), 4)
+                     if any(agree) else None}}
+    # The same, keeping only agreements where the model's top document leads its second clearly.
+    for cut in (0.02, 0.05):
+        keep = [a and m >= cut for a, m in zip(agree, margin, strict=True)]
+        out[f"agree_margin_{cut:g}"] = {
+            "coverage": round(sum(keep) / n, 4), "labels": int(sum(keep)),
+            "precision": round(float(np.mean([h for h, k in zip(dense_hit, keep, strict=True) if k])), 4)
+            if any(keep) else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pseudo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="train", help="a qrels split to measure on (never test when tuning)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    result = {**probe(args.data, args.split), "machine": machine()}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
