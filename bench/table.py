@@ -20,6 +20,8 @@ from typing import Any
 def _ci(row: dict[str, Any]) -> str:
     if "delta_vs_base" not in row:
         return "-"
+    if "ci95_vs_base" not in row:  # combined from runs that did not keep this round's per-query figures
+        return f"{row['delta_vs_base']:+.4f} (seed mean)"
     lo, hi = row["ci95_vs_base"]
     return f"{row['delta_vs_base']:+.4f} [{lo:+.3f}, {hi:+.3f}]"
 
@@ -69,7 +71,12 @@ def tables(d: dict[str, Any]) -> str:
                 "(test CI > 0) | refused a better one |", "|---|---|---|---|---|"]
         out += [f"| {k[3:]} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
                 f"{v['refused_better']} |" for k, v in cal.items() if k.startswith("p>=")]
-    out += ["", f"Wall time: {json.dumps(d.get('wall_s'))}"]
+    if "combined_from" in d:
+        out += ["", "Combined from " + "; ".join(
+            f"{c['file']} (seeds {c['seeds']}, commit {(c.get('machine') or {}).get('commit')}, wall time "
+            f"{json.dumps(c.get('wall_s'))})" for c in d["combined_from"]) + "."]
+    else:
+        out += ["", f"Wall time: {json.dumps(d.get('wall_s'))}"]
     return "\n".join(out)
 
 

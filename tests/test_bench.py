@@ -288,8 +288,13 @@ def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path)
     del old["per_seed"][0]["per_query_ndcg@10"]["loop_rounds"]
     files[1].write_text(json.dumps(old))
     assert main(["--combine", *map(str, files), "--out", str(tmp_path / "old.json")]) == 0
-    rows = json.loads((tmp_path / "old.json").read_text())["rounds"]
+    old_combined = json.loads((tmp_path / "old.json").read_text())
+    rows = old_combined["rounds"]
     assert "ci95_vs_base" not in rows[0] and rows[1]["ci95_vs_base"] == together["rounds"][1]["ci95_vs_base"]
+    from bench.table import tables
+
+    text = tables({**old_combined, "machine": {"commit": "abc", "date": "today"}})
+    assert "| loop, round 1 | 5 |" in text and "(seed mean) |" in text and "Combined from seed0.json (seeds [0]" in text
     # Runs of different protocols, or the same seed twice, do not combine.
     files[1].write_text(json.dumps({**old, "budget": 20}))
     with pytest.raises(SystemExit, match="budget"):
