@@ -109,7 +109,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         out_rounds = []
         judged = {ws.base_version: base}  # model version -> its test report
         for n in range(1, rounds + 1):
-            before = judged[ws.active_model]  # what the user had going into this round
+            before_version = ws.active_model
+            before = judged[before_version]  # what the user had going into this round
             per_round = math.ceil((budget - reviews) / (rounds - n + 1))
             cfg = LoopConfig(**{**overrides, "review_budget": max(0, per_round), "seed": seed})
             loop = Rounds(ws, cfg, log=lambda m: log(f"    [{'random' if random_control else 'loop'} r{n}] {m}"),
@@ -144,6 +145,9 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                       "n_queries": res.get("n_queries"),
                       "half_width": round(res.get("half_width", 0.0), 4),
                       "more_queries_for_0.02": res.get("more_queries_for_0.02"),
+                      "p_sign_flip": res.get("p_sign_flip"),
+                      # the promotion set's per-query differences: any other rule can be calibrated later
+                      "heldout_deltas": heldout_deltas(loop, before_version, model.version) if promotion else None,
                       "test_delta_vs_active": test_vs_before["delta"], "test_ci95_vs_active": test_vs_before["ci95"]})
             out_rounds.append(row)
             log(f"  {'random' if random_control else 'loop'} round {n}: {reviews} reviews, NDCG@10 "
@@ -152,6 +156,14 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         return {"rounds": out_rounds, "wall_s": round(time.perf_counter() - t0, 1)}
     finally:
         ws.close()
+
+
+def heldout_deltas(loop: Any, active: str, candidate: str) -> list[float]:
+    """Candidate minus active NDCG@10 on each query of the loop's promotion set (its stored reports)."""
+    evalset = loop.heldout.evalset()
+    a, c = loop.heldout.report_for(active, evalset), loop.heldout.report_for(candidate, evalset)
+    at = {q: i for i, q in enumerate(c.query_ids)}
+    return [round(c.per_query["ndcg@10"][at[q]] - v, 5) for q, v in zip(a.query_ids, a.per_query["ndcg@10"], strict=True)]
 
 
 def round_row(n: int, report: EvalReport, active: EvalReport, base: EvalReport, **extra: Any) -> dict[str, Any]:
@@ -219,21 +231,27 @@ def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str
 
 
 RULES = (0.975, 0.95, 0.9, 0.8, 0.7, 0.5)
+SIGN_FLIP_RULES = (0.025, 0.05, 0.1, 0.2)
 
 
 def gate_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """How each promotion rule would have decided every round of `rows` (loop and random-control
     rounds over all seeds), judged against `qrels/test`: a false promotion is a candidate promoted
     that scores below the model active before its round on the test split; a false refusal is one
-    refused that scores above it with the test interval above zero. Rule t: promote when the
-    candidate wins in at least t of the held-out set's bootstrap resamples (and its mean is ahead)."""
+    refused that scores above it with the test interval above zero. Rule `p>=t`: promote when the
+    candidate wins in at least t of the held-out set's bootstrap resamples (and its mean is ahead);
+    rule `sign-flip p<=a` (rounds that recorded it): when the paired sign-flip test's p is at most a."""
     gates = [r["gate"] for r in rows if r.get("gate") and r["gate"].get("n_queries")]
     out: dict[str, Any] = {"rounds": len(gates),
                            "better_on_test": sum(g["test_delta_vs_active"] > 0 for g in gates),
                            "significantly_better_on_test": sum(g["test_ci95_vs_active"][0] > 0 for g in gates)}
-    for t in RULES:
-        promote = [g["p_better"] >= t and g["delta"] > 0 for g in gates]
-        out[f"p>={t:g}"] = {
+    rules: list[tuple[str, list[bool]]] = [(f"p>={t:g}", [g["p_better"] >= t and g["delta"] > 0 for g in gates])
+                                           for t in RULES]
+    if gates and all(g.get("p_sign_flip") is not None for g in gates):  # recorded since 2026-12-01 afternoon
+        rules += [(f"sign-flip p<={a:g}", [g["p_sign_flip"] <= a and g["delta"] > 0 for g in gates])
+                  for a in SIGN_FLIP_RULES]
+    for name, promote in rules:
+        out[name] = {
             "promoted": sum(promote),
             "false_promotions": sum(p and g["test_delta_vs_active"] < 0 for p, g in zip(promote, gates, strict=True)),
             "false_refusals": sum(not p and g["test_ci95_vs_active"][0] > 0 for p, g in zip(promote, gates, strict=True)),

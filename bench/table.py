@@ -67,10 +67,11 @@ def tables(d: dict[str, Any]) -> str:
         out += ["", f"Gate calibration over {cal['rounds']} rounds (loop and random control, every seed; "
                     f"{cal['better_on_test']} candidates better than the active model on the test split, "
                     f"{cal['significantly_better_on_test']} significantly):", "",
-                "| rule: promote when p(candidate wins) >= | promoted | false promotions | false refusals "
-                "(test CI > 0) | refused a better one |", "|---|---|---|---|---|"]
-        out += [f"| {k[3:]} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
-                f"{v['refused_better']} |" for k, v in cal.items() if k.startswith("p>=")]
+                "| rule: promote when (and the candidate's held-out mean is ahead) | promoted | false promotions | "
+                "false refusals (test CI > 0) | refused a better one |", "|---|---|---|---|---|"]
+        names = {"p>=": "bootstrap share of wins >= ", "sign-flip p<=": "sign-flip test p <= "}
+        out += [f"| {names[pre]}{k[len(pre):]} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
+                f"{v['refused_better']} |" for k, v in cal.items() for pre in names if k.startswith(pre)]
     if "combined_from" in d:
         out += ["", "Combined from " + "; ".join(
             f"{c['file']} (seeds {c['seeds']}, commit {(c.get('machine') or {}).get('commit')}, wall time "

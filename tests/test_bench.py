@@ -413,6 +413,19 @@ def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
     assert cal["p>=0.975"] == {"promoted": 1, "false_promotions": 0, "false_refusals": 1, "refused_better": 1}
     assert cal["p>=0.8"] == {"promoted": 2, "false_promotions": 1, "false_refusals": 1, "refused_better": 1}
     assert cal["p>=0.5"] == {"promoted": 3, "false_promotions": 1, "false_refusals": 0, "refused_better": 0}
+    assert not any(k.startswith("sign-flip") for k in cal)  # rounds that did not record the test
+    for r, p in zip(rows, (0.01, 0.15, 0.3), strict=False):
+        r["gate"]["p_sign_flip"] = p
+    cal = gate_calibration(rows)
+    assert cal["sign-flip p<=0.05"] == {"promoted": 1, "false_promotions": 0, "false_refusals": 1, "refused_better": 1}
+    assert cal["sign-flip p<=0.2"] == cal["p>=0.8"]
+    from bench.table import tables
+
+    text = tables({"dataset": "tiny", "budget": 10, "n_rounds": 1, "n_test_queries": 4, "gate_calibration": cal,
+                   "base": {"ndcg@10": 0.5, "recall@100": 0.9, "mrr@10": 0.5},
+                   "machine": {"commit": "abc", "date": "today"}, "wall_s": {"total": 1.0}})
+    assert "| bootstrap share of wins >= 0.975 | 1 | 0 | 1 | 1 |" in text
+    assert "| sign-flip test p <= 0.05 | 1 | 0 | 1 | 1 |" in text
 
 
 @pytest.mark.slow

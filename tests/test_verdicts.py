@@ -140,3 +140,15 @@ def test_a_likely_gain_passes_a_lower_confidence_and_the_set_says_what_it_can_re
 def test_a_held_out_set_the_active_model_already_aces_says_it_cannot_show_a_gain():
     ok, reasons = promotion_gate(_report("ft-2", [1.0] * 8), _report("base-1", [1.0] * 8))
     assert not ok and any("cannot show a gain" in r for r in reasons)
+
+
+def test_sign_flip_p_counts_sign_assignments_and_stays_cautious_on_a_handful_of_queries():
+    from loop.verdicts import sign_flip_p
+
+    assert sign_flip_p(np.array([0.1, 0.2, 0.0, 0.3])) == 0.125  # 3 non-zero, all up: 1 of 8 assignments
+    assert sign_flip_p(np.array([0.1, -0.1])) == 0.75 and sign_flip_p(np.zeros(4)) == 1.0
+    assert sign_flip_p(np.full(40, 0.05)) < 0.001  # many queries, all up: drawn, not enumerated
+    # One query up by a lot, four a little down: the bootstrap share of wins is high, the test is not.
+    a, c = _report("base-1", [0.5] * 5), _report("ft-2", [1.0, 0.49, 0.49, 0.49, 0.49])
+    res = resolution(a, c)
+    assert res.p_better > 0.6 and res.p_sign_flip == 0.5
