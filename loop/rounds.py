@@ -281,14 +281,16 @@ class Rounds:
             [version, str(model_dir), self.ws.base_version, digest, r.round],
         )
         r.manifest.model = ModelRef(version=version, path=str(model_dir), sha256=digest)
-        self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s.")
+        early = (f" (stopped after epoch {result.get('epochs_run', 0):g} of {result.get('epochs_planned')}: "
+                 f"the development fold's eval loss stopped improving)") if result.get("stopped_early") else ""
+        self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s{early}.")
         if result.get("wise"):
             w = result["wise"]
             self.log(f"WiSE-FT: kept {w['alpha']:g} of the fine-tuning's change to the base weights, the best of "
                      f"{', '.join(w['dev_ndcg@10'])} on the {w['n_dev_queries']} development-fold queries "
                      f"(NDCG@10 {', '.join(f'{v:.3f}' for v in w['dev_ndcg@10'].values())}).")
         self._step_done(r, "train", {k: result.get(k) for k in (
-            "status", "steps", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
+            "status", "steps", "epochs_run", "stopped_early", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
             "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "wise")}, t0)
 
     def _relay(self, ev: dict[str, Any]) -> None:

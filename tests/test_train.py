@@ -343,6 +343,7 @@ def test_run_in_subprocess_finishes_ok(tmp_path, minilm_path):
     res = train.read_result(run)
     assert res["status"] == "ok", res
     assert res["steps"] == 4 and res["train_seconds"] > 0 and res["pairs_per_second"] > 0
+    assert res["stopped_early"] is False and res["epochs_run"] == 4
     assert res["model_dir"] == str(run / "model")
     assert Path(res["best_checkpoint"]).is_dir() and res["best_eval_loss"] > 0
     assert len(checkpoints(run)) == 3, checkpoints(run)
@@ -421,6 +422,7 @@ def test_stops_early_when_the_eval_loss_stops_improving(tmp_path, minilm_path):
     assert trainer.main(tmp_path) == 0
     res = train.read_result(tmp_path)
     assert res["status"] == "ok" and res["steps"] == 2, res  # patience 1 (the default): epochs 3 and 4 skipped
+    assert res["stopped_early"] is True and res["epochs_run"] == 2
     assert res["best_checkpoint"] == str(tmp_path / "checkpoints" / "checkpoint-1")
     assert [e["step"] for e in train.read_progress(tmp_path) if e["event"] == "eval"] == [1, 2]
 
