@@ -349,10 +349,10 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
                        "seconds": round(time.time() - t_wise, 2)}
         del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"
-    if rank0:
+    if rank0:  # only rank 0 writes the model: under CPU DDP every rank may think it should save, and one
+        # rank's files landing in `partial` after rank 0 renamed it failed the run (FileNotFoundError)
         shutil.rmtree(partial, ignore_errors=True)
-    trainer.save_model(str(partial))
-    if rank0:
+        trainer.save_model(str(partial))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     status, reason = ("stopped", "stop requested") if watch.stop_requested else ("ok", "")
