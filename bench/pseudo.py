@@ -48,20 +48,20 @@ def probe(folder: Path, split: str = "train") -> dict:
     dense_hit, bm_hit = hit(dense_top), hit(bm_top)
     agree = [a == b for a, b in zip(dense_top, bm_top, strict=True)]
     n = len(agree)
+
+    def labelled(keep: list[bool]) -> dict:
+        """The labels `keep` would give: share of queries, count, precision against the qrels."""
+        hits = [h for h, k in zip(dense_hit, keep, strict=True) if k]
+        return {"coverage": round(len(hits) / n, 4), "labels": len(hits),
+                "precision": round(float(np.mean(hits)), 4) if hits else None}
+
     out = {"dataset": folder.name, "split": split, "queries": n,
            "dense_top1_precision": round(float(np.mean(dense_hit)), 4),
            "bm25_top1_precision": round(float(np.mean(bm_hit)), 4),
-           "agree": {"coverage": round(sum(agree) / n, 4),
-                     "labels": int(sum(agree)),
-                     "precision": round(float(np.mean([h for h, a in zip(dense_hit, agree, strict=True) if a])), 4)
-                     if any(agree) else None}}
+           "agree": labelled(agree)}
     # The same, keeping only agreements where the model's top document leads its second clearly.
     for cut in (0.02, 0.05):
-        keep = [a and m >= cut for a, m in zip(agree, margin, strict=True)]
-        out[f"agree_margin_{cut:g}"] = {
-            "coverage": round(sum(keep) / n, 4), "labels": int(sum(keep)),
-            "precision": round(float(np.mean([h for h, k in zip(dense_hit, keep, strict=True) if k])), 4)
-            if any(keep) else None}
+        out[f"agree_margin_{cut:g}"] = labelled([a and m >= cut for a, m in zip(agree, margin, strict=True)])
     return out
 
 

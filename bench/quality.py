@@ -41,7 +41,7 @@ from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, mac
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
-from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate
+from loop.evaluate import CorpusEmbeddings, EvalReport, evaluate, paired_differences
 
 
 def _eval(emb: Any, evalset: EvalSet, vectors: dict[str, np.ndarray] | None = None) -> EvalReport:
@@ -161,9 +161,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
 def heldout_deltas(loop: Any, active: str, candidate: str) -> list[float]:
     """Candidate minus active NDCG@10 on each query of the loop's promotion set (its stored reports)."""
     evalset = loop.heldout.evalset()
-    a, c = loop.heldout.report_for(active, evalset), loop.heldout.report_for(candidate, evalset)
-    at = {q: i for i, q in enumerate(c.query_ids)}
-    return [round(c.per_query["ndcg@10"][at[q]] - v, 5) for q, v in zip(a.query_ids, a.per_query["ndcg@10"], strict=True)]
+    diff = paired_differences(loop.heldout.report_for(active, evalset), loop.heldout.report_for(candidate, evalset))
+    return [round(float(d), 5) for d in diff]
 
 
 def round_row(n: int, report: EvalReport, active: EvalReport, base: EvalReport, **extra: Any) -> dict[str, Any]:

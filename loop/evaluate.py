@@ -194,19 +194,24 @@ def compare_all(
             f"reports of {base.model_version} and {other.model_version} come from different eval sets; "
             f"evaluate both on the same EvalSet to compare them."
         )
-    order = [{q: i for i, q in enumerate(other.query_ids)}[q] for q in base.query_ids]
-    a = {m: np.asarray(base.per_query[m], dtype=np.float64) for m in metrics}
-    b = {m: np.asarray(other.per_query[m], dtype=np.float64)[order] for m in metrics}
-    boot = bootstrap_means({m: b[m] - a[m] for m in metrics}, n_boot, seed)
+    boot = bootstrap_means({m: paired_differences(base, other, m) for m in metrics}, n_boot, seed)
     out = {}
     for m in metrics:
         delta, lo, hi = boot[m]
         out[m] = Comparison(
             metric=m, base_version=base.model_version, other_version=other.model_version,
-            base=float(a[m].mean()), other=float(b[m].mean()), delta=delta, ci_low=lo, ci_high=hi,
-            n_queries=len(order), significant=lo > 0 or hi < 0,
+            base=float(np.mean(base.per_query[m])), other=float(np.mean(other.per_query[m])), delta=delta,
+            ci_low=lo, ci_high=hi, n_queries=len(base.query_ids), significant=lo > 0 or hi < 0,
         )
     return out
+
+
+def paired_differences(base: EvalReport, other: EvalReport, metric: str = PRIMARY_METRIC) -> np.ndarray:
+    """`other - base` on `metric`, per query, in the order of `base.query_ids` (same query set)."""
+    at = {q: i for i, q in enumerate(other.query_ids)}
+    order = [at[q] for q in base.query_ids]
+    return np.asarray(other.per_query[metric], dtype=np.float64)[order] - np.asarray(
+        base.per_query[metric], dtype=np.float64)
 
 
 def compare(

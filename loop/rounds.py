@@ -291,7 +291,8 @@ class Rounds:
                      f"{', '.join(w['dev_ndcg@10'])} on the {w['n_dev_queries']} development-fold queries "
                      f"(NDCG@10 {', '.join(f'{v:.3f}' for v in w['dev_ndcg@10'].values())}).")
         self._step_done(r, "train", {k: result.get(k) for k in (
-            "status", "steps", "epochs_run", "stopped_early", "train_seconds", "best_eval_loss", "pairs_per_second", "device", "world_size",
+            "status", "steps", "epochs_run", "stopped_early", "train_seconds", "best_eval_loss", "pairs_per_second",
+            "device", "world_size",
             "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "wise")}, t0)
 
     def _relay(self, ev: dict[str, Any]) -> None:

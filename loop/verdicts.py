@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from loop.errors import InputError
-from loop.evaluate import PRIMARY_METRIC, EvalReport, compare
+from loop.evaluate import PRIMARY_METRIC, EvalReport, compare, paired_differences
 
 # Expected gain heuristic: a fraction of the gap that grows with log10(pairs), from 0 at
 # 100 pairs to 0.25 at 1,000 and 0.5 at 10,000, capped at 0.6. Deliberately conservative:
@@ -175,9 +175,7 @@ def resolution(active: EvalReport, candidate: EvalReport, metric: str = PRIMARY_
     would resolve each of `effects` (n = (1.96 sd / effect)^2, sd of the per-query differences;
     at least the queries there are when the spread is zero)."""
     c = compare(active, candidate, metric, n_boot=n_boot, seed=seed)
-    order = [{q: i for i, q in enumerate(candidate.query_ids)}[q] for q in active.query_ids]
-    diff = np.asarray(candidate.per_query[metric], dtype=np.float64)[order] - np.asarray(
-        active.per_query[metric], dtype=np.float64)
+    diff = paired_differences(active, candidate, metric)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
     sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
