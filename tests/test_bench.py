@@ -301,6 +301,14 @@ def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path)
         main(["--combine", *map(str, files), "--out", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="seed repeated"):
         main(["--combine", str(files[0]), str(files[0]), "--out", str(tmp_path / "bad.json")])
+    # Files that are not results: a clear error, and no output file.
+    (tmp_path / "broken.json").write_text("{bad")
+    (tmp_path / "other.json").write_text("{}")
+    for name, message in (("missing.json", "cannot read"), ("broken.json", "cannot read"),
+                          ("other.json", "not a bench.quality result")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--combine", str(files[0]), str(tmp_path / name), "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_reviewer_order_follows_its_seed(workspace, beir_dir):
