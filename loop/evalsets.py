@@ -9,7 +9,6 @@ which of them form the development fold, so training can leave them out.
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -113,11 +112,14 @@ def held_out_keys(con: Store | duckdb.DuckDBPyConnection) -> set[str]:
 def dev_fold(keys: set[str], share: float, seed: int = 0) -> set[str]:
     """The development fold of the held-out query keys: a seeded `share` of them (none when that
     would leave fewer than 5 for promotion, or when share is 0). It chooses the checkpoint and the
-    WiSE-FT weight; the other held-out queries judge promotion, so no choice is made on them."""
+    WiSE-FT weight; the other held-out queries judge promotion, so no choice is made on them.
+
+    The fold is the `share` of keys that come first in a seeded hash order, so when the held-out
+    set grows a query stays on its side but at the margin (a random sample would reshuffle it)."""
     n = round(len(keys) * share)
     if n < 1 or len(keys) - n < 5:
         return set()
-    return set(random.Random(seed).sample(sorted(keys), n))
+    return set(sorted(keys, key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).digest())[:n])
 
 
 def evalset_from_store(store: Store, splits: Sequence[str] = ("eval", "test"), keys: set[str] | None = None) -> EvalSet:

@@ -1,6 +1,8 @@
 """The held-out set of a workspace, and what is measured on it: the one place both faces ask.
 
-Fixed once from the human-verified real queries (`ensure`), split into a development fold (it
+Drawn from the human-verified real queries (`ensure`): a seeded share of them when it is first
+fixed, then, before each later round trains, the same share of the verified queries no model was
+trained on yet (`record_trained` keeps the list). Split into a development fold (it
 chooses the checkpoint and the WiSE-FT weight) and the promotion set (`folds`); training never
 sees either (`drop_training_pairs`). Reports are cached per model version and eval-set
 fingerprint (`report_for`). The baseline and the should-I-fine-tune recommendation are computed
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from loop.workspace import Workspace
 
 HELD_OUT_REASON = "its query is held out for evaluation"
+HELD_OUT_POINTER, DRAWN = "held_out", "drawn"  # set when the loop drew the held-out set (it may grow)
 
 
 class Baseline(BaseModel):
@@ -65,7 +68,7 @@ class HeldOut:
 
         They can appear after the held-out set was fixed: pairs imported or typed in another
         case, spacing or punctuation, or a generated query that repeats an evaluation query.
-        Dropped, not moved to the eval split: the held-out set stays the one fixed at the start.
+        Dropped, not moved to the eval split: a query that was trained on never joins the held-out set.
         """
         held_out = held_out_keys(self.store)
         rows = self.store.execute(
@@ -82,25 +85,34 @@ class HeldOut:
                      f"same query, case, spacing and trailing punctuation aside), e.g. {accepted[0]!r}; they stay "
                      f"stored, marked dropped.")
 
-    def ensure(self) -> int:
-        """Fix the held-out set once, then keep training off it; returns the queries held out now.
+    def ensure(self, in_round: int | None = None) -> int:
+        """Fix the held-out set, or grow it by `in_round`'s newly verified queries; then keep
+        training off it. Returns the queries added now.
 
-        The held-out set is a seeded share of the human-verified queries, each with all its
-        accepted pairs. A query is matched by `query_key` (case, spacing and trailing punctuation
-        do not make it another query), so every form of a held-out query goes to the eval split.
-        Nothing moves when an eval or test split exists already (e.g. an imported BEIR test). Each
-        call then drops the training pairs and open cards of held-out queries, with the reason.
+        First call: a seeded share (`eval_fraction`, within `eval_min`..`eval_max`) of the
+        human-verified real queries, each with all its accepted pairs. Later calls with `in_round`
+        (the train step, before it writes its snapshot) add the same share of the verified queries
+        that no training snapshot held (`record_trained`): no model was trained on them. So the promotion set
+        grows with the reviews (a fixed one of 10-20 queries cannot resolve a +0.02 gain), and each
+        model is judged on queries it never saw. A query is matched by `query_key` (case, spacing
+        and trailing punctuation do not make it another query), so every form of a held-out query
+        goes to the eval split. A set the loop did not draw (an imported eval or test split) never
+        changes. Each call then drops the training pairs and open cards of held-out queries, with
+        the reason.
         """
         n = 0
         if not self.store.scalar("SELECT count(*) FROM pairs WHERE status = 'accepted' AND split IN ('eval', 'test')"):
             n = self._hold_out()
+        elif in_round is not None and self.store.pointer(HELD_OUT_POINTER) == DRAWN:
+            n = self._grow(in_round)
         self.drop_training_pairs()
         return n
 
-    def _hold_out(self) -> int:
-        """Hold out a seeded share of the verified real queries (imported, logged or typed by a
-        reviewer; never an offline synthetic query, and an LLM-written one only when nothing else
-        exists, said in the log)."""
+    def _verified(self, untrained: bool = False) -> tuple[dict[str, str], bool]:
+        """The human-verified queries still in training, as query key -> its first form (anchor
+        order): the real ones (imported, logged or typed by a reviewer; never an offline synthetic
+        query), or, when there is none and not `untrained`, the LLM-written ones a reviewer
+        accepted (then True). `untrained`: only the queries no training snapshot held."""
         rows = self.store.execute(
             "SELECT DISTINCT anchor, source = 'seed' OR query_id IS NOT NULL OR origin = 'review:edit' AS real, "
             "coalesce(json_extract_string(meta, '$.generator'), '') LIKE 'llm:%' AS llm "
@@ -109,14 +121,40 @@ class HeldOut:
             "('accept', 'mark'))) ORDER BY anchor"
         ).fetchall()
         anchors = [a for a, real, _ in rows if real]
-        if not anchors and any(llm for _, _, llm in rows):
-            anchors = [a for a, _, llm in rows if llm]
+        llm = not anchors and not untrained and any(is_llm for _, _, is_llm in rows)
+        if llm:
+            anchors = [a for a, _, is_llm in rows if is_llm]
+        queries: dict[str, str] = {}
+        for a in anchors:
+            queries.setdefault(query_key(a), a)
+        if untrained:
+            trained = {query_key(a) for (a,) in self.store.execute("SELECT anchor FROM trained_queries").fetchall()}
+            queries = {k: a for k, a in queries.items() if k not in trained}
+        return queries, llm
+
+    def record_trained(self, anchors: list[str], in_round: int) -> None:
+        """The queries of a training snapshot: none of them may join the held-out set later."""
+        self.store.execute("INSERT OR IGNORE INTO trained_queries (anchor, round) "
+                           "SELECT DISTINCT unnest(?::VARCHAR[]), ?", [anchors, in_round])
+
+    def _move(self, chosen: set[str]) -> None:
+        """The accepted training pairs of these query keys go to the eval split. Their open cards
+        (a logged query proposes several passages) are dropped next, by `drop_training_pairs`: an
+        answer would be a training label for an evaluation query."""
+        moved = [pid for pid, a in self.store.execute(
+            "SELECT pair_id, anchor FROM pairs WHERE status = 'accepted' AND split = 'train'").fetchall()
+            if query_key(a) in chosen]
+        self.store.execute("UPDATE pairs SET split = 'eval', updated_at = current_timestamp "
+                           "WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))", [moved])
+
+    def _hold_out(self) -> int:
+        """Hold out a seeded share of the verified real queries (LLM-written ones only when nothing
+        else exists, said in the log)."""
+        queries, llm = self._verified()
+        if llm:
             self.log("No verified real queries yet: holding out LLM-generated queries a reviewer accepted. The "
                      "figures measure how well the model finds passages for the LLM's questions; import real "
                      "queries with their answers (`embedloop pairs import --split eval`) for a truer measure.")
-        queries: dict[str, str] = {}  # query key -> its first form, in anchor order
-        for a in anchors:
-            queries.setdefault(query_key(a), a)
         need = 2 * self.config.eval_min
         if len(queries) < need:
             raise RoundError(
@@ -125,17 +163,25 @@ class HeldOut:
                 f"import`), add a query log (`embedloop queries import`) and review its cards."
             )
         n = min(self.config.eval_max, max(self.config.eval_min, round(len(queries) * self.config.eval_fraction)))
-        chosen = {query_key(a) for a in random.Random(self.config.seed).sample(list(queries.values()), n)}
-        moved = [pid for pid, a in self.store.execute(
-            "SELECT pair_id, anchor FROM pairs WHERE status = 'accepted' AND split = 'train'").fetchall()
-            if query_key(a) in chosen]
-        # Their open cards (a logged query proposes several passages) are dropped next, by
-        # `drop_training_pairs`: an answer would be a training label for an evaluation query.
-        self.store.execute("UPDATE pairs SET split = 'eval', updated_at = current_timestamp "
-                           "WHERE pair_id IN (SELECT unnest(?::VARCHAR[]))", [moved])
+        self._move({query_key(a) for a in random.Random(self.config.seed).sample(list(queries.values()), n)})
+        self.store.set_pointer(HELD_OUT_POINTER, DRAWN)
         dev, _ = self.folds()
-        self.log(f"Held out {n} human-verified queries as the fixed evaluation set ({len(dev)} of them the "
-                 f"development fold that chooses the checkpoint and the WiSE-FT weight).")
+        self.log(f"Held out {n} human-verified queries as the evaluation set ({len(dev)} of them the development "
+                 f"fold that chooses the checkpoint and the WiSE-FT weight); each later round adds "
+                 f"{self.config.eval_fraction:.0%} of the queries verified since the last training.")
+        return n
+
+    def _grow(self, in_round: int) -> int:
+        """Add a seeded share of the verified queries no model was trained on, before `in_round` trains."""
+        queries, _ = self._verified(untrained=True)
+        n = min(self.config.eval_max - len(held_out_keys(self.store)), round(len(queries) * self.config.eval_fraction))
+        if n <= 0:
+            return 0
+        rng = random.Random(f"{self.config.seed}:{in_round}")
+        self._move({query_key(a) for a in rng.sample(list(queries.values()), n)})
+        dev, promotion = self.folds()
+        self.log(f"Added {n} of the {len(queries)} verified queries not yet trained on to the held-out set: "
+                 f"now {len(dev) + len(promotion)} queries, {len(promotion)} of them judging promotion.")
         return n
 
     def folds(self) -> tuple[set[str], set[str]]:

@@ -239,9 +239,12 @@ class Rounds:
         run = self.run_dir(r)
         result = train.read_result(run)
         if result is None or result.get("status") != "ok":
-            self.heldout.ensure()
+            fresh = not (run / train.CONFIG_FILE).exists()
+            # The held-out set grows by this round's newly verified queries only before the snapshot
+            # is written: a resumed run trains on the rows it started with.
+            self.heldout.ensure(r.round if fresh else None)
             self.heldout.baseline()  # benchmark first, always: stored before any training
-            if not (run / train.CONFIG_FILE).exists():
+            if fresh:
                 rows = self.data.rows()
                 overrides = self.config.train.model_dump(exclude_unset=True)
                 cfg = {"device": self.ws.settings.device, **overrides,  # the workspace's device unless [loop.train] says
@@ -249,6 +252,7 @@ class Rounds:
                 # The checkpoint (eval loss) and the WiSE-FT weight are chosen on the development fold,
                 # never on the promotion set; without a fold the trainer holds out a share of the rows.
                 dev_pairs, task = self.data.dev_fold()
+                self.heldout.record_trained([row["anchor"] for row in rows], r.round)  # first: a crash can't lose it
                 digest = train.write_snapshot(run, rows, dev_pairs if len(dev_pairs) >= 2 else None, cfg, dev=task)
                 r.manifest.data_snapshot = digest
                 r.manifest.train_config = json.loads((run / train.CONFIG_FILE).read_text())

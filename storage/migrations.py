@@ -137,9 +137,18 @@ CREATE TABLE workspace_info (                            -- one row
 INSERT INTO workspace_info (workspace_id) VALUES (substr(replace(CAST(gen_random_uuid() AS VARCHAR), '-', ''), 1, 8));
 """
 
+M004_TRAINED_QUERIES = """
+CREATE TABLE trained_queries (                           -- every query a round's training snapshot held:
+    anchor        VARCHAR PRIMARY KEY,                   -- it can never join the held-out set later
+    round         INTEGER                                -- NULL: trained before this table existed
+);
+INSERT INTO trained_queries SELECT DISTINCT anchor, NULL FROM pairs WHERE status = 'accepted' AND split = 'train';
+"""
+
 # (number, name, sql). The schema version of a database is the highest number applied.
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "create_tables", M001_CREATE_TABLES),
     (2, "review_queue", M002_REVIEW_QUEUE),
     (3, "workspace_id", M003_WORKSPACE_ID),
+    (4, "trained_queries", M004_TRAINED_QUERIES),
 ]

@@ -63,7 +63,9 @@ class Env:
         self.pids = self.ws.store.first_passage_of_docs([f"doc{i:03d}" for i in range(20)])
         self._pairs("accepted", range(12), "seed")
         self.cards = self._pairs("pending", range(12, 16), "card")
-        Rounds(self.ws).heldout.ensure()  # fixed once, as the first train step would
+        heldout = Rounds(self.ws).heldout
+        heldout.ensure()  # fixed, and the rest trained on, as the first train step would
+        heldout.record_trained([f"seed question {n}" for n in range(12)], 1)
         decide(self.ws.store, DecisionIn(pair_id=self.cards[0], action="reject", reviewer="ann"))
         self.decided = self.cards[0]
         assert claim_next(self.ws.store, "zoe", claim_seconds=3600).pair_id == self.cards[1]

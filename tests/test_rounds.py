@@ -119,6 +119,55 @@ def test_eval_split_is_fixed_once_and_leakage_is_refused(workspace, tmp_path):
         rounds.data.rows()
 
 
+@case("Stuck or wrong state", "the held-out set stays at the 10-20 queries of round 1 while reviews verify ~150",
+      "before each round trains, the same share of the verified queries no training snapshot held joins it (a "
+      "query any model was trained on never does); an imported eval set and a resumed run never grow")
+def test_held_out_set_grows_by_queries_no_model_was_trained_on(workspace, tmp_path):
+    _seed(workspace, tmp_path)
+    rounds, lines = _rounds(workspace, eval_fraction=0.25)
+    assert rounds.heldout.ensure(1) == 5  # first fixed: max(5, 25% of 10)
+    first = rounds.heldout.folds()
+    trained = [a for (a,) in workspace.store.execute(
+        "SELECT anchor FROM pairs WHERE status = 'accepted' AND split = 'train'").fetchall()]
+    rounds.heldout.record_trained(trained, 1)  # what round 1's train step records with its snapshot
+    new = [f"which clause covers topic {i}" for i in range(8)]
+    pid = workspace.store.passage_ids()[0]
+    with workspace.store.transaction() as cur:  # verified since: imported (seed) pairs count as verified
+        workspace.store.insert_ignore(cur, "pairs", [
+            {"pair_id": f"new-{i}", "anchor": q, "positive_id": pid, "positive_text": "x",
+             "source": "seed", "status": "accepted", "split": "train"} for i, q in enumerate(new)])
+    assert rounds.heldout.ensure(None) == 0  # a resumed train step: the set stays
+    assert rounds.heldout.ensure(2) == 2  # 25% of the 8 untrained queries
+    held = rounds.heldout.folds()
+    grown = (held[0] | held[1]) - (first[0] | first[1])
+    assert len(grown) == 2 and grown <= {query_key(q) for q in new}  # never a query round 1 trained on
+    assert not {query_key(a) for a in trained} & (held[0] | held[1])
+    assert any("Added 2 of the 8 verified queries not yet trained on" in line for line in lines)
+    assert len(held[0] | held[1]) == 7 and len(held[0]) == 2  # 7 queries now leave a development fold
+    assert len(rounds.heldout.evalset().query_ids) == len(held[1])
+    rounds.heldout.record_trained([q for q in new if query_key(q) not in grown], 2)
+    assert rounds.heldout.ensure(3) == 0  # nothing new was verified
+
+
+def test_an_imported_eval_set_never_grows(workspace, tmp_path):
+    _seed(workspace, tmp_path)
+    workspace.store.execute("UPDATE pairs SET split = 'eval' WHERE anchor LIKE '%indemnity%' OR anchor LIKE '%payment%'")
+    rounds, _ = _rounds(workspace, eval_fraction=0.5)
+    assert rounds.heldout.ensure(2) == 0 and len(rounds.heldout.folds()[1]) == 2
+
+
+def test_the_development_fold_keeps_its_queries_when_the_set_grows():
+    from loop.evalsets import dev_fold
+
+    keys = {f"query {i}" for i in range(20)}
+    more = keys | {f"later query {i}" for i in range(10)}
+    small, large = dev_fold(keys, 0.35, seed=3), dev_fold(more, 0.35, seed=3)
+    assert len(small) == 7 and len(large) == round(30 * 0.35)
+    old_in_large = large & keys  # one seeded order: the old keys move only at the margin, never reshuffle
+    assert old_in_large <= small or small <= old_in_large
+    assert dev_fold(more, 0.35, seed=3) == large and dev_fold(more, 0.35, seed=4) != large
+
+
 def test_open_cards_of_held_out_queries_are_dropped_not_asked(workspace, tmp_path):
     """A logged query proposes several passages; once it is held out, its other cards must not
     become training labels (a round-2 accept of one made training refuse to run)."""
@@ -194,6 +243,8 @@ def test_whole_round_trains_evaluates_and_decides(tmp_path, minilm_path):
         snap = json.loads((rounds.run_dir(r) / "snapshot.json").read_text())
         assert rounds.heldout.folds()[0] == set() and snap["n_dev_queries"] == 0
         assert snap["n_train"] + snap["n_eval"] == len(rounds.data.rows())
+        trained = {a for (a,) in ws.store.execute("SELECT anchor FROM trained_queries WHERE round = 1").fetchall()}
+        assert trained == {row["anchor"] for row in rounds.data.rows()}  # recorded with the snapshot
         assert {"ndcg@10", "mrr@10", "recall@10"} <= set(m.metrics["candidate"])
         assert m.vs_base["ci_low"] <= m.vs_base["delta"] <= m.vs_base["ci_high"]
         assert set(m.vs_base_by_metric) == set(m.metrics["candidate"])  # every metric has its interval
