@@ -59,7 +59,8 @@ class LoopConfig(BaseModel):
                           "top; 1 suffices: a card shows the model's top passages and the reviewer marks each that answers")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
     eval_fraction: float = Field(0.3, gt=0, lt=1, description="share of the human-verified real queries held "
-                                 "out, once (a development fold and a promotion set, see dev_share)")
+                                 "out (a development fold and a promotion set, see dev_share): first of all "
+                                 "of them, then of those verified since the last training, each round")
     eval_min: int = Field(5, ge=1, description="queries held out at least (twice as many verified ones are needed)")
     eval_max: int = Field(300, ge=1, description="queries held out at most")
     dev_share: float = Field(0.35, ge=0, lt=1, description="share of the held-out queries in the development fold: "

@@ -358,6 +358,27 @@ def test_a_fixed_held_out_set_is_measured_without_asking(ws):
     assert any("Off-the-shelf baseline" in m.value for m in at.markdown)
 
 
+def test_the_baseline_is_measured_again_when_a_round_grew_the_held_out_set(ws):
+    _seed_verified_pairs(ws, split="eval")
+    ok(app(ws))
+    assert wait_job(ws, "baseline")["status"] == "done"
+    first = deps.jobs(ws).result("baseline")
+    assert first["held_out_pairs"] == 12
+    pid = ws.pids[list(TOPICS)[0]]
+    with ws.store.transaction() as cur:  # what a round's growth step does: six more held-out queries
+        Store.insert_ignore(cur, "pairs", [
+            {"pair_id": f"grown-{i}", "anchor": f"verified question {i}", "positive_id": pid,
+             "positive_text": ws.store.passages([pid])[pid], "source": "seed", "status": "accepted", "split": "eval"}
+            for i in range(6)])
+    ok(app(ws))
+    assert wait_job(ws, "baseline")["status"] == "done"
+    again = deps.jobs(ws).result("baseline")
+    assert again["held_out_pairs"] == 18 and again["report"].n_queries > first["report"].n_queries
+    assert again["report"].evalset_fingerprint != first["report"].evalset_fingerprint
+    ok(app(ws))  # measured for this set: not again
+    assert deps.jobs(ws).result("baseline") is again
+
+
 def test_train_page_shows_live_training_progress(ws):
     r = Rounds(ws).open()
     run = Rounds(ws).run_dir(r)

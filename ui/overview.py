@@ -79,16 +79,19 @@ with right:
     )
 
 st.subheader("Baseline and recommendation")
-held_out = any(status.get("pairs_by_split", {}).get(s) for s in ("eval", "test"))
-if held_out and "baseline" not in jobs.latest:
-    # The held-out set is fixed already: measuring is cheap (reports are cached by eval set), so
-    # this process measures it once on its own, e.g. after a restart.
-    jobs.submit("baseline", tasks.measure_baseline(ws))
+held_out = sum(status.get("pairs_by_split", {}).get(s, 0) for s in ("eval", "test"))
 baseline = jobs.result("baseline")
+stale = baseline is not None and baseline.get("held_out_pairs") != held_out  # a round added queries to it
+if held_out and not jobs.running("baseline") and ("baseline" not in jobs.latest or stale):
+    # The held-out set exists: measuring is cheap (reports are cached by eval set), so this
+    # process measures it on its own, e.g. after a restart or after a round grew the set.
+    jobs.submit("baseline", tasks.measure_baseline(ws))
+    baseline = None
 if baseline is None:
     st.write(
-        "The off-the-shelf model is measured first, on a held-out set of human-verified pairs (fixed once: "
-        "imported eval/test pairs, else a seeded share of the accepted ones)."
+        "The off-the-shelf model is measured first, on a held-out set of human-verified pairs (imported "
+        "eval/test pairs, else a seeded share of the verified queries, growing by the same share of each "
+        "round's newly verified ones)."
     )
     if st.button("Measure the baseline", icon=":material/speed:", disabled=jobs.running("baseline")):
         jobs.submit("baseline", tasks.measure_baseline(ws))

@@ -104,7 +104,7 @@ def describe_report(r: Any) -> str:
 
 
 def measure_baseline(ws: Workspace):
-    """The off-the-shelf model on the held-out set (held out once, here if not yet), its 95%
+    """The off-the-shelf model on the held-out set (drawn here if not yet), its 95%
     interval, and the model's encoding speed on this machine (for the re-index estimate)."""
     from loop.rounds import Rounds
 
@@ -117,7 +117,9 @@ def measure_baseline(ws: Workspace):
         speed = ws.encode_speed()
         ctx.log(f"Baseline NDCG@10 {report.metrics['ndcg@10']:.4f} (95% interval {lo:.4f} to {hi:.4f}) on "
                 f"{report.n_queries} queries; encoding {speed:,.0f} passages/s.")
-        return {"report": report, "ci": (lo, hi), "intervals": every, "speed": speed, "model": ws.base_version}
+        held = int(ws.store.scalar("SELECT count(*) FROM pairs WHERE split IN ('eval', 'test')"))  # a round grows it
+        return {"report": report, "ci": (lo, hi), "intervals": every, "speed": speed, "model": ws.base_version,
+                "held_out_pairs": held}
 
     return run
 
