@@ -149,6 +149,25 @@ def test_held_out_set_grows_by_queries_no_model_was_trained_on(workspace, tmp_pa
     assert rounds.heldout.ensure(3) == 0  # nothing new was verified
 
 
+def test_a_workspace_from_before_trained_queries_counts_its_training_queries_as_trained(workspace, tmp_path):
+    """Migration 4 cannot know which queries older rounds trained on: every accepted training
+    query then counts as trained, so none of them can join the held-out set."""
+    from loop.workspace import Workspace
+
+    _seed(workspace, tmp_path)
+    rounds, _ = _rounds(workspace, eval_fraction=0.25)
+    rounds.heldout.ensure(1)
+    before = rounds.heldout.folds()
+    workspace.store.execute("DROP TABLE trained_queries")  # as a workspace made before migration 4
+    workspace.store.execute("DELETE FROM schema_migrations WHERE version = 4")
+    path = workspace.settings.workspace
+    workspace.close()
+    with Workspace.open(path) as ws:
+        rounds, _ = _rounds(ws, eval_fraction=0.25)
+        assert ws.store.scalar("SELECT count(*) FROM trained_queries") == 5  # the 10 seed queries less 5 held out
+        assert rounds.heldout.ensure(2) == 0 and rounds.heldout.folds() == before
+
+
 def test_an_imported_eval_set_never_grows(workspace, tmp_path):
     _seed(workspace, tmp_path)
     workspace.store.execute("UPDATE pairs SET split = 'eval' WHERE anchor LIKE '%indemnity%' OR anchor LIKE '%payment%'")
