@@ -231,6 +231,13 @@ def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str
 
 RULES = (0.975, 0.95, 0.9, 0.8, 0.7, 0.5)
 SIGN_FLIP_RULES = (0.025, 0.05, 0.1, 0.2)
+BOTH_RULES = ((0.95, 0.1), (0.9, 0.1), (0.95, 0.2))  # the bootstrap share and the sign-flip test together
+
+
+def calibration_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every round of a `bench.quality` result, the loop's and the random control's, over every seed."""
+    return [row for r in result.get("per_seed") or [result]
+            for row in r.get("rounds", []) + r.get("random_control", {}).get("rounds", [])]
 
 
 def gate_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,7 +246,8 @@ def gate_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
     that scores below the model active before its round on the test split; a false refusal is one
     refused that scores above it with the test interval above zero. Rule `p>=t`: promote when the
     candidate wins in at least t of the held-out set's bootstrap resamples (and its mean is ahead);
-    rule `sign-flip p<=a` (rounds that recorded it): when the paired sign-flip test's p is at most a."""
+    rule `sign-flip p<=a` (rounds that recorded it): when the paired sign-flip test's p is at most a;
+    rule `p>=t & sign-flip p<=a`: both."""
     gates = [r["gate"] for r in rows if r.get("gate") and r["gate"].get("n_queries")]
     out: dict[str, Any] = {"rounds": len(gates),
                            "better_on_test": sum(g["test_delta_vs_active"] > 0 for g in gates),
@@ -249,6 +257,9 @@ def gate_calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if gates and all(g.get("p_sign_flip") is not None for g in gates):  # recorded since 2026-12-01 afternoon
         rules += [(f"sign-flip p<={a:g}", [g["p_sign_flip"] <= a and g["delta"] > 0 for g in gates])
                   for a in SIGN_FLIP_RULES]
+        rules += [(f"p>={t:g} & sign-flip p<={a:g}",
+                   [g["p_better"] >= t and g["p_sign_flip"] <= a and g["delta"] > 0 for g in gates])
+                  for t, a in BOTH_RULES]
     for name, promote in rules:
         out[name] = {
             "promoted": sum(promote),
@@ -296,7 +307,7 @@ def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
             out[key] = {n: pooled_vs([rep[which][n] for rep in reports], [rep[which]["loop"] for rep in reports])
                         for n in reports[0][which] if n != "loop"}
         out["targets"] = _targets(out["loop_vs"])
-    every_round = [row for r in results for row in r.get("rounds", []) + r.get("random_control", {}).get("rounds", [])]
+    every_round = [row for r in results for row in calibration_rows(r)]
     if every_round:
         out["gate_calibration"] = gate_calibration(every_round)
     out["per_seed"] = results

@@ -1,12 +1,14 @@
 """A `bench.quality` JSON as the markdown tables bench/README.md shows (printed, never edited by hand).
 
     python -m bench.table FILE.json
+    python -m bench.table --calibration A.json B.json ...   # the gate calibration pooled over runs
 
 Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
 candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
 NDCG@10, R@100, MRR@10 and the interval against the base (pooled over seeds and queries when the
 run had several seeds); then the loop against each control, promotions per seed, the reviews and
-passages judged, and the gate calibration.
+passages judged, and the gate calibration. `--calibration` pools the gate calibration over every
+round of several runs (e.g. two collections): a rule is only as well supported as its rounds.
 """
 
 from __future__ import annotations
@@ -64,14 +66,7 @@ def tables(d: dict[str, Any]) -> str:
                    f"{last.get('positives')}.")
     cal = d.get("gate_calibration")
     if cal:
-        out += ["", f"Gate calibration over {cal['rounds']} rounds (loop and random control, every seed; "
-                    f"{cal['better_on_test']} candidates better than the active model on the test split, "
-                    f"{cal['significantly_better_on_test']} significantly):", "",
-                "| rule: promote when (and the candidate's held-out mean is ahead) | promoted | false promotions | "
-                "false refusals (test CI > 0) | refused a better one |", "|---|---|---|---|---|"]
-        names = {"p>=": "bootstrap share of wins >= ", "sign-flip p<=": "sign-flip test p <= "}
-        out += [f"| {names[pre]}{k[len(pre):]} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
-                f"{v['refused_better']} |" for k, v in cal.items() for pre in names if k.startswith(pre)]
+        out += ["", *calibration_table(cal)]
     if "combined_from" in d:
         out += ["", "Combined from " + "; ".join(
             f"{c['file']} (seeds {c['seeds']}, commit {(c.get('machine') or {}).get('commit')}, wall time "
@@ -81,9 +76,38 @@ def tables(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _rule(name: str) -> str:
+    return (name.replace("p>=", "bootstrap share of wins >= ").replace("sign-flip p<=", "sign-flip test p <= ")
+            .replace(" & ", " and "))
+
+
+def calibration_table(cal: dict[str, Any], what: str = "loop and random control, every seed") -> list[str]:
+    """`bench.quality.gate_calibration`'s counts as a markdown table, one row per rule."""
+    return [f"Gate calibration over {cal['rounds']} rounds ({what}; {cal['better_on_test']} candidates better than "
+            f"the active model on the test split, {cal['significantly_better_on_test']} significantly):", "",
+            "| rule: promote when (and the candidate's held-out mean is ahead) | promoted | false promotions | "
+            "false refusals (test CI > 0) | refused a better one |", "|---|---|---|---|---|",
+            *(f"| {_rule(k)} | {v['promoted']} | {v['false_promotions']} | {v['false_refusals']} | "
+              f"{v['refused_better']} |" for k, v in cal.items() if isinstance(v, dict))]
+
+
+def pooled_calibration(paths: list[str]) -> str:
+    """The gate calibration over every round of these `bench.quality` results, as one table."""
+    from bench.quality import calibration_rows, gate_calibration
+
+    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    rows = [row for d in docs for row in calibration_rows(d)]
+    what = "; ".join(f"{Path(p).name}: {d['dataset']}, seeds {d.get('seeds', [d.get('seed', 0)])}"
+                     for p, d in zip(paths, docs, strict=True))
+    return "\n".join(calibration_table(gate_calibration(rows), what))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
+    if args[:1] == ["--calibration"] and len(args) > 1:
+        print(pooled_calibration(args[1:]))
+        return 0
+    if len(args) != 1 or args[0].startswith("--"):
         print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
         return 2
     print(tables(json.loads(Path(args[0]).read_text(encoding="utf-8"))))

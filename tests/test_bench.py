@@ -434,6 +434,30 @@ def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
                    "machine": {"commit": "abc", "date": "today"}, "wall_s": {"total": 1.0}})
     assert "| bootstrap share of wins >= 0.975 | 1 | 0 | 1 | 1 |" in text
     assert "| sign-flip test p <= 0.05 | 1 | 0 | 1 | 1 |" in text
+    assert cal["p>=0.95 & sign-flip p<=0.1"] == cal["p>=0.975"]  # both tests: only the first round
+    assert "| bootstrap share of wins >= 0.95 and sign-flip test p <= 0.1 | 1 | 0 | 1 | 1 |" in text
+
+
+def test_bench_table_pools_the_gate_calibration_over_runs(tmp_path, capsys):
+    from bench.table import main
+
+    def row(p, sf, delta, test_delta):
+        return {"gate": {"p_better": p, "p_sign_flip": sf, "delta": delta, "n_queries": 20,
+                         "test_delta_vs_active": test_delta, "test_ci95_vs_active": [test_delta - 0.01, test_delta + 0.01]}}
+
+    seeds = {"dataset": "a", "seeds": [0, 1], "per_seed": [  # a run of two seeds: loop and random-control rounds
+        {"rounds": [row(0.99, 0.01, 0.05, 0.03)], "random_control": {"rounds": [row(0.96, 0.3, 0.04, -0.02)]}},
+        {"rounds": [row(0.5, 0.6, 0.0, 0.01)]}]}
+    single = {"dataset": "b", "seed": 0, "rounds": [row(0.97, 0.05, 0.02, 0.02)]}  # a one-seed run
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    for f, d in zip(files, (seeds, single), strict=True):
+        f.write_text(json.dumps(d))
+    assert main(["--calibration", *map(str, files)]) == 0
+    text = capsys.readouterr().out
+    assert "Gate calibration over 4 rounds (a.json: a, seeds [0, 1]; b.json: b, seeds [0]; 3 candidates better" in text
+    assert "| bootstrap share of wins >= 0.95 | 3 | 1 | 0 | 1 |" in text  # the random round at 0.96 was worse
+    assert "| bootstrap share of wins >= 0.95 and sign-flip test p <= 0.1 | 2 | 0 | 0 | 1 |" in text
+    assert main(["--calibration"]) == 2
 
 
 @pytest.mark.slow
