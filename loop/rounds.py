@@ -69,6 +69,10 @@ class LoopConfig(BaseModel):
         0.95, gt=0.5, lt=1, description="promote when the bootstrap share of resamples in which the candidate beats the "
         "active model on the promotion set reaches this (0.975 = the 95% interval's lower bound above zero; 0.95 "
         "chosen by bench.quality's gate calibration over 54 benchmark rounds, bench/README.md)")
+    promote_sign_flip: float | None = Field(
+        None, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
+        "be at most this (the bootstrap share grows overconfident on a handful of queries); empty: the bootstrap "
+        "share alone")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
@@ -334,7 +338,8 @@ class Rounds:
         cand, active = self.heldout.report_for(version, evalset), self.heldout.report_for(self.ws.active_model, evalset)
         res = resolution(active, cand)  # measured once: the gate's reasons and the manifest both quote it
         ok, reasons = promotion_gate(cand, active, min_delta=self.config.promote_min_delta,
-                                     confidence=self.config.promote_confidence, res=res)
+                                     confidence=self.config.promote_confidence, res=res,
+                                     sign_flip_max=self.config.promote_sign_flip)
         r.manifest.promotion = Promotion(promote=ok, reasons=reasons, confidence=self.config.promote_confidence,
                                          resolution={**res.model_dump(), "more_queries_for_0.02": res.more_queries()})
         for line in reasons:

@@ -205,16 +205,18 @@ def sign_flip_p(diff: np.ndarray, *, exact_up_to: int = 16, n_draws: int = 20000
 
 def promotion_gate(
     candidate: EvalReport, active: EvalReport, metric: str = PRIMARY_METRIC, min_delta: float = 0.0,
-    confidence: float = 0.975, res: Resolution | None = None,
+    confidence: float = 0.975, res: Resolution | None = None, sign_flip_max: float | None = None,
 ) -> tuple[bool, list[str]]:
     """Promote `candidate` only if it beats `active` on the same held-out queries with `confidence`.
 
     The rule: the mean difference exceeds `min_delta`, and in at least `confidence` of the paired
     bootstrap resamples of the queries the candidate wins (`res`: that measurement, when the caller
-    already has it). 0.975 is the classic test (the 95%
-    interval wholly above zero); the loop's default (LoopConfig.promote_confidence) is chosen by
-    `bench.quality`'s gate calibration (bench/README.md). Otherwise the candidate stays a
-    candidate (the active model and index are untouched).
+    already has it), and, when `sign_flip_max` is set, the paired sign-flip test's one-sided p is
+    at most it (the bootstrap share grows overconfident on a handful of queries; the sign-flip
+    test does not). 0.975 is the classic test (the 95% interval wholly above zero); the loop's
+    defaults (LoopConfig.promote_confidence, promote_sign_flip) are chosen by `bench.quality`'s
+    gate calibration (bench/README.md). Otherwise the candidate stays a candidate (the active
+    model and index are untouched).
 
     Returns:
         (promote, reasons quoting the numbers).
@@ -230,13 +232,23 @@ def promotion_gate(
         f"{c.base_version}: a difference of {c.delta:+.4f} (95% interval {c.ci_low:+.4f} to {c.ci_high:+.4f}, "
         f"{c.n_queries} held-out queries); it wins in {res.p_better:.0%} of the bootstrap resamples."
     ]
-    sure = res.p_better >= confidence
+    boot = res.p_better >= confidence
+    checked = sign_flip_max is not None and res.p_sign_flip is not None
+    confirmed = not checked or res.p_sign_flip <= sign_flip_max  # type: ignore[operator]
+    sure = boot and confirmed
+    if checked:
+        reasons.append(f"The paired sign-flip test gives p {res.p_sign_flip:.3f} "
+                       f"({'within' if confirmed else 'above'} the {sign_flip_max:g} required).")
     big_enough = c.delta > min_delta
     if sure and c.ci_low > 0:
         reasons.append("The whole interval is above zero: the gain is beyond noise.")
     elif sure:
         reasons.append(f"That is at least the required {confidence:.0%}: a likely gain, though the interval still "
                        f"includes zero.")
+    elif boot:
+        reasons.append(f"The bootstrap share reaches the required {confidence:.0%}, but on {c.n_queries} queries the "
+                       f"sign-flip test does not confirm it: the difference may be noise. Keep the active model; "
+                       f"the candidate stays a candidate.")
     elif c.ci_high < 0:
         reasons.append("The whole interval is below zero: the candidate is worse. Keep the active model.")
     else:

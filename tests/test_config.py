@@ -260,6 +260,7 @@ def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, tab
     ("[loop]\neval_max = 0\n", "loop.eval_max: Input should be greater than or equal to 1"),
     ("[loop]\ndev_share = 1.0\n", "loop.dev_share: Input should be less than 1"),
     ("[loop]\npromote_confidence = 1.2\n", "loop.promote_confidence: Input should be less than 1"),
+    ("[loop]\npromote_sign_flip = 0\n", "loop.promote_sign_flip: Input should be greater than 0"),
     ("[loop]\neval_min = 50\neval_max = 20\n", "eval_min (50) is larger than eval_max (20)"),
 ])
 @case("What a user hits", "a [loop] held-out or gate setting out of range (e.g. eval_min 0, eval_min above eval_max)",

@@ -137,6 +137,23 @@ def test_a_likely_gain_passes_a_lower_confidence_and_the_set_says_what_it_can_re
     assert any(f"{res.more_queries(0.02)} more verified held-out queries would resolve +0.02" in r for r in reasons)
 
 
+def test_the_sign_flip_test_can_hold_back_a_bootstrap_win_on_a_handful_of_queries():
+    # Ten queries, three clear wins, one loss: the bootstrap share reaches 95%, the exact
+    # sign-flip test (p 2/16 = 0.125 over the four queries that differ) does not.
+    active = np.full(10, 0.5)
+    cand = active + np.array([0.3, 0.3, 0.3, -0.1, 0, 0, 0, 0, 0, 0])
+    a, c = _report("base-1", active), _report("ft-2", cand)
+    res = resolution(a, c)
+    assert res.p_better >= 0.95 and res.p_sign_flip == 0.125
+    assert promotion_gate(c, a, confidence=0.95)[0] is True  # the bootstrap share alone
+    ok, reasons = promotion_gate(c, a, confidence=0.95, sign_flip_max=0.1)
+    assert not ok
+    assert any("sign-flip test gives p 0.125 (above the 0.1 required)" in r for r in reasons)
+    assert any("does not confirm it" in r for r in reasons)
+    ok, reasons = promotion_gate(c, a, confidence=0.95, sign_flip_max=0.2)
+    assert ok and any("(within the 0.2 required)" in r for r in reasons)
+
+
 def test_a_held_out_set_the_active_model_already_aces_says_it_cannot_show_a_gain():
     ok, reasons = promotion_gate(_report("ft-2", [1.0] * 8), _report("base-1", [1.0] * 8))
     assert not ok and any("cannot show a gain" in r for r in reasons)
