@@ -339,18 +339,22 @@ def reports_from_json(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_result(path: str | Path, flag: str) -> dict[str, Any]:
+    """A `bench.quality` JSON, or SystemExit naming `flag` and the file when it is missing,
+    malformed or not such a result (no `per_seed` list)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag}: cannot read {path} as JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("per_seed"), list) or not doc["per_seed"]:
+        raise SystemExit(f"{flag}: {path} is not a bench.quality result (no per_seed list); nothing written.")
+    return doc
+
+
 def combine_files(paths: list[Path]) -> dict[str, Any]:
     """Several `bench.quality` JSONs of one protocol (e.g. seeds run as separate processes) as one:
     every seed of every file pooled as if one run had made them (`combine_seeds`)."""
-    docs = []
-    for p in paths:
-        try:
-            doc = json.loads(Path(p).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--combine: cannot read {p} as JSON: {e}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("per_seed"), list) or not doc["per_seed"]:
-            raise SystemExit(f"--combine: {p} is not a bench.quality result (no per_seed list); nothing written.")
-        docs.append(doc)
+    docs = [read_result(p, "--combine") for p in paths]
     same = ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
             "loop_config", "judged_on")
     for key in same:

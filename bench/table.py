@@ -93,9 +93,9 @@ def calibration_table(cal: dict[str, Any], what: str = "loop and random control,
 
 def pooled_calibration(paths: list[str]) -> str:
     """The gate calibration over every round of these `bench.quality` results, as one table."""
-    from bench.quality import calibration_rows, gate_calibration
+    from bench.quality import calibration_rows, gate_calibration, read_result
 
-    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    docs = [read_result(p, "--calibration") for p in paths]
     rows = [row for d in docs for row in calibration_rows(d)]
     what = "; ".join(f"{Path(p).name}: {d['dataset']}, seeds {d.get('seeds', [d.get('seed', 0)])}"
                      for p, d in zip(paths, docs, strict=True))

@@ -71,7 +71,7 @@ class LoopConfig(BaseModel):
         "chosen by bench.quality's gate calibration over 54 benchmark rounds, bench/README.md)")
     promote_sign_flip: float | None = Field(
         None, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
-        "be at most this (the bootstrap share grows overconfident on a handful of queries); empty: the bootstrap "
+        "be at most this (the bootstrap share grows overconfident on a handful of queries); unset: the bootstrap "
         "share alone")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()

@@ -448,7 +448,7 @@ def test_bench_table_pools_the_gate_calibration_over_runs(tmp_path, capsys):
     seeds = {"dataset": "a", "seeds": [0, 1], "per_seed": [  # a run of two seeds: loop and random-control rounds
         {"rounds": [row(0.99, 0.01, 0.05, 0.03)], "random_control": {"rounds": [row(0.96, 0.3, 0.04, -0.02)]}},
         {"rounds": [row(0.5, 0.6, 0.0, 0.01)]}]}
-    single = {"dataset": "b", "seed": 0, "rounds": [row(0.97, 0.05, 0.02, 0.02)]}  # a one-seed run
+    single = {"dataset": "b", "seeds": [0], "per_seed": [{"rounds": [row(0.97, 0.05, 0.02, 0.02)]}]}  # one seed
     files = [tmp_path / "a.json", tmp_path / "b.json"]
     for f, d in zip(files, (seeds, single), strict=True):
         f.write_text(json.dumps(d))
@@ -458,6 +458,8 @@ def test_bench_table_pools_the_gate_calibration_over_runs(tmp_path, capsys):
     assert "| bootstrap share of wins >= 0.95 | 3 | 1 | 0 | 1 |" in text  # the random round at 0.96 was worse
     assert "| bootstrap share of wins >= 0.95 and sign-flip test p <= 0.1 | 2 | 0 | 0 | 1 |" in text
     assert main(["--calibration"]) == 2
+    with pytest.raises(SystemExit, match="--calibration: cannot read .*missing.json as JSON"):
+        main(["--calibration", str(tmp_path / "missing.json")])
 
 
 @pytest.mark.slow
