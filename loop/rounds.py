@@ -66,13 +66,14 @@ class LoopConfig(BaseModel):
     dev_share: float = Field(0.35, ge=0, lt=1, description="share of the held-out queries in the development fold: "
                              "it chooses the checkpoint and the WiSE-FT weight; the rest decide promotion")
     promote_confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="promote when the bootstrap share of resamples in which the candidate beats the "
-        "active model on the promotion set reaches this (0.975 = the 95% interval's lower bound above zero; 0.95 "
-        "chosen by bench.quality's gate calibration over 54 benchmark rounds, bench/README.md)")
+        0.9, gt=0.5, lt=1, description="promote when the bootstrap share of resamples in which the candidate beats the "
+        "active model on the promotion set reaches this (0.975 = the 95% interval's lower bound above zero) and the "
+        "sign-flip test agrees (promote_sign_flip); both chosen by bench.quality's gate calibration over 42 benchmark "
+        "rounds, bench/README.md")
     promote_sign_flip: float | None = Field(
-        None, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
-        "be at most this (the bootstrap share grows overconfident on a handful of queries); unset: the bootstrap "
-        "share alone")
+        0.1, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
+        "be at most this (the bootstrap share grows overconfident on a handful of queries); None: the bootstrap "
+        "share alone (TOML has no null: 0.999 leaves it to the bootstrap share)")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
