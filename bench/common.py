@@ -97,14 +97,16 @@ class SimulatedReviewer:
         queries, qrels: the judged queries and their relevant documents (train split only).
         k: how many passages the reviewer is shown for a pick.
         seed: the order in which it decides the cards it takes (None: queue order).
+        pool: the card's passages (`LoopConfig.review_pool`), as the app shows them.
     """
 
     name = "simulated-qrels"
 
     def __init__(self, ws: Any, queries: dict[str, str], qrels: dict[str, dict[str, float]], k: int = REVIEW_SHOWN,
-                 seed: int | None = None):
+                 seed: int | None = None, pool: str = "interleaved"):
         self.ws = ws
         self.k = k
+        self.pool = pool
         self.rng = random.Random(seed) if seed is not None else None
         self.relevant: dict[str, set[str]] = {}
         for qid, docs in qrels.items():
@@ -115,15 +117,16 @@ class SimulatedReviewer:
     def answer(self, anchor: str, positive_id: str | None) -> tuple[str, list[str], list[str]]:
         """(outcome, marked passage ids, shown passage ids) for one card.
 
-        A judged query is reviewed as the app shows it: the card's own passage and the model's
-        top `k` (`REVIEW_SHOWN`), every one that belongs to a relevant document marked. Outcome:
+        A judged query is reviewed as the app shows it: the card's own passage and `k`
+        (`REVIEW_SHOWN`) more of its review pool, every one that belongs to a relevant document marked. Outcome:
         accept (its own passage marked), pick (only others marked) or reject (none marked). A
         query with no judgement (synthetic) is rejected on sight of its own passage."""
         rel = self.relevant.get(norm(anchor))
         own = [positive_id] if positive_id else []
         if not rel:
             return "reject", [], own  # a mark of nothing: its own passage becomes a negative, as a reject would
-        shown = own + [h.passage_id for h in self.ws.search(anchor, k=self.k + 1) if h.passage_id != positive_id][:self.k]
+        pool = self.ws.review_pool([anchor], self.k + 1, self.pool)[0]
+        shown = own + [h.passage_id for h in pool if h.passage_id != positive_id][:self.k]
         docs = self.ws.store.docs_of_passages(shown)
         marked = [p for p in shown if set(docs.get(p, [])) & rel]
         outcome = "accept" if positive_id in marked else "pick" if marked else "reject"
@@ -270,16 +273,10 @@ def report_from_rankings(name: str, template: EvalReport, ranked: list[list[str]
 
 # Controls --------------------------------------------------------------------------------------
 def bm25_report(beir: Beir, evalset: Any, template: EvalReport) -> EvalReport:
-    """BM25 (bm25s, English stopwords, default k1/b) on the eval set's corpus."""
-    import bm25s
+    """BM25 (`loop.lexical.Lexical`: bm25s, English stopwords, default k1/b) on the eval set's corpus."""
+    from loop.lexical import Lexical
 
-    doc_ids = list(evalset.passage_ids)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(evalset.passages), stopwords="en", show_progress=False), show_progress=False)
-    k = min(100, len(doc_ids))
-    idx, _ = retriever.retrieve(bm25s.tokenize(list(evalset.queries), stopwords="en", show_progress=False), k=k,
-                                show_progress=False, n_threads=1)
-    ranked = [[doc_ids[j] for j in row] for row in np.asarray(idx)]
+    ranked = Lexical(list(evalset.passage_ids), list(evalset.passages)).search(list(evalset.queries), 100)
     return report_from_rankings("bm25", template, ranked, [evalset.qrels[q] for q in evalset.query_ids])
 
 

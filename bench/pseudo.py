@@ -24,24 +24,19 @@ from bench.common import machine
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import evalset_from_beir
+from loop.lexical import Lexical
 from loop.metrics import exact_search
 
 
 def probe(folder: Path, split: str = "train") -> dict:
-    import bm25s
-
     evalset = evalset_from_beir(folder, split)
     docs = evalset.passage_ids
     emb = Embedder(bundled_model_path(), "base")
     q = np.asarray(emb.encode(list(evalset.queries)), dtype=np.float32)
     d = np.asarray(emb.encode(list(evalset.passages)), dtype=np.float32)
     dense_idx, dense_scores = exact_search(q, d, 2)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(evalset.passages), stopwords="en", show_progress=False), show_progress=False)
-    bm_idx, _ = retriever.retrieve(bm25s.tokenize(list(evalset.queries), stopwords="en", show_progress=False), k=1,
-                                   show_progress=False, n_threads=1)
+    bm_top = [row[0] if row else None for row in Lexical(docs, list(evalset.passages)).search(list(evalset.queries), 1)]
     dense_top = [docs[int(row[0])] for row in np.asarray(dense_idx)]
-    bm_top = [docs[int(row[0])] for row in np.asarray(bm_idx)]
     margin = np.asarray(dense_scores)[:, 0] - np.asarray(dense_scores)[:, 1]
     rel = [evalset.qrels[qid] for qid in evalset.query_ids]
     hit = lambda tops: [rel[i].get(t, 0) > 0 for i, t in enumerate(tops)]  # noqa: E731

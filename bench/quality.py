@@ -104,7 +104,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         overrides = dict(loop_overrides or {})
         if random_control:
             overrides["routing"] = {**overrides.get("routing", {}), "random_fraction": 1.0}
-        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], seed=seed)
+        reviewer = SimulatedReviewer(ws, beir.queries, beir.qrels["train"], seed=seed,
+                                     pool=LoopConfig(**overrides).review_pool)
         reviews = 0
         out_rounds = []
         judged = {ws.base_version: base}  # model version -> its test report

@@ -39,7 +39,7 @@ class Selection:
         self.data = data
 
     def mine_query_log(self, round_n: int) -> int:
-        """Unlabelled queries + the current model's top passage become 'mined' candidates."""
+        """Unlabelled queries + the top of their review pool become 'mined' candidates."""
         held_out = held_out_keys(self.store)
         rows = self.store.execute(
             "SELECT query_id, text FROM queries q WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.query_id = q.query_id) "
@@ -48,9 +48,10 @@ class Selection:
         rows = [(qid, text) for qid, text in rows if query_key(text) not in held_out]
         if not rows:
             return 0
-        # Each logged query proposes its top `mine_top` passages: a query usually has several
-        # relevant documents, and one review per passage labels more of them than top-1 alone.
-        top = self.data._search_ids([t for _, t in rows], self.config.mine_top)
+        # Each logged query proposes the top `mine_top` passages of its review pool (the model's
+        # first); its card shows the rest of the pool, and the reviewer marks every answer.
+        top = [[h.passage_id for h in hits]
+               for hits in self.ws.review_pool([t for _, t in rows], self.config.mine_top, self.config.review_pool)]
         texts = self.store.passages(sorted({pid for ids in top for pid in ids}))
         new = [
             {"pair_id": Pair.make_id(text, texts[pid]), "anchor": text, "positive_id": pid,

@@ -92,9 +92,10 @@ class Pair(_Record):
 
 class SearchHit(_Record):
     passage_id: str
-    score: float
+    score: float  # the retriever's own score: the model's cosine, or BM25's (found_by "bm25")
     text: str
     doc_ids: list[str] = []
+    found_by: Literal["model", "bm25"] = "model"
 
 
 class IngestReport(_Record):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
@@ -57,6 +57,10 @@ class LoopConfig(BaseModel):
     generate_max: int = Field(300, ge=0, description="synthetic pairs generated per round at most")
     mine_top: int = Field(1, ge=1, le=20, description="cards per logged query, one per passage of the active index's "
                           "top; 1 suffices: a card shows the model's top passages and the reviewer marks each that answers")
+    review_pool: Literal["interleaved", "model"] = Field(
+        "interleaved", description="the passages a logged query's card proposes and shows: the active model's top "
+        "interleaved with BM25's (a reviewer can mark an answer the model misses: the labels that teach it most, "
+        "and held-out queries on which a gain can show), or the model's top alone")
     domain: str = Field("", description="a sentence on the domain and its users, for the LLM prompt")
     eval_fraction: float = Field(0.3, gt=0, lt=1, description="share of the human-verified real queries held "
                                  "out (a development fold and a promotion set, see dev_share): first of all "

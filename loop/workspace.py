@@ -17,6 +17,7 @@ from loop.config import CONFIG_FILE, Settings, load_settings
 from loop.embed import ONNX_CACHE_ENV, Embedder, model_hash
 from loop.errors import ConfigError, InputError, NotFoundError, VectorIndexError
 from loop.ingest import hf_offsets, import_pairs, import_queries, prefixed, store_documents
+from loop.lexical import Lexical, interleave
 from loop.readers import Fields, is_plain_folder, read_documents
 from loop.records import Document, IngestReport, RoundRecord, SearchHit
 from storage.db import Store
@@ -52,6 +53,8 @@ class Workspace:
         self._embedders: dict[str, Embedder] = {}
         self._embedders_lock = threading.Lock()  # a job and a page may ask at once
         self.index_recovery: str | None = None  # set when a damaged Chroma folder was rebuilt
+        self._lexical: tuple[tuple, Lexical] | None = None  # (the passages' signature, BM25 over them)
+        self._lexical_lock = threading.Lock()
 
     @classmethod
     def open(cls, workspace: str | Path | None = None, **overrides: Any) -> Workspace:
@@ -270,6 +273,38 @@ class Workspace:
         if name not in self.index.collections():
             raise NotFoundError(f"The collection of {version} is not kept in this index, so it cannot be searched.")
         return indexing.search(self.store, self.index, self.embedder(version), [query], k, collection=name)[0]
+
+    def lexical(self) -> Lexical:
+        """BM25 over the workspace's passages, built once per process and again when they change."""
+        sig = self.store.execute("SELECT count(*), coalesce(sum(hash(passage_id)), 0) FROM passages").fetchone()
+        with self._lexical_lock:
+            if self._lexical is None or self._lexical[0] != sig:
+                rows = self.store.execute("SELECT passage_id, text FROM passages ORDER BY passage_id").fetchall()
+                self._lexical = (sig, Lexical([r[0] for r in rows], [r[1] for r in rows]))
+            return self._lexical[1]
+
+    def review_pool(self, queries: list[str], k: int, pool: str = "interleaved") -> list[list[SearchHit]]:
+        """The passages a card of each query shows (`LoopConfig.review_pool`): the active model's
+        top `k` ("model"), or that ranking interleaved with BM25's ("interleaved", the model first:
+        a reviewer can mark an answer the model misses, `loop.lexical`)."""
+        if pool not in ("interleaved", "model"):
+            raise InputError(f"review_pool must be 'interleaved' or 'model', not {pool!r}")
+        if not queries:
+            return []
+        dense = indexing.search(self.store, self.index, self.embedder(), queries, k)
+        if pool == "model":
+            return dense
+        lexical = self.lexical().scored(queries, k)
+        ids = sorted({pid for row in lexical for pid, _ in row})
+        docs, texts = self.store.docs_of_passages(ids), self.store.passages(ids)
+        out = []
+        for hits, row in zip(dense, lexical, strict=True):
+            by_id = {h.passage_id: h for h in hits}
+            for pid, score in row:
+                by_id.setdefault(pid, SearchHit(passage_id=pid, score=round(score, 6), text=texts[pid],
+                                                doc_ids=docs.get(pid, []), found_by="bm25"))
+            out.append([by_id[pid] for pid in interleave([[h.passage_id for h in hits], [p for p, _ in row]], k)])
+        return out
 
     def rounds(self) -> list[RoundRecord]:
         """Every round, oldest first, as typed records."""

@@ -7,11 +7,12 @@ drawn again: the next card is only claimed after `review.decide` committed the l
 
 import streamlit as st
 
+from loop.rounds import loop_config
 from loop.review import REVIEW_SHOWN, DecisionIn, claim_next, decide, queue_counts, undo_last
 from ui import deps, reviewers
 from ui.text import md_escape, text_block
 
-TOPK = REVIEW_SHOWN  # the model's top passages shown with a card: keys 1-9 pick one, ticks mark several
+TOPK = REVIEW_SHOWN  # the review pool's passages shown with a card: keys 1-9 pick one, ticks mark several
 
 # Keys of this page, handled by one listener in the window's capture phase (it runs before
 # Streamlit's own):
@@ -118,7 +119,7 @@ if card is None:
 
 st.caption(
     "Keyboard: **A** accept · **R** reject · **E** edit the query · **1–9** pick the right passage "
-    "from the model's top 9 · **M** save the ticked passages · **U** undo your last decision"
+    "from the passages shown · **M** save the ticked passages · **U** undo your last decision"
 )
 
 main, side = st.columns([3, 1])
@@ -165,12 +166,14 @@ if editing:
                       help="Press Enter to save: the edited query and this passage become an accepted pair.")
         st.form_submit_button("Save the edited query", type="primary", on_click=_edit, args=(card.pair_id,))
 
-st.subheader(f"Or judge the model's top {TOPK}: tick every passage that answers the query")
+pool_kind = deps.run_safely(lambda: loop_config(ws.settings.loop).review_pool) or "model"
+shown_what = f"{TOPK} of the model's and BM25's top passages" if pool_kind == "interleaved" else f"the model's top {TOPK}"
+st.subheader(f"Or judge {shown_what}: tick every passage that answers the query")
 st.caption("One review labels them all: ticked passages become answers of the query, the others (the proposed "
            "one too, unless ticked) verified negatives. Save with **M**, or press **1–9** to pick the single right one.")
 cache = st.session_state.setdefault("review.topk", {})
 if card.pair_id not in cache:
-    hits = deps.run_safely(ws.search, card.anchor, TOPK + 1) or []
+    hits = (deps.run_safely(ws.review_pool, [card.anchor], TOPK + 1, pool_kind) or [[]])[0]
     cache.clear()  # one card's hits at a time
     cache[card.pair_id] = [h for h in hits if h.passage_id != card.positive_id][:TOPK]
 st.checkbox("The proposed passage (above) answers the query", key=f"review_mark_own_{card.pair_id}")
@@ -180,7 +183,8 @@ for i, hit in enumerate(cache[card.pair_id], 1):
                   on_click=_decide, args=(card.pair_id, "pick"), kwargs={"passage_id": hit.passage_id})
     row[1].checkbox("Answers", key=f"review_mark_{card.pair_id}_{i}")
     with row[2]:
-        st.caption(f"score {hit.score:.3f} · {md_escape(', '.join(hit.doc_ids) or hit.passage_id)}")
+        found = f"model score {hit.score:.3f}" if hit.found_by == "model" else f"found by BM25 (score {hit.score:.1f})"
+        st.caption(f"{found} · {md_escape(', '.join(hit.doc_ids) or hit.passage_id)}")
         text_block(hit.text, card.anchor, max_height=140)
 st.button("Save the ticks", key="review_mark", type="primary", shortcut="M", icon=":material/done_all:",
           on_click=_mark, args=(card.pair_id, card.positive_id, [h.passage_id for h in cache[card.pair_id]]))
