@@ -126,7 +126,9 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                 raise RuntimeError(f"round {n} stopped at {r.state}: {r.manifest.failure or r.error}")
             model = r.manifest.model
             emb = embedder_factory(model.path, model.version) if embedder_factory else ws.embedder(model.version)
+            t_judge = time.perf_counter()
             report = _eval(emb, evalset, loop.heldout.corpus_vectors(model.version))  # no second corpus encode
+            steps_s = {step: v["seconds"] for step, v in r.manifest.steps.items() if isinstance(v, dict) and "seconds" in v}
             judged[model.version] = report
             promotion = r.manifest.promotion
             promoted = bool(promotion and promotion.promote)
@@ -141,6 +143,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                 internal_eval={k: round(v, 4) for k, v in (r.manifest.metrics or {}).get("candidate", {}).items()
                                if k in ("ndcg@10",)},
                 wise=(r.manifest.steps.get("train") or {}).get("wise"),
+                # where the round's time went (issue 10): each step of the round, then the test judge
+                steps_s={**steps_s, "judge_on_test": round(time.perf_counter() - t_judge, 2)},
                 gate={"p_better": round(res.get("p_better", 0.0), 4),
                       "delta": round((r.manifest.vs_active or {}).get("delta", 0.0), 4),
                       "n_queries": res.get("n_queries"),
