@@ -1,6 +1,6 @@
 """The review page in a real browser (Debian's Chromium driven by Playwright), against a real
 `streamlit run` on a small workspace with the bundled model: five cards decided with the
-keyboard (A, R, E + Enter, A, R) and one by picking from the model's top-k (key 1). Then,
+keyboard (A, R, E + Enter, A, R) and one by picking from the passages shown (a number key). Then,
 with the server stopped (DuckDB has one writer per file), the decision log must hold exactly
 those six decisions."""
 
@@ -160,8 +160,8 @@ def test_review_with_the_keyboard_in_a_real_browser(tmp_path):
                 card_after(lambda: page.keyboard.press("a"))
                 card_after(lambda: page.keyboard.press("r"))
                 expect(query).to_have_text(CARDS[5][0])
-                # The pick: the yield passage must be among the model's top 9; press its number.
-                picks = page.locator(".embedloop-text").all_inner_texts()[2:]  # query, proposed, then the top-k
+                # The pick: the yield passage must be among the 9 shown (the review pool); press its number.
+                picks = page.locator(".embedloop-text").all_inner_texts()[2:]  # query, proposed, then the pool
                 number = next(i for i, t in enumerate(picks, 1) if t.startswith("yield"))
                 card_after(lambda: page.keyboard.press(str(number)))
                 expect(query).to_have_text(CARDS[6][0])
