@@ -13,6 +13,7 @@ order, so seeds differ in which cards a pick answers without a review.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import random
@@ -313,6 +314,24 @@ def sample(items: list[Any], n: int, seed: int) -> list[Any]:
 
 
 # Provenance ------------------------------------------------------------------------------------
+def probe_args(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every train-split probe (bench.pseudo, bench.pool) takes: --data, --split, --out."""
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="train", help="a qrels split to measure on (never test when tuning)")
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def emit(result: dict[str, Any], out: Path | None) -> int:
+    """A probe's result with the machine it ran on: printed, and written to `out` when given."""
+    text = json.dumps({**result, "machine": machine()}, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
 def machine() -> dict[str, Any]:
     import os
 

@@ -14,14 +14,12 @@ answers lie outside the model's top `k` (the ones that teach the model something
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine
+from bench.common import emit, probe_args
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import evalset_from_beir
@@ -55,18 +53,10 @@ def probe(folder: Path, split: str = "train", k: int = REVIEW_SHOWN + 1) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pool", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="train", help="a qrels split to measure on (never test when tuning)")
+    p = probe_args("python -m bench.pool", __doc__)
     p.add_argument("--k", type=int, default=REVIEW_SHOWN + 1, help="passages a card shows")
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    result = {**probe(args.data, args.split, args.k), "machine": machine()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return 0
+    return emit(probe(args.data, args.split, args.k), args.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ and for reference the precision of each system's top document alone.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine
+from bench.common import emit, probe_args
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import evalset_from_beir
@@ -61,17 +59,8 @@ def probe(folder: Path, split: str = "train") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pseudo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="train", help="a qrels split to measure on (never test when tuning)")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    result = {**probe(args.data, args.split), "machine": machine()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return 0
+    args = probe_args("python -m bench.pseudo", __doc__).parse_args(argv)
+    return emit(probe(args.data, args.split), args.out)
 
 
 if __name__ == "__main__":

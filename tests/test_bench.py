@@ -472,3 +472,18 @@ def test_pseudo_label_probe_counts_agreements_and_their_precision_on_train_qrels
     assert out["queries"] == 3 and out["agree"] == {"coverage": 1.0, "labels": 3, "precision": pytest.approx(0.6667)}
     assert out["dense_top1_precision"] == out["bm25_top1_precision"] == pytest.approx(0.6667)
     assert out["agree_margin_0.05"]["labels"] <= out["agree_margin_0.02"]["labels"] <= 3
+
+
+def test_pool_probe_compares_the_model_top_with_the_interleaved_pool_on_train_qrels(beir_dir):
+    from bench.pool import probe
+
+    # One passage per card: the interleaved pool starts with the model's top, so both pools agree
+    # (q3's judged d7 is first for neither: see the pseudo-label probe above).
+    one = probe(beir_dir, "train", k=1)
+    assert one["queries"] == 3 and one["interleaved"] == one["model"]
+    assert one["model"]["coverage"] == pytest.approx(0.6667) and one["model"]["queries_only_outside_model_top"] == 0
+    # Every document shown: each pool finds every judged answer, none outside the model's top.
+    every = probe(beir_dir, "train", k=len(DOCS))
+    for pool in ("model", "interleaved"):
+        assert every[pool]["coverage"] == 1.0 and every[pool]["queries_only_outside_model_top"] == 0
+    assert every["interleaved"]["relevant_shown_per_query"] == every["model"]["relevant_shown_per_query"] >= 1
