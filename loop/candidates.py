@@ -19,6 +19,7 @@ from loop.evalsets import held_out_keys
 from loop.pair_status import ACCEPTED, CANDIDATE, DROPPED, PENDING, check_routes
 from loop.records import Pair, query_key
 from loop.routing import AUTO, DROP, REVIEW, features, route
+from loop.training_data import passage_vectors
 
 if TYPE_CHECKING:
     from loop.heldout import HeldOut
@@ -78,9 +79,10 @@ class Selection:
         emb = self.ws.embedder()
         k = self.config.k
         q_emb = emb.encode([c["anchor"] for c in cands])
-        p_emb = emb.encode([c["positive_text"] for c in cands])
-        pos_score = np.einsum("ij,ij->i", q_emb, p_emb)
         active = self.store.pointer(indexing.ACTIVE_INDEX)
+        p_emb = passage_vectors(self.ws, emb, active, [c["positive_id"] for c in cands],
+                                [c["positive_text"] for c in cands])
+        pos_score = np.einsum("ij,ij->i", q_emb, p_emb)
         topk_ids, topk_scores = self.data._topk(emb, active, q_emb, k)
         sib = self.data.siblings([c["positive_id"] for c in cands if c["positive_id"]])
         known = self.data.known_positives()  # another accepted answer of the query is not a negative to beat

@@ -14,7 +14,7 @@ import numpy as np
 
 from loop import indexing
 from loop.embed import Embedder
-from loop.errors import LeakageError
+from loop.errors import LeakageError, VectorIndexError
 from loop.evalsets import held_out_keys
 from loop.negatives import known_positives, select_negatives
 from loop.records import query_key
@@ -38,6 +38,33 @@ def topk(ws: Workspace, embedder: Embedder, collection: str, q_emb: np.ndarray, 
     ids = [[h[0] for h in row] for row in hits]
     scores = np.array([[h[1] for h in row] + [-1.0] * (k - len(row)) for row in hits], dtype=np.float32)
     return ids, scores
+
+
+def passage_vectors(ws: Workspace, embedder: Embedder, collection: str, ids: list[str | None], texts: list[str]
+                    ) -> np.ndarray:
+    """Vectors of passage texts under `embedder`: read from `collection` (that model's index) where
+    text `n` is the stored passage `ids[n]`, encoded otherwise (e.g. a reviewer's edited positive).
+    A candidate's proposed passage is already in the index: scoring it needs no second encode."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    stored = ws.store.passages(sorted({i for i in ids if i}))
+    reuse = [n for n, (pid, text) in enumerate(zip(ids, texts, strict=True)) if pid and stored.get(pid) == text]
+    try:
+        unique = sorted({ids[n] for n in reuse})
+        row = {pid: j for j, pid in enumerate(unique)}
+        found = ws.index.embeddings(collection, unique)[[row[ids[n]] for n in reuse]] if reuse else None
+    except VectorIndexError:  # an index without some of them: encode those texts instead
+        reuse, found = [], None
+    taken = set(reuse)
+    rest = [n for n in range(len(texts)) if n not in taken]
+    encoded = embedder.encode([texts[n] for n in rest]) if rest or found is None else None
+    dim = (found if found is not None else encoded).shape[1]
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    if found is not None:
+        out[reuse] = found
+    if rest:
+        out[rest] = encoded
+    return out
 
 
 class TrainingData:
@@ -126,8 +153,10 @@ class TrainingData:
             emb = self.ws.embedder()
             policy = self.config.mining
             q_emb = emb.encode([pairs[i]["anchor"] for i in need])
-            p_emb = emb.encode([pairs[i]["positive_text"] for i in need])
-            ids, scores = self._topk(emb, self.store.pointer(indexing.ACTIVE_INDEX), q_emb, policy.range_max)
+            active = self.store.pointer(indexing.ACTIVE_INDEX)
+            p_emb = passage_vectors(self.ws, emb, active, [pairs[i]["positive_id"] for i in need],
+                                    [pairs[i]["positive_text"] for i in need])
+            ids, scores = self._topk(emb, active, q_emb, policy.range_max)
             # `known` holds every accepted pair's positive with its document's chunks, this row's too.
             excluded = [known.get(keys[i], set()) for i in need]
             chosen = select_negatives(ids, scores, np.einsum("ij,ij->i", q_emb, p_emb), excluded, policy)
