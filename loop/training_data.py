@@ -48,23 +48,15 @@ def passage_vectors(ws: Workspace, embedder: Embedder, collection: str, ids: lis
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
     stored = ws.store.passages(sorted({i for i in ids if i}))
-    reuse = [n for n, (pid, text) in enumerate(zip(ids, texts, strict=True)) if pid and stored.get(pid) == text]
+    unique = sorted({pid for pid, text in zip(ids, texts, strict=True) if pid and stored.get(pid) == text})
     try:
-        unique = sorted({ids[n] for n in reuse})
-        row = {pid: j for j, pid in enumerate(unique)}
-        found = ws.index.embeddings(collection, unique)[[row[ids[n]] for n in reuse]] if reuse else None
+        indexed = dict(zip(unique, ws.index.embeddings(collection, unique), strict=True)) if unique else {}
     except VectorIndexError:  # an index without some of them: encode those texts instead
-        reuse, found = [], None
-    taken = set(reuse)
-    rest = [n for n in range(len(texts)) if n not in taken]
-    encoded = embedder.encode([texts[n] for n in rest]) if rest or found is None else None
-    dim = (found if found is not None else encoded).shape[1]
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    if found is not None:
-        out[reuse] = found
-    if rest:
-        out[rest] = encoded
-    return out
+        indexed = {}
+    rest = [n for n, (pid, text) in enumerate(zip(ids, texts, strict=True))
+            if pid not in indexed or stored.get(pid) != text]
+    encoded = dict(zip(rest, embedder.encode([texts[n] for n in rest]), strict=True)) if rest else {}
+    return np.stack([encoded[n] if n in encoded else indexed[ids[n]] for n in range(len(texts))]).astype(np.float32)
 
 
 class TrainingData:
