@@ -309,6 +309,13 @@ def n_train(run: Path) -> int | None:
         return None
 
 
+def trainer_summary(train_step: dict[str, Any]) -> dict[str, Any]:
+    """Where a round's train step went: a round manifest's `train` step, less the WiSE-FT record."""
+    return {k: train_step.get(k) for k in ("train_seconds", "steps", "epochs_run", "stopped_early", "batch_size",
+                                           "learning_rate", "max_seq_length", "pairs_per_second")} | {
+        "wise_s": (train_step.get("wise") or {}).get("seconds")}
+
+
 def sample(items: list[Any], n: int, seed: int) -> list[Any]:
     return random.Random(seed).sample(items, min(n, len(items)))
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_vs, sample,
-                          seed_means, stock_finetune, summary, vs)
+                          seed_means, stock_finetune, summary, trainer_summary, vs)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
@@ -143,6 +143,7 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                 internal_eval={k: round(v, 4) for k, v in (r.manifest.metrics or {}).get("candidate", {}).items()
                                if k in ("ndcg@10",)},
                 wise=(r.manifest.steps.get("train") or {}).get("wise"),
+                trainer=trainer_summary(r.manifest.steps.get("train") or {}),
                 # where the round's time went (issue 10): each step of the round, then the test judge
                 steps_s={**steps_s, "judge_on_test": round(time.perf_counter() - t_judge, 2)},
                 gate={"p_better": round(res.get("p_better", 0.0), 4),

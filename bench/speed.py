@@ -398,7 +398,7 @@ def bench_demo(workdir: Path) -> dict[str, Any]:
     """One round as a new user runs it: the app's first-start demo (corpus + query log), generate
     and select, every queued card accepted (the largest training set the default budget allows),
     then the Train button: train -> evaluate -> promote -> re-index."""
-    from bench.common import n_train
+    from bench.common import n_train, trainer_summary
     from loop.demo import ingest_demo
     from loop.review import DecisionIn, decide, pending
     from loop.rounds import Rounds
@@ -425,6 +425,7 @@ def bench_demo(workdir: Path) -> dict[str, Any]:
             "round_s": round(to_review_s + train_to_done_s, 1), "train_to_done_s": round(train_to_done_s, 1),
             "steps_s": steps, "train_pairs": r.manifest.train_config and n_train(loop.run_dir(r)),
             "peak_rss_mb": train.get("peak_rss_mb"),
+            "trainer": trainer_summary(train),
             "promoted": bool(r.manifest.promotion and r.manifest.promotion.promote), "target_s": 120}
 
 
