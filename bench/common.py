@@ -236,7 +236,7 @@ _DROP = object()
 
 def seed_means(items: list[Any]) -> Any:
     """Per-seed results folded into one, in the same keys: a number becomes its mean over seeds
-    (4 decimals; an integer all seeds share stays as it is), a bool the share of seeds where it
+    (4 decimals; a number all seeds share stays as it is), a bool the share of seeds where it
     holds; dicts and lists of one length are
     folded entry by entry; anything else (a model version, say) stays when every seed has the
     same value and is left out otherwise, as is a key some seed lacks."""
@@ -245,8 +245,8 @@ def seed_means(items: list[Any]) -> Any:
 
 
 def _fold(items: list[Any]) -> Any:
-    if all(type(v) is int for v in items) and len(set(items)) == 1:
-        return items[0]  # a round number, a budget: the same in every seed
+    if all(type(v) in (int, float) for v in items) and len(set(items)) == 1:
+        return items[0]  # a round number, a budget, a learning rate: the same in every seed
     if all(isinstance(v, bool) for v in items) or all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in items):
         return round(float(np.mean([float(v) for v in items])), 4)

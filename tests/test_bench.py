@@ -197,10 +197,10 @@ def test_seed_means_keep_the_keys():
     runs = [
         {"seed": 0, "base": {"ndcg@10": 0.5}, "rounds": [{"round": 1, "ndcg@10": 0.7, "promoted": True,
                                                           "active_model": "r1-a", "decisions": {"accept": 4}}],
-         "ci": [0.1, 0.3], "note": "same"},
+         "ci": [0.1, 0.3], "note": "same", "learning_rate": 5e-05},
         {"seed": 1, "base": {"ndcg@10": 0.5}, "rounds": [{"round": 1, "ndcg@10": 0.6, "promoted": False,
                                                           "active_model": "base", "decisions": {"accept": 2}}],
-         "ci": [0.0, 0.2], "note": "same"},
+         "ci": [0.0, 0.2], "note": "same", "learning_rate": 5e-05},
     ]
     assert type(seed_means(runs)["rounds"][0]["round"]) is int
     assert seed_means(runs) == {
@@ -208,6 +208,7 @@ def test_seed_means_keep_the_keys():
         # a bool becomes a share of seeds; a string that differs between seeds is left out
         "rounds": [{"round": 1, "ndcg@10": 0.65, "promoted": 0.5, "decisions": {"accept": 3}}],
         "ci": [0.05, 0.25], "note": "same",
+        "learning_rate": 5e-05,  # a number every seed shares is kept as it is, not rounded to 4 decimals
     }
 
 
