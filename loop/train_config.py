@@ -74,7 +74,8 @@ class TrainConfig(BaseModel):
         default=1, ge=1, description="CUDA devices to train on (DDP via torchrun); only used when asked for."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA, fp32 on CPU."
+        default="auto", description="auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA; on a CPU, bf16 "
+        "autocast where the CPU has bf16 in hardware (AVX512-BF16, AMX), else fp32. Weights stay fp32 either way."
     )
     eval_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Held out when no eval rows are given.")
     wise_grid: list[float] = Field(

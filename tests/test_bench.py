@@ -18,6 +18,7 @@ from loop.evalsets import evalset_from_beir
 from loop.evaluate import EvalReport, evaluate
 from loop.review import pending
 from loop.rounds import LoopConfig, Rounds
+from loop.trainer import cpu_has_native_bf16
 from tests.fakes import FakeEmbedder
 from tests.reliability_report import case
 
@@ -361,7 +362,9 @@ def test_gpu_bench_smoke_runs_every_path_on_a_cpu(tmp_path):
         assert set(GPU_COLUMNS) <= set(row)
         measured = [c for c in GPU_COLUMNS if c.endswith(("_pairs_s", "_passages_s", "_ratio", "_wall_s"))]
         assert all(isinstance(row[c], (int, float)) and row[c] > 0 for c in measured), row
-        assert row["train_stock_best_peak_gpu_mb"] is None and row["project_train"]["precision"] == "fp32"
+        # the project's trainer at precision auto: bf16 autocast where the CPU has bf16 in hardware
+        cpu_precision = "bf16" if cpu_has_native_bf16() else "fp32"
+        assert row["train_stock_best_peak_gpu_mb"] is None and row["project_train"]["precision"] == cpu_precision
         assert row["encode_cosine_min"] > 0.999  # the sorted encode path gives the stock vectors (fp32 here)
 
 

@@ -111,6 +111,24 @@ def test_config_errors_say_what_is_wrong(overrides, expected_error):
     assert str(e.value).startswith("Invalid training config:")
 
 
+def test_precision_auto_takes_bf16_on_a_cpu_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from loop import trainer
+
+    for has, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has=has: has, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert trainer.cpu_has_native_bf16() is has
+        assert trainer._resolve_precision("auto", cuda=False) == expected
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # AMX alone is enough
+    assert trainer._resolve_precision("auto", cuda=False) == "bf16"
+    # asked for, bf16 runs on any CPU (autocast, emulated where the hardware lacks it); fp16 needs CUDA
+    assert trainer._resolve_precision("bf16", cuda=False) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        trainer._resolve_precision("fp16", cuda=False)
+
+
 def test_config_file_missing_or_bad(tmp_path):
     with pytest.raises(ConfigError, match="write_snapshot"):
         train.TrainConfig.from_file(tmp_path / "config.json")
