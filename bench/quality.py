@@ -402,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.combine:
         out = combine_files(args.combine)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+        _write(args.out, out)
         log_keys = ("promotions_per_seed", "loop_vs", "targets")
         print(json.dumps({k: out[k] for k in log_keys if k in out}, indent=1))
         return 0
@@ -447,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
                       loop_overrides=args.loop_config, log=log, template=template)
         seeds = []
-        for seed in range(args.seed, args.seed + args.seeds):
+        planned = list(range(args.seed, args.seed + args.seeds))
+        for seed in planned:
             log(f"seed {seed}")
+            t_seed = time.perf_counter()
             reports, stock_pairs, lp, rc = dict(fixed), None, None, None
             if "stock" not in args.skip:
                 with timer("stock_finetune"):
@@ -468,17 +469,25 @@ def main(argv: list[str] | None = None) -> int:
                                   **common)["rounds"]
                 shutil.rmtree(tmp / f"random-{seed}", ignore_errors=True)
             seeds.append(seed_result(seed, reports, lp, rc, stock_pairs))
-        result.update(combine_seeds(seeds))
+            seeds[-1][0]["seed_wall_s"] = round(time.perf_counter() - t_seed, 1)
+            result.update(combine_seeds(seeds))
+            if len(seeds) < len(planned):  # a run stopped later keeps the seeds it finished
+                _write(args.out, {**result, "seeds_planned": planned, "wall_s": {
+                    **timer.t, "total": round(time.perf_counter() - t_all, 1)}})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if dev_root is not None:
             shutil.rmtree(dev_root, ignore_errors=True)
     result["wall_s"] = {**timer.t, "total": round(time.perf_counter() - t_all, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    _write(args.out, result)
     log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
                                            "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
     return 0
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,33 @@ def test_the_judge_searches_the_workspace_passages_and_reuses_a_models_vectors(b
     assert reused.evalset_fingerprint == fresh.evalset_fingerprint
 
 
+@pytest.mark.slow
+def test_a_run_stopped_after_a_seed_keeps_the_seeds_it_finished(beir_dir, tmp_path, monkeypatch):
+    import bench.quality as quality
+
+    out = tmp_path / "run.json"
+    argv = ["--data", str(beir_dir), "--budget", "2", "--seeds", "2", "--skip", "loop", "random", "stock",
+            "--out", str(out)]
+    assert quality.main(argv) == 0
+    done = json.loads(out.read_text())
+    assert done["seeds"] == [0, 1] and "seeds_planned" not in done
+    assert all(s["seed_wall_s"] >= 0 for s in done["per_seed"]) and "seed_wall_s" in done
+    finish = quality.seed_result
+
+    def second_seed_fails(seed, *a, **k):
+        if seed == 1:
+            raise RuntimeError("stopped")
+        return finish(seed, *a, **k)
+
+    monkeypatch.setattr(quality, "seed_result", second_seed_fails)
+    out.unlink()
+    with pytest.raises(RuntimeError, match="stopped"):
+        quality.main(argv)
+    partial = json.loads(out.read_text())  # what seed 0 left behind
+    assert partial["seeds"] == [0] and partial["seeds_planned"] == [0, 1] and len(partial["per_seed"]) == 1
+    assert partial["base"] == done["base"] and partial["wall_s"]["total"] > 0
+
+
 def test_dev_split_judges_on_train_queries_only(beir_dir, tmp_path):
     from bench.common import make_dev_split
 
