@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     timer = Timer()
+    wall_s = lambda: {**timer.t, "total": round(time.perf_counter() - t_all, 1)}  # noqa: E731
     beir = Beir.read(args.data, splits=tuple(dict.fromkeys((args.train_split, args.eval_split))))
     if args.train_split != "train":
         beir.qrels["train"] = beir.qrels[args.train_split]
@@ -472,13 +473,12 @@ def main(argv: list[str] | None = None) -> int:
             seeds[-1][0]["seed_wall_s"] = round(time.perf_counter() - t_seed, 1)
             result.update(combine_seeds(seeds))
             if len(seeds) < len(planned):  # a run stopped later keeps the seeds it finished
-                _write(args.out, {**result, "seeds_planned": planned, "wall_s": {
-                    **timer.t, "total": round(time.perf_counter() - t_all, 1)}})
+                _write(args.out, {**result, "seeds_planned": planned, "wall_s": wall_s()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if dev_root is not None:
             shutil.rmtree(dev_root, ignore_errors=True)
-    result["wall_s"] = {**timer.t, "total": round(time.perf_counter() - t_all, 1)}
+    result["wall_s"] = wall_s()
     _write(args.out, result)
     log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
                                            "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
