@@ -296,7 +296,7 @@ class Rounds:
             [version, str(model_dir), self.ws.base_version, digest, r.round],
         )
         r.manifest.model = ModelRef(version=version, path=str(model_dir), sha256=digest)
-        early = (f" (stopped after epoch {result.get('epochs_run', 0):g} of {result.get('epochs_planned')}: "
+        early = (f" (stopped after {result.get('epochs_run', 0):g} of {result.get('epochs_planned')} epochs: "
                  f"the development fold's eval loss stopped improving)") if result.get("stopped_early") else ""
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s{early}.")
         if result.get("wise"):

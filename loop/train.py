@@ -7,7 +7,7 @@ never opens DuckDB. Importing this module imports no torch.
     parent (owner process): this module            child: python -m loop.trainer RUN_DIR
     write_snapshot(run_dir, train, eval, cfg)      reads config.json, train.jsonl, eval.jsonl
     run = Run(run_dir, store, job_id); run.start() trains; appends progress.jsonl
-    run.follow(on_event, cancel) / run.stop()      checkpoints/checkpoint-N (one per epoch, best 3 kept)
+    run.follow(on_event, cancel) / run.stop()      checkpoints/checkpoint-N (one per evaluation, best 3 kept)
     run.result() -> dict                           model/ (the best checkpoint, WiSE-FT mixed) and result.json
 
 (A little over the project's ~400 lines on purpose: the parent's whole side of the process

@@ -28,9 +28,11 @@ class TrainConfig(BaseModel):
       - max_seq_length 128 while training: passages are chunked to the model's own limit (256 for
         MiniLM), and training on their first 128 tokens costs about half the time and a third of
         the memory (bench/README.md); the saved model still encodes up to its own limit.
-      - early_stopping_patience 1: the best checkpoint by eval loss is kept anyway, so an epoch after
-        one that did not improve on the best is stopped short of (on the demo the first epoch was
-        the best and the next two were a third of the round; bench/README.md).
+      - evals_per_epoch 2, early_stopping_patience 1: the development fold's eval loss is read (and a
+        checkpoint saved) every half epoch, the best checkpoint is kept anyway, and training stops
+        at the first evaluation that does not improve on the best: on the demo the first epoch was
+        the best, and a whole second epoch only to confirm it was a third of the round
+        (bench/README.md).
       - eval_fraction 0.1: only used when no eval rows are given to `write_snapshot`.
     """
 
@@ -47,10 +49,15 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(default=3, ge=1, le=100)
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps (smoke runs).")
+    evals_per_epoch: int = Field(
+        default=2, ge=1, le=10,
+        description="Evaluations (the development fold's eval loss) and checkpoints per epoch; a run's last step "
+        "is always evaluated.",
+    )
     early_stopping_patience: int | None = Field(
         default=1, ge=1,
-        description="Stop after this many epochs in a row whose eval loss (the development fold's) is no better "
-        "than the best so far; None = always run every epoch. The best checkpoint is what is kept either way.",
+        description="Stop after this many evaluations in a row whose eval loss (the development fold's) is no "
+        "better than the best so far; None = always run every epoch. The best checkpoint is kept either way.",
     )
     batch_size: int = Field(default=32, ge=2, description="Per device; in-batch negatives = batch_size - 1.")
     mini_batch_size: int = Field(default=32, ge=1, description="cached_mnrl only: forward chunk size.")

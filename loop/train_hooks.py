@@ -118,6 +118,10 @@ class RunMonitor(TrainerCallback):
             self.watch.stop_requested = True
         if nonfinite or stop:
             control.should_training_stop = True
+        if self.watch.nonfinite:
+            # The weights are now NaN: do not evaluate or checkpoint them (this step may be an eval step).
+            control.should_evaluate = False
+            control.should_save = False
         now = time.time()
         if poll and (nonfinite or stop or now - self.last_step_event >= 0.5 or state.global_step >= state.max_steps):
             self.last_step_event = now

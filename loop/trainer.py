@@ -247,6 +247,8 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     eval_bs = max(1, min(cfg.batch_size, len(eval_rows) // world_size))
     steps_per_epoch = math.ceil(len(train_rows) / (train_bs * world_size))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    # Evaluate and checkpoint every 1/evals_per_epoch of an epoch (the last step always, by the trainer).
+    eval_steps = max(1, math.ceil(steps_per_epoch / cfg.evals_per_epoch))
     logging_steps = cfg.logging_steps or max(1, min(10, total // 50))
     watch = ctx["watch"] = Watch(faults, poll_every=logging_steps if cuda else 1)
     warmup = {"warmup_steps": cfg.warmup_ratio} if int(tf_version.split(".")[0]) >= 5 else {"warmup_ratio": cfg.warmup_ratio}
@@ -266,8 +268,10 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         # Similar lengths per batch, no text twice in a batch (a duplicate is a false negative).
         batch_sampler=LengthGroupedBatchSampler,
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",

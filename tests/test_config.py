@@ -240,7 +240,9 @@ def test_save_settings_keeps_the_rest_of_the_file_and_never_writes_a_key(tmp_pat
     ('[loop.train]\nloss = "triplet"\n', "loop.train.loss: Input should be 'mnrl', 'cached_mnrl' or 'gist'"),
     ("[loop.train]\nmatryoshka_dims = [0]\n", "loop.train.matryoshka_dims: Value error, matryoshka_dims must be"),
     ("[loop.train]\nwise_grid = [0.5, 1.5]\n", "loop.train.wise_grid: Value error, every WiSE-FT weight must lie in 0..1"),
-], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator", "wise grid"])
+    ("[loop.train]\nevals_per_epoch = 0\n", "loop.train.evals_per_epoch: Input should be greater than or equal to 1"),
+], ids=["unknown key", "out of range", "wrong type", "not a choice", "refused by a validator", "wise grid",
+        "evals per epoch"])
 def test_bad_loop_train_settings_fail_when_the_round_settings_load(tmp_path, table, problem):
     from loop.rounds import Rounds, loop_config
     from loop.workspace import Workspace

@@ -446,8 +446,39 @@ def test_stops_early_when_the_eval_loss_stops_improving(tmp_path, minilm_path):
 
 
 @pytest.mark.slow
+def test_evaluates_and_checkpoints_every_half_epoch_by_default(tmp_path, minilm_path):
+    # 4 steps per epoch, 2 epochs: an evaluation and a checkpoint every 2 steps.
+    snapshot(tmp_path, minilm_path, 32, epochs=2, early_stopping_patience=None)
+    assert trainer.main(tmp_path) == 0, train.read_result(tmp_path)
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["steps"] == 8, res
+    assert [e["step"] for e in train.read_progress(tmp_path) if e["event"] == "eval"] == [2, 4, 6, 8]
+    assert Path(res["best_checkpoint"]).name in {"checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"}
+
+
+@pytest.mark.slow
+def test_an_odd_epoch_is_evaluated_at_its_halves_and_at_the_last_step(tmp_path, minilm_path):
+    # 3 steps per epoch, 1 epoch, evals every ceil(3/2) = 2 steps: at step 2, and at 3 (the last).
+    snapshot(tmp_path, minilm_path, 24, epochs=1, early_stopping_patience=None)
+    assert trainer.main(tmp_path) == 0, train.read_result(tmp_path)
+    assert [e["step"] for e in train.read_progress(tmp_path) if e["event"] == "eval"] == [2, 3]
+
+
+@pytest.mark.slow
+def test_a_nan_on_an_evaluation_step_is_neither_evaluated_nor_saved(tmp_path, minilm_path, monkeypatch):
+    snapshot(tmp_path, minilm_path, 16, epochs=2, early_stopping_patience=None)  # 2 steps per epoch: eval every step
+    monkeypatch.setenv(train.FAULT_ENV, "nan_at_step=2")
+    assert trainer.main(tmp_path) == 1
+    res = train.read_result(tmp_path)
+    assert res["status"] == "failed" and res["reason"].startswith("loss became NaN at step 2"), res
+    assert [e["step"] for e in train.read_progress(tmp_path) if e["event"] == "eval"] == [1]
+    assert res["best_checkpoint"] == str(tmp_path / "checkpoints" / "checkpoint-1")
+    assert checkpoints(tmp_path) == ["checkpoint-1"]
+
+
+@pytest.mark.slow
 def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeypatch):
-    snapshot(tmp_path, minilm_path, 16, epochs=2)  # 2 steps per epoch
+    snapshot(tmp_path, minilm_path, 16, epochs=2, evals_per_epoch=1)  # 2 steps per epoch, one eval each
     monkeypatch.setenv(train.FAULT_ENV, "nan_at_step=3")
     assert trainer.main(tmp_path) == 1
     res = train.read_result(tmp_path)
