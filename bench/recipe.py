@@ -46,7 +46,7 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
         reports: dict[str, list] = {name: [] for name in arms}
         timing: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
         for seed in range(seeds):
-            rows = [{"anchor": a, "positive": p} for a, p in sample(beir.gold_pairs("train"), pairs, seed)]
+            rows = [{"anchor": a, "positive": p} for a, p in sample(beir.gold_pairs("train", skip_empty=True), pairs, seed)]
             for name, overrides in arms.items():
                 run_dir = tmp_path / f"{name}-s{seed}"
                 train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})

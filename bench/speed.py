@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             rows: list[dict[str, str]] = []
             if args.data and (args.data / "qrels" / "train.tsv").is_file():
                 beir = Beir.read(args.data, ("train",))
-                rows = [{"anchor": a, "positive": b} for a, b in beir.gold_pairs("train") if a.strip() and b.strip()]
+                rows = [{"anchor": a, "positive": b} for a, b in beir.gold_pairs("train", skip_empty=True)]
             rows = (rows or [{"anchor": t[:60], "positive": t} for t in texts])[: args.train_pairs]
             if args.train_negatives:  # triplets, as the loop trains: the next row's positive as the negative
                 rows = [{**r, "negative": rows[(i + 1) % len(rows)]["positive"]} for i, r in enumerate(rows)]

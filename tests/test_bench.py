@@ -71,6 +71,10 @@ def test_beir_reader_keeps_splits_apart(beir_dir):
     assert set(beir.qrels["train"]) == set(TRAIN) and set(beir.qrels["test"]) == set(TEST)
     gold = beir.gold_pairs("train")
     assert len(gold) == 3 and all(q in {QUERIES[i][0] for i in TRAIN} for q, _ in gold)
+    # A judged document without text (cranfield has one) is a pair only where the caller takes empty texts.
+    beir.corpus["d2"] = ""
+    assert len(beir.gold_pairs("train")) == 3
+    assert [q for q, _ in beir.gold_pairs("train", skip_empty=True)] == [QUERIES["q1"][0], QUERIES["q3"][0]]
 
 
 def test_reviewer_marks_every_relevant_shown_passage_from_train_qrels(workspace, beir_dir):
