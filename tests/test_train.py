@@ -493,7 +493,7 @@ def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeyp
 
 @pytest.mark.slow
 def test_stop_file_stops_and_keeps_best(tmp_path, minilm_path, monkeypatch):
-    snapshot(tmp_path, minilm_path, 16, epochs=3)  # 6 steps
+    snapshot(tmp_path, minilm_path, 16, epochs=3, evals_per_epoch=1)  # 6 steps, the first checkpoint at step 2
     monkeypatch.setenv(train.FAULT_ENV, "sleep_per_step=1")
 
     def stop_after_first_checkpoint():
