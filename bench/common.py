@@ -68,10 +68,10 @@ class Beir:
 
     def gold_pairs(self, split: str = "train", skip_empty: bool = False) -> list[tuple[str, str]]:
         """(query text, document text) for every judged-relevant pair of `split` in the corpus;
-        `skip_empty`: without pairs whose document has no text (the project's trainer refuses them)."""
+        `skip_empty`: without pairs whose query or document has no text (the project's trainer refuses them)."""
         return [(self.queries[q], self.corpus[d]) for q, docs in sorted(self.qrels[split].items())
                 for d in sorted(docs) if d in self.corpus and q in self.queries
-                and (not skip_empty or self.corpus[d].strip())]
+                and (not skip_empty or (self.queries[q].strip() and self.corpus[d].strip()))]
 
 
 def make_dev_split(src: Path, dst: Path, fraction: float, seed: int = 0) -> Path:

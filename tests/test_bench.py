@@ -75,6 +75,8 @@ def test_beir_reader_keeps_splits_apart(beir_dir):
     beir.corpus["d2"] = ""
     assert len(beir.gold_pairs("train")) == 3
     assert [q for q, _ in beir.gold_pairs("train", skip_empty=True)] == [QUERIES["q1"][0], QUERIES["q3"][0]]
+    beir.queries["q3"] = ""  # nor an empty query
+    assert [q for q, _ in beir.gold_pairs("train", skip_empty=True)] == [QUERIES["q1"][0]]
 
 
 def test_reviewer_marks_every_relevant_shown_passage_from_train_qrels(workspace, beir_dir):
