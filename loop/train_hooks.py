@@ -119,7 +119,8 @@ class RunMonitor(TrainerCallback):
         if nonfinite or stop:
             control.should_training_stop = True
         if self.watch.nonfinite:
-            # The weights are now NaN: do not evaluate or checkpoint them (this step may be an eval step).
+            # The weights are now NaN: do not evaluate or checkpoint them. Evaluation and saving are
+            # step-based, so this step's flags are the only ones that could (the last step's included).
             control.should_evaluate = False
             control.should_save = False
         now = time.time()
@@ -129,10 +130,6 @@ class RunMonitor(TrainerCallback):
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.watch.nonfinite:
-            # The weights are now NaN: do not evaluate or checkpoint them.
-            control.should_evaluate = False
-            control.should_save = False
         self._emit("epoch", state)
         return control
 
