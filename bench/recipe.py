@@ -7,7 +7,7 @@ A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never
 Every arm trains on the same pairs with `loop.train` (the product's own trainer, in-process) and
 is judged on the dev queries with the workspace default encoder; arms run side by side in one
 process, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
-base pooled over seeds and queries, training seconds and the trainer's peak RSS.
+base (and against the first arm) pooled over seeds and queries, training seconds and the trainer's peak RSS.
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
                 log(f"  seed {seed} {name}: dev NDCG@10 {report.metrics['ndcg@10']:.4f}, train {wall:.0f}s, "
                     f"peak RSS {result.get('peak_rss_mb')} MB")
         out_arms = {}
+        first = next(iter(arms))
         for name in arms:
             mean = sum(r.metrics["ndcg@10"] for r in reports[name]) / len(reports[name])
             out_arms[name] = {"config": arms[name], "ndcg@10": round(mean, 4),
                               "vs_base": pooled_vs([base] * seeds, reports[name]), "runs": timing[name]}
+            if name != first:  # arms trained on the same pairs and seeds: their own paired difference
+                out_arms[name][f"vs_{first}"] = pooled_vs(reports[first], reports[name])
         return {"dataset": data.name, "dev_split": dev_split, "n_dev_queries": len(evalset.query_ids),
                 "pairs": pairs, "seeds": seeds, "base_ndcg@10": round(base.metrics["ndcg@10"], 4), "arms": out_arms}
 
