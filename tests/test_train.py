@@ -337,6 +337,24 @@ def test_a_batch_that_does_not_fit_the_memory_budget_is_micro_batched():
     assert train_loss.micro_batch(32, 3, per_text, 1) == 1
 
 
+@pytest.mark.parametrize("loss, micro", [("mnrl", None), ("mnrl", 4), ("cached_mnrl", None)])
+def test_the_loss_scores_in_fp32_under_bf16_autocast(minilm_path, loss, micro):
+    """Autocast runs a matmul in bf16; the loss's similarity logits must not be rounded to it."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import cos_sim
+
+    model = SentenceTransformer(str(minilm_path), device="cpu", local_files_only=True)
+    cfg = train.TrainConfig.from_dict({"base_model": str(minilm_path), "loss": loss})
+    built = train_loss.build_loss(cfg, model, "cpu", 1, micro)
+    a, b = torch.randn(5, 384), torch.randn(7, 384)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cos_sim(a, b).dtype == torch.bfloat16  # what the library's default would give
+        sims = built.similarity_fct(a, b)
+    assert sims.dtype == torch.float32
+    assert torch.allclose(sims, cos_sim(a, b), atol=1e-6)
+
+
 @pytest.mark.parametrize("device, env", [("auto", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
                                          ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda", {})])
 def test_training_runs_on_the_configured_device_only(device, env, tmp_path, minilm_path):
