@@ -75,10 +75,11 @@ def ingested(beir: Beir, workdir: Path, judge: EvalSet) -> tuple[Path, EvalSet, 
 def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rounds: int, workdir: Path,
              seed_pairs: int = 0, generator: str = "offline", random_control: bool = False, seed: int = 0,
              loop_overrides: dict[str, Any] | None = None, log=print, embedder_factory=None,
-             template: Path | None = None) -> dict[str, Any]:
+             template: Path | None = None, probe_wise: bool = False) -> dict[str, Any]:
     """R rounds of the real loop with the simulated reviewer; per-round test figures.
 
     `template`: an `ingested` workspace to start from (copied); None = ingest here.
+    `probe_wise`: also judge each round's fine-tune at every weight of its WiSE-FT grid (`wise_probe`).
     `embedder_factory(path, version)` replaces `Embedder` for the test evaluation (tests pass a fake).
     """
     from loop.rounds import LoopConfig, Rounds
@@ -155,6 +156,8 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
                       # the promotion set's per-query differences: any other rule can be calibrated later
                       "heldout_deltas": heldout_deltas(loop, before_version, model.version) if promotion else None,
                       "test_delta_vs_active": test_vs_before["delta"], "test_ci95_vs_active": test_vs_before["ci95"]})
+            if probe_wise:
+                row["wise_probe"] = wise_probe(ws, r, model, evalset, report, workdir / "wise-probe")
             out_rounds.append(row)
             log(f"  {'random' if random_control else 'loop'} round {n}: {reviews} reviews, NDCG@10 "
                 f"{report.metrics['ndcg@10']:.4f} (base {base.metrics['ndcg@10']:.4f}), promoted={promoted}, "
@@ -162,6 +165,66 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         return {"rounds": out_rounds, "wall_s": round(time.perf_counter() - t0, 1)}
     finally:
         ws.close()
+
+
+def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport, tmp: Path
+               ) -> dict[str, Any] | None:
+    """The round's fine-tune judged at every weight of its WiSE-FT grid, to choose how the weight
+    is picked (tuning: `--probe-wise` runs on dev splits only). The saved model is
+    (1-a)*base + a*tuned with `a` the development fold's choice, so the tuned weights are
+    base + (saved - base) / a; each other grid weight is mixed from them and judged with the
+    workspace's own encoder, as the candidate (`report`, the chosen weight) was. None when the
+    round ran no WiSE-FT step."""
+    choice = (r.manifest.steps.get("train") or {}).get("wise")
+    if not choice:
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    from loop.wise import mix, unmix
+
+    chosen, grid = float(choice["alpha"]), sorted(float(a) for a in choice["dev_ndcg@10"])
+    st = SentenceTransformer(str(model.path), device="cpu", local_files_only=True)
+    saved = {k: v.detach().clone() for k, v in st.state_dict().items()}
+    base = SentenceTransformer(str(ws.settings.base_model_path), device="cpu", local_files_only=True).state_dict()
+    tuned = unmix(base, saved, chosen)
+    judged: dict[str, Any] = {}
+    for a in grid:
+        rep = report
+        if a != chosen:
+            st.load_state_dict(mix(base, tuned, a) if a < 1 else tuned)
+            path = tmp / f"a{a:g}"
+            shutil.rmtree(path, ignore_errors=True)
+            st.save(str(path))
+            rep = _eval(Embedder(path, f"{model.version}-a{a:g}", ws.settings.device, ws.settings.encode_batch_size,
+                                 backend=ws.settings.encode_backend, cache_dir=tmp / "onnx"), evalset)
+            shutil.rmtree(path, ignore_errors=True)
+        judged[f"{a:g}"] = {"ndcg@10": round(rep.metrics["ndcg@10"], 4),
+                            "per_query": [round(v, 5) for v in rep.per_query["ndcg@10"]]}
+    return {"chosen": chosen, "dev_fold_ndcg@10": choice["dev_ndcg@10"], "n_dev_queries": choice.get("n_dev_queries"),
+            "judge": judged}
+
+
+def wise_probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each way of picking the WiSE-FT weight over every probed round of `rows`: the development
+    fold's choice (the loop's rule) and each fixed weight, as the mean judge NDCG@10 and the paired
+    difference from the fold's choice (bootstrap pooled over rounds and judge queries)."""
+    probes = [row["wise_probe"] for row in rows if row.get("wise_probe")]
+    if not probes:
+        return None
+    from bench.common import pooled_bootstrap
+
+    grids = {tuple(sorted(p["judge"])) for p in probes}
+    if len(grids) != 1:
+        raise ValueError(f"the probed rounds used different WiSE-FT grids: {sorted(grids)}")
+    rule = np.asarray([p["judge"][f"{p['chosen']:g}"]["per_query"] for p in probes], dtype=np.float64)
+    out: dict[str, Any] = {"rounds": len(probes), "chosen": [p["chosen"] for p in probes],
+                           "development_fold_choice": round(float(rule.mean()), 4)}
+    for a in sorted(grids.pop(), key=float):
+        fixed = np.asarray([p["judge"][a]["per_query"] for p in probes], dtype=np.float64)
+        delta, lo, hi = pooled_bootstrap(rule, fixed)
+        out[f"fixed {a}"] = {"ndcg@10": round(float(fixed.mean()), 4), "vs_fold_choice": round(delta, 4),
+                             "ci95": [round(lo, 4), round(hi, 4)]}
+    return out
 
 
 def heldout_deltas(loop: Any, active: str, candidate: str) -> list[float]:
@@ -227,6 +290,9 @@ def seed_result(seed: int, reports: dict[str, EvalReport], rounds: list[dict[str
         **{f"{n}_rounds": [per_query(r["_report"]) for r in rows] for n, rows in (("loop", rounds), ("random", randoms))
            if rows},
     }
+    probe = wise_probe_summary(rounds or [])
+    if probe:
+        result["wise_probe"] = probe
     if "loop" in active:
         result["loop_vs"] = {n: vs(r, active["loop"]) for n, r in active.items() if n != "loop"}
         result["candidate_vs"] = {n: vs(r, candidate["loop"]) for n, r in candidate.items() if n != "loop"}
@@ -313,6 +379,9 @@ def combine_seeds(seeds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
             out[key] = {n: pooled_vs([rep[which][n] for rep in reports], [rep[which]["loop"] for rep in reports])
                         for n in reports[0][which] if n != "loop"}
         out["targets"] = _targets(out["loop_vs"])
+    probe = wise_probe_summary([row for r in results for row in r.get("rounds", [])])
+    if probe:
+        out["wise_probe"] = probe
     every_round = [row for r in results for row in calibration_rows(r)]
     if every_round:
         out["gate_calibration"] = gate_calibration(every_round)
@@ -396,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-split", default="test", help="judge split (test; a dev split when tuning)")
     p.add_argument("--train-split", default="train", help="qrels split the reviewer and (c) draw from")
     p.add_argument("--workdir", type=Path, default=None, help="where temporary workspaces go (deleted after)")
+    p.add_argument("--probe-wise", action="store_true",
+                   help="tuning (needs --dev-split): judge each loop round's fine-tune at every WiSE-FT grid weight")
     p.add_argument("--dev-split", type=float, default=0.0,
                    help="tuning: judge on this share of the TRAIN queries (as 'test') and draw labels from the "
                         "rest; qrels/test is not read")
@@ -410,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data and --budget are required (unless --combine)")
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
+    if args.probe_wise and not args.dev_split:
+        p.error("--probe-wise picks how the loop chooses a weight: tune on a --dev-split, never on qrels/test")
     dev_root: Path | None = None
     if args.dev_split:
         from bench.common import make_dev_split
@@ -462,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {reports['stock'].metrics['ndcg@10']:.4f}")
             if "loop" not in args.skip:
                 with timer("loop"):
-                    lp = run_loop(beir, evalset, base, workdir=tmp / f"loop-{seed}", seed=seed, **common)["rounds"]
+                    lp = run_loop(beir, evalset, base, workdir=tmp / f"loop-{seed}", seed=seed,
+                                  probe_wise=args.probe_wise, **common)["rounds"]
                 shutil.rmtree(tmp / f"loop-{seed}", ignore_errors=True)
             if "random" not in args.skip:
                 with timer("random_control"):

@@ -67,6 +67,14 @@ def tables(d: dict[str, Any]) -> str:
     cal = d.get("gate_calibration")
     if cal:
         out += ["", *calibration_table(cal)]
+    probe = d.get("wise_probe")
+    if probe:
+        out += ["", f"WiSE-FT weight, each way of picking it, over {probe['rounds']} loop rounds (the development "
+                f"fold chose {probe['chosen']}):", "",
+                "| weight | NDCG@10 | minus the fold's choice, 95% CI |", "|---|---|---|",
+                f"| chosen on the development fold (the loop's rule) | {probe['development_fold_choice']:.4f} | - |"]
+        out += [f"| {name} | {v['ndcg@10']:.4f} | {v['vs_fold_choice']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
+                for name, v in probe.items() if name.startswith("fixed ")]
     if "combined_from" in d:
         out += ["", "Combined from " + "; ".join(
             f"{c['file']} (seeds {c['seeds']}, commit {(c.get('machine') or {}).get('commit')}, wall time "

@@ -79,6 +79,14 @@ def mix(base: dict[str, Any], tuned: dict[str, Any], a: float) -> dict[str, Any]
             for k, v in tuned.items()}
 
 
+def unmix(base: dict[str, Any], mixed: dict[str, Any], a: float) -> dict[str, Any]:
+    """The tuned weights back from `mix(base, tuned, a)` (a > 0): base + (mixed - base) / a."""
+    if not a > 0:
+        raise ValueError(f"cannot recover the tuned weights from a mix with weight {a}")
+    return {k: base[k].to(v.dtype) + (v - base[k].to(v.dtype)) / a if v.is_floating_point() and k in base else v
+            for k, v in mixed.items()}
+
+
 def choose(model: Any, base_state: dict[str, Any], task: DevTask, grid: list[float],
            batch_size: int = 64, max_seq_length: int | None = None) -> dict[str, Any]:
     """Score each weight of `grid` on `task`, leave `model` holding the chosen mix; return the record.

@@ -475,6 +475,34 @@ def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
     assert "| bootstrap share of wins >= 0.95 and sign-flip test p <= 0.1 | 1 | 0 | 1 | 1 |" in text
 
 
+def test_the_wise_probe_compares_the_folds_choice_with_each_fixed_weight(capsys):
+    from bench.quality import main, wise_probe_summary
+    from bench.table import tables
+
+    def probe(chosen, per_weight):
+        return {"wise_probe": {"chosen": chosen, "judge": {a: {"ndcg@10": float(np.mean(v)), "per_query": v}
+                                                           for a, v in per_weight.items()}}}
+
+    rows = [probe(0.5, {"0.5": [0.2, 0.4], "1": [0.4, 0.6]}),   # the fold chose 0.5; 1.0 was better by 0.2
+            probe(1.0, {"0.5": [0.5, 0.5], "1": [0.5, 0.7]}),   # the fold chose 1.0
+            {"round": 3}]                                         # a round without WiSE-FT is not counted
+    out = wise_probe_summary(rows)
+    assert out["rounds"] == 2 and out["chosen"] == [0.5, 1.0]
+    assert out["development_fold_choice"] == pytest.approx(np.mean([0.2, 0.4, 0.5, 0.7]))
+    assert out["fixed 1"]["vs_fold_choice"] == pytest.approx(0.1)  # 0.2 better in round 1, the same in round 2
+    assert out["fixed 0.5"]["vs_fold_choice"] == pytest.approx(-0.05)
+    assert wise_probe_summary([{"round": 1}]) is None
+    text = tables({"dataset": "tiny", "budget": 10, "n_rounds": 2, "n_test_queries": 2, "wise_probe": out,
+                   "base": {"ndcg@10": 0.5, "recall@100": 0.9, "mrr@10": 0.5},
+                   "machine": {"commit": "abc", "date": "today"}, "wall_s": {"total": 1.0}})
+    assert "| fixed 1 | 0.5500 | +0.1000" in text
+    with pytest.raises(ValueError, match="different WiSE-FT grids"):
+        wise_probe_summary(rows[:1] + [probe(1.0, {"0.25": [0.1, 0.1], "1": [0.1, 0.1]})])
+    with pytest.raises(SystemExit):  # a weight picked on the test split would be tuning on it
+        main(["--data", "x", "--budget", "10", "--out", "o.json", "--probe-wise"])
+    assert "never on qrels/test" in capsys.readouterr().err
+
+
 def test_bench_table_pools_the_gate_calibration_over_runs(tmp_path, capsys):
     from bench.table import main
 

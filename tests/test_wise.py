@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loop.wise import DevTask, choose, dev_task, mix, ndcg_at_10
+from loop.wise import DevTask, choose, dev_task, mix, ndcg_at_10, unmix
 
 
 class OneWeightModel(torch.nn.Module):
@@ -40,6 +40,16 @@ def test_mix_interpolates_floats_only():
     base = {"w": torch.tensor([0.0, 0.0]), "n": torch.tensor([9])}
     out = mix(base, tuned, 0.25)
     assert out["w"].tolist() == [0.5, 1.0] and out["n"].tolist() == [3]
+
+
+def test_unmix_recovers_the_tuned_weights_from_a_mix():
+    base = {"w": torch.tensor([1.0, -2.0, 0.5]), "n": torch.tensor([9])}
+    tuned = {"w": torch.tensor([3.0, 4.0, -1.5]), "n": torch.tensor([3])}
+    for a in (0.25, 0.5, 1.0):
+        back = unmix(base, mix(base, tuned, a), a)
+        assert torch.allclose(back["w"], tuned["w"], atol=1e-6) and back["n"].tolist() == [3]
+    with pytest.raises(ValueError, match="weight 0"):
+        unmix(base, tuned, 0)
 
 
 def test_ndcg_and_the_dev_task_from_passage_ids():
