@@ -205,9 +205,10 @@ def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport
 
 
 def wise_probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Each way of picking the WiSE-FT weight over every probed round of `rows`: the development
-    fold's choice (the loop's rule) and each fixed weight, as the mean judge NDCG@10 and the paired
-    difference from the fold's choice (bootstrap pooled over rounds and judge queries)."""
+    """Each way of picking the WiSE-FT weight over every probed round of `rows` (any seeds or dev
+    splits): the development fold's choice (the loop's rule) and each fixed weight, as the mean
+    judge NDCG@10 over (round, query) pairs and the paired difference from the fold's choice, with
+    a bootstrap interval over those pairs."""
     probes = [row["wise_probe"] for row in rows if row.get("wise_probe")]
     if not probes:
         return None
@@ -216,12 +217,12 @@ def wise_probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     grids = {tuple(sorted(p["judge"])) for p in probes}
     if len(grids) != 1:
         raise ValueError(f"the probed rounds used different WiSE-FT grids: {sorted(grids)}")
-    rule = np.asarray([p["judge"][f"{p['chosen']:g}"]["per_query"] for p in probes], dtype=np.float64)
+    rule = np.concatenate([p["judge"][f"{p['chosen']:g}"]["per_query"] for p in probes])
     out: dict[str, Any] = {"rounds": len(probes), "chosen": [p["chosen"] for p in probes],
                            "development_fold_choice": round(float(rule.mean()), 4)}
     for a in sorted(grids.pop(), key=float):
-        fixed = np.asarray([p["judge"][a]["per_query"] for p in probes], dtype=np.float64)
-        delta, lo, hi = pooled_bootstrap(rule, fixed)
+        fixed = np.concatenate([p["judge"][a]["per_query"] for p in probes])
+        delta, lo, hi = pooled_bootstrap(rule[None, :], fixed[None, :])
         out[f"fixed {a}"] = {"ndcg@10": round(float(fixed.mean()), 4), "vs_fold_choice": round(delta, 4),
                              "ci95": [round(lo, 4), round(hi, 4)]}
     return out

@@ -2,6 +2,7 @@
 
     python -m bench.table FILE.json
     python -m bench.table --calibration A.json B.json ...   # the gate calibration pooled over runs
+    python -m bench.table --wise-probe A.json B.json ...    # WiSE-FT weight rules over --probe-wise runs
 
 Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
 candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
@@ -9,6 +10,8 @@ NDCG@10, R@100, MRR@10 and the interval against the base (pooled over seeds and 
 run had several seeds); then the loop against each control, promotions per seed, the reviews and
 passages judged, and the gate calibration. `--calibration` pools the gate calibration over every
 round of several runs (e.g. two collections): a rule is only as well supported as its rounds.
+`--wise-probe` pools `bench.quality --probe-wise` runs (dev splits): the WiSE-FT weight the
+development fold chose against each fixed weight, over every probed round.
 """
 
 from __future__ import annotations
@@ -67,14 +70,8 @@ def tables(d: dict[str, Any]) -> str:
     cal = d.get("gate_calibration")
     if cal:
         out += ["", *calibration_table(cal)]
-    probe = d.get("wise_probe")
-    if probe:
-        out += ["", f"WiSE-FT weight, each way of picking it, over {probe['rounds']} loop rounds (the development "
-                f"fold chose {probe['chosen']}):", "",
-                "| weight | NDCG@10 | minus the fold's choice, 95% CI |", "|---|---|---|",
-                f"| chosen on the development fold (the loop's rule) | {probe['development_fold_choice']:.4f} | - |"]
-        out += [f"| {name} | {v['ndcg@10']:.4f} | {v['vs_fold_choice']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
-                for name, v in probe.items() if name.startswith("fixed ")]
+    if d.get("wise_probe"):
+        out += ["", *probe_table(d["wise_probe"])]
     if "combined_from" in d:
         out += ["", "Combined from " + "; ".join(
             f"{c['file']} (seeds {c['seeds']}, commit {(c.get('machine') or {}).get('commit')}, wall time "
@@ -99,6 +96,27 @@ def calibration_table(cal: dict[str, Any], what: str = "loop and random control,
               f"{v['refused_better']} |" for k, v in cal.items() if isinstance(v, dict))]
 
 
+def probe_table(probe: dict[str, Any]) -> list[str]:
+    """`bench.quality.wise_probe_summary` as a markdown table."""
+    return [f"WiSE-FT weight, each way of picking it, over {probe['rounds']} loop rounds (the development fold "
+            f"chose {probe['chosen']}):", "",
+            "| weight | NDCG@10 | minus the fold's choice, 95% CI |", "|---|---|---|",
+            f"| chosen on the development fold (the loop's rule) | {probe['development_fold_choice']:.4f} | - |",
+            *(f"| {name} | {v['ndcg@10']:.4f} | {v['vs_fold_choice']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
+              for name, v in probe.items() if name.startswith("fixed "))]
+
+
+def pooled_probe(paths: list[str]) -> str:
+    """The WiSE-FT probe over every probed loop round of these `bench.quality --probe-wise` results."""
+    from bench.quality import read_result, wise_probe_summary
+
+    rows = [row for p in paths for r in read_result(p, "--wise-probe")["per_seed"] for row in r.get("rounds", [])]
+    probe = wise_probe_summary(rows)
+    if probe is None:
+        raise SystemExit("--wise-probe: none of these results has a probed round (run bench.quality --probe-wise)")
+    return "\n".join(probe_table(probe))
+
+
 def pooled_calibration(paths: list[str]) -> str:
     """The gate calibration over every round of these `bench.quality` results, as one table."""
     from bench.quality import calibration_rows, gate_calibration, read_result
@@ -114,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--calibration"] and len(args) > 1:
         print(pooled_calibration(args[1:]))
+        return 0
+    if args[:1] == ["--wise-probe"] and len(args) > 1:
+        print(pooled_probe(args[1:]))
         return 0
     if len(args) != 1 or args[0].startswith("--"):
         print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)

@@ -475,8 +475,9 @@ def test_gate_calibration_counts_false_promotions_and_refusals_per_rule():
     assert "| bootstrap share of wins >= 0.95 and sign-flip test p <= 0.1 | 1 | 0 | 1 | 1 |" in text
 
 
-def test_the_wise_probe_compares_the_folds_choice_with_each_fixed_weight(capsys):
+def test_the_wise_probe_compares_the_folds_choice_with_each_fixed_weight(tmp_path, capsys):
     from bench.quality import main, wise_probe_summary
+    from bench.table import main as table_main
     from bench.table import tables
 
     def probe(chosen, per_weight):
@@ -498,6 +499,13 @@ def test_the_wise_probe_compares_the_folds_choice_with_each_fixed_weight(capsys)
     assert "| fixed 1 | 0.5500 | +0.1000" in text
     with pytest.raises(ValueError, match="different WiSE-FT grids"):
         wise_probe_summary(rows[:1] + [probe(1.0, {"0.25": [0.1, 0.1], "1": [0.1, 0.1]})])
+    assert wise_probe_summary(rows[:1] + [probe(1.0, {"0.5": [0.1], "1": [0.4]})])["rounds"] == 2  # other queries
+    files = [tmp_path / "a.json", tmp_path / "b.json"]  # two runs (seeds, dev splits) pooled
+    for f, part in zip(files, (rows[:1], rows[1:]), strict=True):
+        f.write_text(json.dumps({"per_seed": [{"rounds": part}]}), encoding="utf-8")
+    capsys.readouterr()
+    assert table_main(["--wise-probe", *map(str, files)]) == 0
+    assert "over 2 loop rounds" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # a weight picked on the test split would be tuning on it
         main(["--data", "x", "--budget", "10", "--out", "o.json", "--probe-wise"])
     assert "never on qrels/test" in capsys.readouterr().err
