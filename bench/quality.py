@@ -79,7 +79,7 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
     """R rounds of the real loop with the simulated reviewer; per-round test figures.
 
     `template`: an `ingested` workspace to start from (copied); None = ingest here.
-    `probe_wise`: also judge each round's fine-tune at every weight of its WiSE-FT grid (`wise_probe`).
+    `probe_wise`: also judge each round's fine-tune at other WiSE-FT weights (`wise_probe`).
     `embedder_factory(path, version)` replaces `Embedder` for the test evaluation (tests pass a fake).
     """
     from loop.rounds import LoopConfig, Rounds
@@ -167,28 +167,27 @@ def run_loop(beir: Beir, evalset: EvalSet, base: EvalReport, *, budget: int, rou
         ws.close()
 
 
-def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport, tmp: Path
-               ) -> dict[str, Any] | None:
-    """The round's fine-tune judged at every weight of its WiSE-FT grid, to choose how the weight
-    is picked (tuning: `--probe-wise` runs on dev splits only). The saved model is
-    (1-a)*base + a*tuned with `a` the development fold's choice, so the tuned weights are
-    base + (saved - base) / a; each other grid weight is mixed from them and judged with the
-    workspace's own encoder, as the candidate (`report`, the chosen weight) was. None when the
-    round ran no WiSE-FT step."""
-    choice = (r.manifest.steps.get("train") or {}).get("wise")
-    if not choice:
-        return None
+PROBE_GRID = (0.25, 0.5, 0.75, 1.0)  # the WiSE-FT weights `--probe-wise` judges every round at
+
+
+def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport, tmp: Path) -> dict[str, Any]:
+    """The round's fine-tune judged at every weight of `PROBE_GRID`, to choose how the WiSE-FT
+    weight is picked (tuning: `--probe-wise` runs on dev splits only). The saved model is
+    (1-a)*base + a*tuned with `a` the round's weight (1 when it ran no WiSE-FT step), so the tuned
+    weights are base + (saved - base) / a; each other weight is mixed from them and judged with
+    the workspace's own encoder, as the candidate (`report`, the round's own weight) was."""
     from sentence_transformers import SentenceTransformer
 
     from loop.wise import mix, unmix
 
-    chosen, grid = float(choice["alpha"]), sorted(float(a) for a in choice["dev_ndcg@10"])
+    choice = (r.manifest.steps.get("train") or {}).get("wise") or {}
+    chosen = float(choice.get("alpha", 1.0))
     st = SentenceTransformer(str(model.path), device="cpu", local_files_only=True)
     saved = {k: v.detach().clone() for k, v in st.state_dict().items()}
     base = SentenceTransformer(str(ws.settings.base_model_path), device="cpu", local_files_only=True).state_dict()
     tuned = unmix(base, saved, chosen)
     judged: dict[str, Any] = {}
-    for a in grid:
+    for a in sorted({*PROBE_GRID, chosen}):
         rep = report
         if a != chosen:
             st.load_state_dict(mix(base, tuned, a) if a < 1 else tuned)
@@ -200,14 +199,14 @@ def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport
             shutil.rmtree(path, ignore_errors=True)
         judged[f"{a:g}"] = {"ndcg@10": round(rep.metrics["ndcg@10"], 4),
                             "per_query": [round(v, 5) for v in rep.per_query["ndcg@10"]]}
-    return {"chosen": chosen, "dev_fold_ndcg@10": choice["dev_ndcg@10"], "n_dev_queries": choice.get("n_dev_queries"),
+    return {"chosen": chosen, "dev_fold_ndcg@10": choice.get("dev_ndcg@10"), "n_dev_queries": choice.get("n_dev_queries"),
             "judge": judged}
 
 
 def wise_probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Each way of picking the WiSE-FT weight over every probed round of `rows` (any seeds or dev
-    splits): the development fold's choice (the loop's rule) and each fixed weight, as the mean
-    judge NDCG@10 over (round, query) pairs and the paired difference from the fold's choice, with
+    splits): the round's own weight (the loop's rule: `chosen`) and each fixed weight, as the mean
+    judge NDCG@10 over (round, query) pairs and the paired difference from the round's weight, with
     a bootstrap interval over those pairs."""
     probes = [row["wise_probe"] for row in rows if row.get("wise_probe")]
     if not probes:
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-split", default="train", help="qrels split the reviewer and (c) draw from")
     p.add_argument("--workdir", type=Path, default=None, help="where temporary workspaces go (deleted after)")
     p.add_argument("--probe-wise", action="store_true",
-                   help="tuning (needs --dev-split): judge each loop round's fine-tune at every WiSE-FT grid weight")
+                   help="tuning (needs --dev-split): judge each loop round's fine-tune at WiSE-FT weights 0.25-1")
     p.add_argument("--dev-split", type=float, default=0.0,
                    help="tuning: judge on this share of the TRAIN queries (as 'test') and draw labels from the "
                         "rest; qrels/test is not read")

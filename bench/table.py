@@ -98,10 +98,10 @@ def calibration_table(cal: dict[str, Any], what: str = "loop and random control,
 
 def probe_table(probe: dict[str, Any]) -> list[str]:
     """`bench.quality.wise_probe_summary` as a markdown table."""
-    return [f"WiSE-FT weight, each way of picking it, over {probe['rounds']} loop rounds (the development fold "
-            f"chose {probe['chosen']}):", "",
-            "| weight | NDCG@10 | minus the fold's choice, 95% CI |", "|---|---|---|",
-            f"| chosen on the development fold (the loop's rule) | {probe['development_fold_choice']:.4f} | - |",
+    return [f"WiSE-FT weight, each way of picking it, over {probe['rounds']} loop rounds (the rounds' own weights: "
+            f"{probe['chosen']}):", "",
+            "| weight | NDCG@10 | minus the round's own weight, 95% CI |", "|---|---|---|",
+            f"| the round's own (the loop's rule) | {probe['development_fold_choice']:.4f} | - |",
             *(f"| {name} | {v['ndcg@10']:.4f} | {v['vs_fold_choice']:+.4f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
               for name, v in probe.items() if name.startswith("fixed "))]
 
