@@ -299,8 +299,11 @@ class Rounds:
         early = (f" (stopped after {result.get('epochs_run', 0):g} of {result.get('epochs_planned')} epochs: "
                  f"the development fold's eval loss stopped improving)") if result.get("stopped_early") else ""
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s{early}.")
-        if result.get("wise"):
-            w = result["wise"]
+        w = result.get("wise")
+        if w and w.get("fixed"):
+            self.log(f"WiSE-FT: kept {w['alpha']:g} of the fine-tuning's change to the base weights "
+                     f"(`[loop.train] wise_grid`, one weight).")
+        elif w:
             self.log(f"WiSE-FT: kept {w['alpha']:g} of the fine-tuning's change to the base weights, the best of "
                      f"{', '.join(w['dev_ndcg@10'])} on the {w['n_dev_queries']} development-fold queries "
                      f"(NDCG@10 {', '.join(f'{v:.3f}' for v in w['dev_ndcg@10'].values())}).")

@@ -88,7 +88,8 @@ class TrainConfig(BaseModel):
     wise_grid: list[float] = Field(
         default=[0.25, 0.5, 0.75, 1.0], min_length=1,
         description="WiSE-FT weights (loop/wise.py): the model saved is (1-a)*base + a*tuned with the a of this grid "
-        "that scores best on the development fold (dev.json); [1.0] = the tuned weights as they are.")
+        "that scores best on the development fold (dev.json); one weight [a] is applied as it is, no fold needed; "
+        "[1.0] = the tuned weights as they are.")
     save_total_limit: int = Field(default=3, ge=1, description="Checkpoints kept (the best is always kept).")
     dataloader_num_workers: int = Field(default=0, ge=0, description="Keep 0: workers froze on the GPU machine.")
     logging_steps: int | None = Field(default=None, ge=1, description="None = about 50 points per run, at most 10 apart.")

@@ -353,14 +353,18 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
         return {**out, "status": "stopped", "reason": "stop requested before the first checkpoint"}
     # load_best_model_at_end has put the best checkpoint's weights in `model`.
     task = wise.DevTask.read(run)
-    if task is not None and cfg.wise_grid != [1.0] and rank0 and not watch.stop_requested:
+    fixed = len(cfg.wise_grid) == 1  # one weight: applied as it is, no development fold needed
+    if cfg.wise_grid != [1.0] and (fixed or task is not None) and rank0 and not watch.stop_requested:
         t_wise = time.time()
-        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=len(task.queries))
+        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed or task is None else len(task.queries))
         base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
                                    local_files_only=True).state_dict()
-        # The weights are scored at the precision they were trained at (bf16 autocast: ~1.6x on a CPU that has it).
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            choice = wise.choose(model, base, task, cfg.wise_grid, max_seq_length=seq_len)
+        if fixed:
+            choice = wise.apply(model, base, cfg.wise_grid[0])
+        else:
+            # The weights are scored at the precision they were trained at (bf16 autocast: ~1.6x on a CPU that has it).
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                choice = wise.choose(model, base, task, cfg.wise_grid, max_seq_length=seq_len)
         out["wise"] = {**choice, "seconds": round(time.time() - t_wise, 2)}
         del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"

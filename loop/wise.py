@@ -5,7 +5,8 @@
 fine-tune often gains on the domain and loses elsewhere; the interpolation usually keeps most of
 the gain and removes most of the regression, and it costs a few encodes, not a training run.
 
-The development fold is a retrieval task written by the parent (`DevTask`, `dev.json` in the run
+A grid of one weight (`wise_grid = [a]`) applies that weight as it is, with no development fold.
+With several, the development fold is a retrieval task written by the parent (`DevTask`, `dev.json` in the run
 directory): the fold's queries, a pool of passages (their relevant passages plus the active
 model's top passages for each query) and which pool passages are relevant. Each grid weight
 is scored by NDCG@10 over that pool; the best wins, a tie going to the smaller weight (closer to
@@ -85,6 +86,13 @@ def unmix(base: dict[str, Any], mixed: dict[str, Any], a: float) -> dict[str, An
         raise ValueError(f"cannot recover the tuned weights from a mix with weight {a}")
     return {k: base[k].to(v.dtype) + (v - base[k].to(v.dtype)) / a if v.is_floating_point() and k in base else v
             for k, v in mixed.items()}
+
+
+def apply(model: Any, base_state: dict[str, Any], a: float) -> dict[str, Any]:
+    """Leave `model` holding `(1-a)*base + a*its own weights`: one fixed weight, nothing scored."""
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(mix(base_state, tuned, a) if a < 1 else tuned)
+    return {"alpha": a, "fixed": True}
 
 
 def choose(model: Any, base_state: dict[str, Any], task: DevTask, grid: list[float],

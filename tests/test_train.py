@@ -442,6 +442,24 @@ def test_loss_variants_train(tmp_path, minilm_path, variant):
 
 
 @pytest.mark.slow
+def test_one_wise_weight_is_applied_without_a_development_fold(tmp_path, minilm_path):
+    """wise_grid [0.5]: the saved model lies halfway between the base and the best checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, wise_grid=[0.5])
+    assert not (tmp_path / "dev.json").exists()
+    assert trainer.main(tmp_path) == 0
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["wise"]["alpha"] == 0.5 and res["wise"]["fixed"], res
+    saved = load_file(str(Path(res["model_dir"]) / "model.safetensors"))
+    tuned = load_file(str(Path(res["best_checkpoint"]) / "model.safetensors"))
+    base = load_file(str(Path(minilm_path) / "model.safetensors"))
+    key = next(k for k, v in saved.items() if v.ndim == 2 and not torch.equal(tuned[k], base[k]))
+    assert torch.allclose(saved[key], 0.5 * base[key] + 0.5 * tuned[key], atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm_path):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, memory_budget_mb=16)
     assert trainer.main(tmp_path) == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loop.wise import DevTask, choose, dev_task, mix, ndcg_at_10, unmix
+from loop.wise import DevTask, apply, choose, dev_task, mix, ndcg_at_10, unmix
 
 
 class OneWeightModel(torch.nn.Module):
@@ -33,6 +33,12 @@ def test_the_best_weight_of_the_grid_wins_and_a_tie_goes_to_the_base_side():
     assert record["dev_ndcg@10"] == {"0.0": 0.6309, "0.25": 1.0, "0.5": 1.0, "0.75": 1.0, "1.0": 0.6309}
     assert record["alpha"] == 0.25 and float(model.w.detach()) == pytest.approx(0.25)
     assert int(model.ids) == 7
+
+
+def test_one_fixed_weight_is_applied_without_scoring():
+    model = OneWeightModel(1.0)
+    record = apply(model, OneWeightModel(0.0).state_dict(), 0.75)
+    assert record == {"alpha": 0.75, "fixed": True} and float(model.w.detach()) == pytest.approx(0.75)
 
 
 def test_mix_interpolates_floats_only():
