@@ -560,3 +560,18 @@ def test_pool_probe_compares_the_model_top_with_the_interleaved_pool_on_train_qr
     for pool in ("model", "interleaved"):
         assert every[pool]["coverage"] == 1.0 and every[pool]["queries_only_outside_model_top"] == 0
     assert every["interleaved"]["relevant_shown_per_query"] == every["model"]["relevant_shown_per_query"] >= 1
+
+
+def test_bench_ann_reports_recall_and_build_to_build_differences(beir_dir, tmp_path, monkeypatch):
+    from bench.ann import main
+
+    monkeypatch.setenv("EMBEDLOOP_ENCODE_BACKEND", "torch")  # no ONNX export for a handful of texts
+    out = tmp_path / "ann.json"
+    assert main(["--data", str(beir_dir), "--k", "2", "--builds", "2", "--ef", "50", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    ef = d["ef_search"]["50"]
+    assert d["docs"] == len(DOCS) and d["queries"] == len(QUERIES)
+    # A few vectors: the graph search is exhaustive, so every build is exact and every build agrees.
+    assert ef["recall_vs_exact"] == [1.0, 1.0] and ef["queries_differing_from_build_1"] == [0]
+    with pytest.raises(SystemExit):
+        main(["--data", str(beir_dir), "--builds", "1"])
