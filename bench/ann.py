@@ -14,7 +14,6 @@ seed and reviews see slightly different cards.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Beir, machine
+from bench.common import Beir, machine, write_json
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from storage.index import VectorIndex
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--builds must be at least 2 and --k at least 1")
     out = {"machine": machine(), "command": "python -m bench.ann " + " ".join(argv or sys.argv[1:]),
            **run(args.data, args.k, args.builds, args.ef)}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    write_json(args.out, out)
     return 0
 
 

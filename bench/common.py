@@ -341,6 +341,14 @@ def emit(result: dict[str, Any], out: Path | None) -> int:
     return 0
 
 
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """A benchmark's result, as written to the file its `--out` names (nothing when there is none)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
 def machine() -> dict[str, Any]:
     import os
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_vs, sample,
-                          seed_means, stock_finetune, summary, trainer_summary, vs)
+                          seed_means, stock_finetune, summary, trainer_summary, vs, write_json)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.combine:
         out = combine_files(args.combine)
-        _write(args.out, out)
+        write_json(args.out, out)
         log_keys = ("promotions_per_seed", "loop_vs", "targets")
         print(json.dumps({k: out[k] for k in log_keys if k in out}, indent=1))
         return 0
@@ -547,21 +547,16 @@ def main(argv: list[str] | None = None) -> int:
             seeds[-1][0]["seed_wall_s"] = round(time.perf_counter() - t_seed, 1)
             result.update(combine_seeds(seeds))
             if len(seeds) < len(planned):  # a run stopped later keeps the seeds it finished
-                _write(args.out, {**result, "seeds_planned": planned, "wall_s": wall_s()})
+                write_json(args.out, {**result, "seeds_planned": planned, "wall_s": wall_s()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if dev_root is not None:
             shutil.rmtree(dev_root, ignore_errors=True)
     result["wall_s"] = wall_s()
-    _write(args.out, result)
+    write_json(args.out, result)
     log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
                                            "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
     return 0
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

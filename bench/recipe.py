@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample
+from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample, write_json
 from loop import train, trainer
 from loop.config import bundled_model_path
 from loop.embed import Embedder
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
            **run(args.data, args.pairs, args.dev_split, args.seeds, args.arms or ARMS)}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    write_json(args.out, out)
     return 0
 
 
