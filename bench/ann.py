@@ -4,8 +4,8 @@
 
 The corpus and the queries of a BEIR folder are encoded once with the bundled model; then, for each
 `hnsw:ef_search` value, the vectors are written `--builds` times into a fresh embedded Chroma
-collection the way the product builds its index (`VectorIndex.create` + `upsert`) and every query
-is searched. Printed per ef: the top-k recall against exact cosine search, and how many queries'
+collection (the cosine space `VectorIndex.create` configures, plus that ef_search; written with the
+product's `VectorIndex.upsert`, searched with its `search`) and every query is searched. Printed per ef: the top-k recall against exact cosine search, and how many queries'
 top-k lists differ from the first build's. Chroma builds its HNSW graph with several threads, so
 two builds of the same vectors can differ; this is what makes two runs of one round with the same
 seed and reviews see slightly different cards.

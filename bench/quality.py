@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_vs, sample,
-                          seed_means, stock_finetune, summary, trainer_summary, vs, write_json)
+from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_bootstrap,
+                          pooled_vs, sample, seed_means, stock_finetune, summary, trainer_summary, vs, write_json)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
@@ -190,7 +190,7 @@ def wise_probe(ws: Any, r: Any, model: Any, evalset: EvalSet, report: EvalReport
     for a in sorted({*PROBE_GRID, chosen}):
         rep = report
         if a != chosen:
-            st.load_state_dict(mix(base, tuned, a) if a < 1 else tuned)
+            st.load_state_dict(mix(base, tuned, a))
             path = tmp / f"a{a:g}"
             shutil.rmtree(path, ignore_errors=True)
             st.save(str(path))
@@ -211,8 +211,6 @@ def wise_probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     probes = [row["wise_probe"] for row in rows if row.get("wise_probe")]
     if not probes:
         return None
-    from bench.common import pooled_bootstrap
-
     grids = {tuple(sorted(p["judge"])) for p in probes}
     if len(grids) != 1:
         raise ValueError(f"the probed rounds used different WiSE-FT grids: {sorted(grids)}")

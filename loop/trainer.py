@@ -356,7 +356,7 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     fixed = len(cfg.wise_grid) == 1  # one weight: applied as it is, no development fold needed
     if cfg.wise_grid != [1.0] and (fixed or task is not None) and rank0 and not watch.stop_requested:
         t_wise = time.time()
-        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed or task is None else len(task.queries))
+        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed else len(task.queries))
         base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
                                    local_files_only=True).state_dict()
         if fixed:

@@ -75,7 +75,10 @@ def ndcg_at_10(scores: np.ndarray, relevant: list[list[int]]) -> float:
 
 
 def mix(base: dict[str, Any], tuned: dict[str, Any], a: float) -> dict[str, Any]:
-    """`(1 - a) * base + a * tuned` for every floating-point tensor; others (ids, counters) from tuned."""
+    """`(1 - a) * base + a * tuned` for every floating-point tensor; others (ids, counters) from tuned.
+    At a >= 1 that is `tuned` itself, returned without arithmetic."""
+    if a >= 1:
+        return dict(tuned)
     return {k: ((1 - a) * base[k].to(v.dtype) + a * v) if v.is_floating_point() and k in base else v
             for k, v in tuned.items()}
 
@@ -91,7 +94,7 @@ def unmix(base: dict[str, Any], mixed: dict[str, Any], a: float) -> dict[str, An
 def apply(model: Any, base_state: dict[str, Any], a: float) -> dict[str, Any]:
     """Leave `model` holding `(1-a)*base + a*its own weights`: one fixed weight, nothing scored."""
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(mix(base_state, tuned, a) if a < 1 else tuned)
+    model.load_state_dict(mix(base_state, tuned, a))
     return {"alpha": a, "fixed": True}
 
 
@@ -111,7 +114,7 @@ def choose(model: Any, base_state: dict[str, Any], task: DevTask, grid: list[flo
     if max_seq_length and own:
         model.max_seq_length = min(own, max_seq_length)
     for a in sorted(set(grid)):
-        model.load_state_dict(mix(base_state, tuned, a) if a < 1 else tuned)
+        model.load_state_dict(mix(base_state, tuned, a))
         q = model.encode(task.queries, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         p = model.encode(task.pool, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         scores[a] = ndcg_at_10(q @ p.T, task.relevant)
@@ -119,6 +122,6 @@ def choose(model: Any, base_state: dict[str, Any], task: DevTask, grid: list[flo
         model.max_seq_length = own
     best = max(scores.values())
     alpha = min(a for a, s in scores.items() if s >= best - 1e-9)  # a tie goes to the base's side
-    model.load_state_dict(mix(base_state, tuned, alpha) if alpha < 1 else tuned)
+    model.load_state_dict(mix(base_state, tuned, alpha))
     return {"alpha": alpha, "dev_ndcg@10": {str(a): round(s, 4) for a, s in scores.items()},
             "n_dev_queries": len(task.queries), "pool": len(task.pool)}

@@ -46,6 +46,7 @@ def test_mix_interpolates_floats_only():
     base = {"w": torch.tensor([0.0, 0.0]), "n": torch.tensor([9])}
     out = mix(base, tuned, 0.25)
     assert out["w"].tolist() == [0.5, 1.0] and out["n"].tolist() == [3]
+    assert all(mix(base, tuned, 1.0)[k] is v for k, v in tuned.items())  # the tuned weights as they are
 
 
 def test_unmix_recovers_the_tuned_weights_from_a_mix():
