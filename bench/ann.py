@@ -5,10 +5,11 @@
 The corpus and the queries of a BEIR folder are encoded once with the bundled model; then, for each
 `hnsw:ef_search` value, the vectors are written `--builds` times into a fresh embedded Chroma
 collection (the cosine space `VectorIndex.create` configures, plus that ef_search; written with the
-product's `VectorIndex.upsert`, searched with its `search`) and every query is searched. Printed per ef: the top-k recall against exact cosine search, and how many queries'
-top-k lists differ from the first build's. Chroma builds its HNSW graph with several threads, so
-two builds of the same vectors can differ; this is what makes two runs of one round with the same
-seed and reviews see slightly different cards.
+product's `VectorIndex.upsert`, searched with its `search`) and every query is searched. Printed
+per ef: the top-k recall against exact cosine search, how many queries' top-k lists differ from
+the first build's, and the search's milliseconds per query (all queries in one call). Chroma
+builds its HNSW graph with several threads, so two builds of the same vectors can differ; this is
+what makes two runs of one round with the same seed and reviews see slightly different cards.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,18 @@ from loop.embed import Embedder
 from storage.index import VectorIndex
 
 
-def build_and_search(doc_ids: list[str], docs: np.ndarray, queries: np.ndarray, k: int, ef: int) -> list[list[str]]:
-    """Index `docs` in a fresh collection (HNSW `ef_search` = ef) and return each query's top-k ids."""
+def build_and_search(doc_ids: list[str], docs: np.ndarray, queries: np.ndarray, k: int,
+                     ef: int) -> tuple[list[list[str]], float]:
+    """Index `docs` in a fresh collection (HNSW `ef_search` = ef); each query's top-k ids, and the search's seconds."""
     with tempfile.TemporaryDirectory(prefix="bench-ann-") as tmp:
         index = VectorIndex(path=tmp)
         try:
             index.client.create_collection("probe", embedding_function=None, metadata={"model_version": "probe"},
                                            configuration={"hnsw": {"space": "cosine", "ef_search": ef}})
             index.upsert("probe", doc_ids, docs, [""] * len(doc_ids))
-            return [[hit[0] for hit in row] for row in index.search("probe", queries, "probe", k)]
+            t0 = time.perf_counter()
+            hits = index.search("probe", queries, "probe", k)
+            return [[hit[0] for hit in row] for row in hits], time.perf_counter() - t0
         finally:
             index.close()
 
@@ -50,13 +55,17 @@ def run(data: Path, k: int, builds: int, efs: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"dataset": data.name, "docs": len(doc_ids), "queries": len(queries), "k": k,
                            "builds": builds, "ef_search": {}}
     for ef in efs:
-        lists = [build_and_search(doc_ids, docs, queries, k, ef) for _ in range(builds)]
+        built = [build_and_search(doc_ids, docs, queries, k, ef) for _ in range(builds)]
+        lists = [b[0] for b in built]
+        ms = [1000 * b[1] / len(queries) for b in built]
         recall = [float(np.mean([len(set(a) & set(b)) / k for a, b in zip(run_, exact, strict=True)])) for run_ in lists]
         differ = [sum(a != b for a, b in zip(run_, lists[0], strict=True)) for run_ in lists[1:]]
         out["ef_search"][str(ef)] = {"recall_vs_exact": [round(r, 5) for r in recall],
-                                     "queries_differing_from_build_1": differ}
+                                     "queries_differing_from_build_1": differ,
+                                     "search_ms_per_query": [round(m, 3) for m in ms]}
         print(f"ef_search {ef}: recall@{k} vs exact {', '.join(f'{r:.4f}' for r in recall)}; "
-              f"queries whose top-{k} differs from build 1: {differ} of {len(queries)}", flush=True)
+              f"queries whose top-{k} differs from build 1: {differ} of {len(queries)}; "
+              f"search {', '.join(f'{m:.2f}' for m in ms)} ms per query", flush=True)
     return out
 
 
