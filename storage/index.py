@@ -24,6 +24,12 @@ from storage.errors import IndexMismatchError, VectorIndexError
 
 log = logging.getLogger("embedloop.index")
 MAX_HITS_PER_QUERY_CALL = 10_000  # query rows x k per Chroma call; SQLite allows 32,766 variables
+# HNSW search breadth of every collection this project creates. Chroma's default (100) is not
+# exact, and Chroma builds its graph with several threads, so two builds of the same vectors
+# answered ~10% of scifact's queries with different top-20 lists (recall 0.994): the same round
+# showed different cards. At 400: recall 0.9999, 4 of 1,109 lists differ, ~1 ms per query
+# instead of ~0.5 (`python -m bench.ann`; bench/README, "Chroma's search breadth").
+EF_SEARCH = 400
 
 
 def collection_name(model_version: str, workspace_id: str) -> str:
@@ -148,7 +154,7 @@ class VectorIndex:
         self.client.create_collection(
             name,
             embedding_function=None,
-            configuration={"hnsw": {"space": "cosine"}},
+            configuration={"hnsw": {"space": "cosine", "ef_search": EF_SEARCH}},
             metadata={"model_version": model_version, "dim": dim},
         )
 

@@ -14,7 +14,7 @@ import pytest
 from chromadb.api.models.Collection import Collection
 
 from loop.errors import IndexMismatchError, VectorIndexError
-from storage.index import VectorIndex, collection_name
+from storage.index import EF_SEARCH, VectorIndex, collection_name
 from tests.fakes import FakeEmbedder
 
 TEXTS = [
@@ -31,6 +31,7 @@ def _write_search_verify(index: VectorIndex, emb: FakeEmbedder, name: str = "pas
     index.create(name, emb.version, emb.dim)
     assert name in index.collections()
     assert index.model_version(name) == emb.version
+    assert index._get(name).configuration["hnsw"]["ef_search"] == EF_SEARCH  # a near-exact, repeatable top-k
     assert index.count(name) == 0
     assert index.search(name, emb.encode(["anything"]), emb.version, k=3) == [[]]  # empty: no error
     ids = [f"p{i}" for i in range(len(TEXTS))]
