@@ -4,12 +4,12 @@
 
 The corpus and the queries of a BEIR folder are encoded once with the bundled model; then, for each
 `hnsw:ef_search` value, the vectors are written `--builds` times into a fresh embedded Chroma
-collection (the cosine space `VectorIndex.create` configures, plus that ef_search; written with the
-product's `VectorIndex.upsert`, searched with its `search`) and every query is searched. Printed
-per ef: the top-k recall against exact cosine search, how many queries' top-k lists differ from
-the first build's, and the search's milliseconds per query (all queries in one call). Chroma
-builds its HNSW graph with several threads, so two builds of the same vectors can differ; this is
-what makes two runs of one round with the same seed and reviews see slightly different cards.
+collection the way the product builds its index (`VectorIndex.create` with that ef_search, then
+`upsert`) and every query is searched with the product's `search`. Printed per ef: the top-k
+recall against exact cosine search, how many queries' top-k lists differ from the first build's,
+and the search's milliseconds per query (all queries in one call). Chroma builds its HNSW graph
+with several threads, so two builds of the same vectors can differ; this is what makes two runs
+of one round with the same seed and reviews see slightly different cards.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def build_and_search(doc_ids: list[str], docs: np.ndarray, queries: np.ndarray, 
     with tempfile.TemporaryDirectory(prefix="bench-ann-") as tmp:
         index = VectorIndex(path=tmp)
         try:
-            index.client.create_collection("probe", embedding_function=None, metadata={"model_version": "probe"},
-                                           configuration={"hnsw": {"space": "cosine", "ef_search": ef}})
+            index.create("probe", "probe", docs.shape[1], ef_search=ef)
             index.upsert("probe", doc_ids, docs, [""] * len(doc_ids))
             t0 = time.perf_counter()
             hits = index.search("probe", queries, "probe", k)

@@ -147,14 +147,16 @@ class VectorIndex:
         except Exception as e:
             raise VectorIndexError(f"The Chroma collection {name!r} does not exist at {self.location}.") from e
 
-    def create(self, name: str, model_version: str, dim: int) -> None:
-        """Create an empty collection for `model_version`, replacing a leftover of the same name."""
+    def create(self, name: str, model_version: str, dim: int, *, ef_search: int = EF_SEARCH) -> None:
+        """Create an empty collection for `model_version`, replacing a leftover of the same name.
+
+        `ef_search` is the HNSW search breadth; only `bench.ann` sets another one, to measure it."""
         if name in self.collections():
             self.client.delete_collection(name)
         self.client.create_collection(
             name,
             embedding_function=None,
-            configuration={"hnsw": {"space": "cosine", "ef_search": EF_SEARCH}},
+            configuration={"hnsw": {"space": "cosine", "ef_search": ef_search}},
             metadata={"model_version": model_version, "dim": dim},
         )
 
