@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef", type=int, nargs="+", default=[100, 400], help="hnsw ef_search values (Chroma's default: 100)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if args.builds < 2 or args.k < 1:
-        p.error("--builds must be at least 2 and --k at least 1")
+    if args.builds < 2 or args.k < 1 or min(args.ef) < 1:
+        p.error("--builds must be at least 2, and --k and every --ef at least 1")
     out = {"machine": machine(), "command": "python -m bench.ann " + " ".join(argv or sys.argv[1:]),
            **run(args.data, args.k, args.builds, args.ef)}
     write_json(args.out, out)

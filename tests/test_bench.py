@@ -574,5 +574,6 @@ def test_bench_ann_reports_recall_and_build_to_build_differences(beir_dir, tmp_p
     # A few vectors: the graph search is exhaustive, so every build is exact and every build agrees.
     assert ef["recall_vs_exact"] == [1.0, 1.0] and ef["queries_differing_from_build_1"] == [0]
     assert len(ef["search_ms_per_query"]) == 2 and all(ms > 0 for ms in ef["search_ms_per_query"])
-    with pytest.raises(SystemExit):
-        main(["--data", str(beir_dir), "--builds", "1"])
+    for bad in (["--builds", "1"], ["--ef", "100", "0"]):
+        with pytest.raises(SystemExit):
+            main(["--data", str(beir_dir), *bad])
