@@ -200,6 +200,15 @@ def rollback(store: Store, index: VectorIndex, embedder_of: Callable[[str], Embe
     return target["collection"]
 
 
+def widen_search(store: Store, index: VectorIndex) -> list[str]:
+    """The workspace's collections that a search can reach (active, kept for rollback, verified)
+    searched as breadth `EF_SEARCH`: those created with less are raised in place; returns them."""
+    names = [r["collection"] for r in store.rows(
+        "SELECT collection FROM index_versions WHERE status IN ('active', 'retired', 'verified') ORDER BY collection"
+    )]
+    return index.widen_search(names)
+
+
 def sync(store: Store, index: VectorIndex, embedder: Embedder, progress: Progress | None = None) -> int:
     """Make the collection of `embedder`'s model hold exactly the corpus's passages, verify it, and
     make it active; returns vectors written.

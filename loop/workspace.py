@@ -127,7 +127,19 @@ class Workspace:
     @cached_property
     def index(self) -> VectorIndex:
         """The Chroma index, opened on first use. A damaged embedded index is detected here, moved
-        aside (`chroma.corrupt-<timestamp>`) and rebuilt from DuckDB for the active model."""
+        aside (`chroma.corrupt-<timestamp>`) and rebuilt from DuckDB for the active model.
+        Collections created before `storage.index.EF_SEARCH` was raised get its search breadth."""
+        index = self._open_index()
+        try:
+            widened = indexing.widen_search(self.store, index)
+        except VectorIndexError as e:  # searches still work, at the breadth the collection has
+            log.warning("%s", e)
+        else:
+            if widened:
+                log.info("Raised the search breadth of %s to the current default.", ", ".join(widened))
+        return index
+
+    def _open_index(self) -> VectorIndex:
         s = self.settings
         if s.chroma_url:
             return VectorIndex(url=s.chroma_url)

@@ -160,6 +160,26 @@ class VectorIndex:
             metadata={"model_version": model_version, "dim": dim},
         )
 
+    def widen_search(self, names: Sequence[str], ef_search: int = EF_SEARCH) -> list[str]:
+        """Raise the HNSW search breadth of each of `names` that Chroma holds with less than
+        `ef_search` (collections created before `EF_SEARCH` was raised); returns those changed.
+
+        The breadth is a search setting: Chroma changes it in place and keeps the vectors."""
+        present = set(self.collections())
+        changed = []
+        for name in names:
+            if name not in present:
+                continue
+            col = self._get(name)
+            hnsw = (col.configuration or {}).get("hnsw") or {}
+            if hnsw.get("ef_search", ef_search) < ef_search:
+                try:
+                    col.modify(configuration={"hnsw": {"ef_search": ef_search}})
+                except Exception as e:  # chromadb's errors, from the Rust bindings or the server
+                    raise VectorIndexError(f"Could not raise the search breadth of {name!r} at {self.location}: {e}") from e
+                changed.append(name)
+        return changed
+
     def drop(self, name: str) -> None:
         if name in self.collections():
             self.client.delete_collection(name)

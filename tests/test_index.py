@@ -59,6 +59,23 @@ def _write_search_verify(index: VectorIndex, emb: FakeEmbedder, name: str = "pas
     assert name not in index.collections()
 
 
+def _widen_search(index: VectorIndex, emb: FakeEmbedder) -> None:
+    """A collection created at a narrower breadth is raised in place; its vectors stay."""
+    narrow, wide = "passages.narrow", "passages.wide"
+    index.create(narrow, emb.version, emb.dim, ef_search=100)
+    index.create(wide, emb.version, emb.dim, ef_search=EF_SEARCH + 100)
+    ids = [f"p{i}" for i in range(len(TEXTS))]
+    index.upsert(narrow, ids, emb.encode(TEXTS), TEXTS)
+    assert index.widen_search([narrow, wide, "passages.missing"]) == [narrow]
+    assert index._get(narrow).configuration["hnsw"]["ef_search"] == EF_SEARCH
+    assert index._get(wide).configuration["hnsw"]["ef_search"] == EF_SEARCH + 100  # never lowered
+    assert index.ids(narrow) == set(ids)
+    assert index.search(narrow, emb.encode([TEXTS[2]]), emb.version, k=1)[0][0][0] == "p2"
+    assert index.widen_search([narrow]) == []  # once is enough
+    index.drop(narrow)
+    index.drop(wide)
+
+
 @pytest.fixture
 def index(tmp_path) -> VectorIndex:
     return VectorIndex(path=tmp_path / "chroma")
@@ -74,6 +91,10 @@ def test_embedded_write_search_verify(index, emb, tmp_path):
     assert (tmp_path / "chroma").is_dir()
     assert index.location == str(tmp_path / "chroma")
     _write_search_verify(index, emb)
+
+
+def test_widen_search_raises_an_older_collections_breadth(index, emb):
+    _widen_search(index, emb)
 
 
 def test_search_of_a_big_query_log_stays_under_sqlites_variable_limit(index, emb):
@@ -287,6 +308,7 @@ def test_server_mode_index_and_workspace(chroma_server, tmp_path, monkeypatch):
     assert index.location == chroma_server
     emb = FakeEmbedder("fake-1")
     _write_search_verify(index, emb)
+    _widen_search(index, emb)
     monkeypatch.setattr(index, "_max_batch", 7)
     texts = [f"server passage {i} topic{i}" for i in range(50)]
     index.create("passages.batched", emb.version, emb.dim)

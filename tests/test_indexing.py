@@ -250,6 +250,38 @@ def test_lost_chroma_folder_is_rebuilt_from_duckdb(workspace, tmp_path):
         ws2.close()
 
 
+def test_reopening_a_workspace_raises_its_older_collections_search_breadth(workspace, tmp_path):
+    """Collections built before `EF_SEARCH` was raised (active and kept for rollback) get it at
+    the next open; a collection this workspace does not record is left as it is."""
+    from loop.workspace import Workspace
+    from storage.index import EF_SEARCH
+
+    ws = workspace
+    _ingest(ws, tmp_path)
+    base = indexing.collection_for(ws.store, ws.base_version)
+    v2 = _register(ws, "ft-r1", tmp_path)
+    tuned = indexing.build(ws.store, ws.index, v2)
+    indexing.activate(ws.store, tuned)
+    ws.index.create("passages.someone-else", v2.version, v2.dim, ef_search=100)
+    for name in (base, tuned):  # as an earlier version created them
+        ws.index._get(name).modify(configuration={"hnsw": {"ef_search": 100}})
+    before = ws.search("Delaware law", k=4)
+    ws_path = ws.settings.workspace
+    ws.close()
+
+    ws2 = Workspace.open(ws_path)
+    try:
+        ws2._embedders[ws2.base_version] = FakeEmbedder(ws2.base_version)
+        ws2._embedders["ft-r1"] = FakeEmbedder("ft-r1")
+        breadth = {n: ws2.index._get(n).configuration["hnsw"]["ef_search"] for n in (base, tuned, "passages.someone-else")}
+        assert breadth == {base: EF_SEARCH, tuned: EF_SEARCH, "passages.someone-else": 100}
+        assert _status(ws2) == {base: "retired", tuned: "active"}
+        assert ws2.search("Delaware law", k=4) == before
+        assert ws2.search("Delaware law", k=1, version=ws2.base_version)[0].doc_ids == ["law.txt"]
+    finally:
+        ws2.close()
+
+
 def test_rebuilt_active_index_can_still_be_retired_and_rolled_back(workspace, tmp_path):
     """A rebuild must not lose the 'active' status, or the next switch cannot retire it."""
     ws = workspace
