@@ -44,6 +44,21 @@ class TrainConfig(BaseModel):
         description="mnrl: in-batch negatives; cached_mnrl: the same with GradCache (big batches in "
         "little memory); gist: in-batch negatives filtered by a guide model (the base model).",
     )
+    directions: list[Literal["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]] = Field(
+        default=["query_to_doc"], min_length=1,
+        description="mnrl / cached_mnrl: the similarity terms the softmax ranks (sentence-transformers' "
+        "`directions`): query_to_doc is the classic loss; adding doc_to_query makes it symmetric; all four "
+        "are GTE's improved contrastive loss (more negatives from the same batch).",
+    )
+    partition_mode: Literal["joint", "per_direction"] = Field(
+        default="joint", description="mnrl / cached_mnrl: one softmax over every direction (joint), or one per "
+        "direction, averaged (per_direction; not with query_to_query or doc_to_doc).",
+    )
+    hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = Field(
+        default=None, description="mnrl / cached_mnrl: up-weight the negatives the model already finds close "
+        "(`hardness_strength` times their cosine, without gradient, added to their logits); None = off.",
+    )
+    hardness_strength: float = Field(default=0.0, ge=0, le=100, description="The weight `hardness_mode` uses.")
     matryoshka_dims: list[int] | None = Field(
         default=None, description="Wrap the loss in MatryoshkaLoss at these dims (the full dim is always added)."
     )
@@ -116,6 +131,26 @@ class TrainConfig(BaseModel):
         if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
             raise ValueError("device must be one of auto, cpu, cuda, cuda:N, mps")
         return v
+
+    @field_validator("directions")
+    @classmethod
+    def _directions(cls, v: list[str]) -> list[str]:
+        if "query_to_doc" not in v:
+            raise ValueError(f"directions must include query_to_doc (the query ranks its positive), got {v}")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _mnrl_options(self) -> TrainConfig:
+        fields = type(self).model_fields
+        tuned = [k for k in ("directions", "partition_mode", "hardness_mode") if getattr(self, k) != fields[k].default]
+        if self.loss == "gist" and tuned:
+            raise ValueError(f"{', '.join(tuned)} apply to the mnrl and cached_mnrl losses, not to gist")
+        if self.partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(self.directions):
+            raise ValueError("partition_mode per_direction cannot take query_to_query or doc_to_doc "
+                             "(their candidates do not include the positive); use joint")
+        if self.hardness_mode is not None and self.hardness_strength == 0:
+            raise ValueError(f"hardness_mode {self.hardness_mode} needs a hardness_strength above 0 (e.g. 5)")
+        return self
 
     @model_validator(mode="after")
     def _devices(self) -> TrainConfig:

@@ -66,13 +66,13 @@ def build_loss(cfg: TrainConfig, model, device: str, world_size: int, micro: int
 
     # Under DDP, gather embeddings so every anchor sees the negatives of all devices.
     gather = world_size > 1
+    mnrl = {"similarity_fct": cos_sim_fp32, "gather_across_devices": gather, "directions": tuple(cfg.directions),
+            "partition_mode": cfg.partition_mode, "hardness_mode": cfg.hardness_mode,
+            "hardness_strength": cfg.hardness_strength}
     if cfg.loss == "mnrl" and micro is None:
-        loss = losses.MultipleNegativesRankingLoss(model, similarity_fct=cos_sim_fp32, gather_across_devices=gather)
+        loss = losses.MultipleNegativesRankingLoss(model, **mnrl)
     elif cfg.loss in ("mnrl", "cached_mnrl"):  # mnrl whose batch does not fit in memory: the same loss, cached
-        loss = losses.CachedMultipleNegativesRankingLoss(
-            model, similarity_fct=cos_sim_fp32, mini_batch_size=micro or cfg.mini_batch_size,
-            gather_across_devices=gather,
-        )
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=micro or cfg.mini_batch_size, **mnrl)
     else:
         guide = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False, local_files_only=True)
         guide.max_seq_length = model.max_seq_length

@@ -102,6 +102,12 @@ def test_config_defaults_and_dims(minilm_path):
         ({"matryoshka_dims": [128, 0]}, "matryoshka_dims"),
         ({"precision": "fp8"}, "precision"),
         ({"base_model": ""}, "base_model"),
+        ({"directions": ["doc_to_query"]}, "directions must include query_to_doc"),
+        ({"directions": ["query_to_doc", "sideways"]}, "directions.1: Input should be 'query_to_doc'"),
+        ({"directions": ["query_to_doc", "doc_to_doc"], "partition_mode": "per_direction"}, "use joint"),
+        ({"hardness_mode": "hard_negatives"}, "needs a hardness_strength above 0"),
+        ({"hardness_strength": -1}, "hardness_strength"),
+        ({"loss": "gist", "directions": ["query_to_doc", "doc_to_query"]}, "directions apply to the mnrl"),
     ],
 )
 def test_config_errors_say_what_is_wrong(overrides, expected_error):
@@ -355,6 +361,22 @@ def test_the_loss_scores_in_fp32_under_bf16_autocast(minilm_path, loss, micro):
     assert torch.allclose(sims, cos_sim(a, b), atol=1e-6)
 
 
+@pytest.mark.parametrize("loss, micro", [("mnrl", None), ("mnrl", 4), ("cached_mnrl", None)])
+def test_the_mnrl_options_reach_the_librarys_loss(minilm_path, loss, micro):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path), device="cpu", local_files_only=True)
+    cfg = train.TrainConfig.from_dict({
+        "base_model": str(minilm_path), "loss": loss, "directions": ["query_to_doc", "doc_to_query", "query_to_doc"],
+        "partition_mode": "per_direction", "hardness_mode": "in_batch_negatives", "hardness_strength": 9})
+    built = train_loss.build_loss(cfg, model, "cpu", 1, micro)
+    assert built.directions == ("query_to_doc", "doc_to_query")
+    assert (built.partition_mode, built.hardness_mode, built.hardness_strength) == ("per_direction", "in_batch_negatives", 9)
+    plain = train_loss.build_loss(train.TrainConfig.from_dict({"base_model": str(minilm_path), "loss": loss}),
+                                  model, "cpu", 1, micro)
+    assert (plain.directions, plain.partition_mode, plain.hardness_mode) == (("query_to_doc",), "joint", None)
+
+
 @pytest.mark.parametrize("device, env", [("auto", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
                                          ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda", {})])
 def test_training_runs_on_the_configured_device_only(device, env, tmp_path, minilm_path):
@@ -429,8 +451,9 @@ def test_pretokenized_batches_match_the_models_own_preprocessing(minilm_path):
         {"loss": "cached_mnrl", "mini_batch_size": 4},
         {"loss": "gist"},
         {"loss": "mnrl", "matryoshka_dims": [256, 64]},
+        {"loss": "mnrl", "directions": ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]},
     ],
-    ids=["cached_mnrl", "gist", "matryoshka"],
+    ids=["cached_mnrl", "gist", "matryoshka", "all directions"],
 )
 def test_loss_variants_train(tmp_path, minilm_path, variant):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, **variant)
