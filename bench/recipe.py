@@ -7,7 +7,7 @@ A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never
 Every arm trains on the same pairs with the product's own trainer, started as the loop starts it
 (`loop.train.start`: a `python -m loop.trainer` subprocess, so its peak RSS is the trainer's alone), and
 is judged on the dev queries with the workspace default encoder; arms run side by side in one
-process, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
+run, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
 base (and against the first arm) pooled over seeds and queries, training seconds and the trainer's peak RSS.
 """
 
