@@ -5,7 +5,7 @@
 A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never read); N gold
 (query, relevant document) pairs drawn per seed from the other train queries are the labels.
 Every arm trains on the same pairs with the product's own trainer, started as the loop starts it
-(`loop.train.start`: a `python -m loop.trainer` subprocess, so its peak RSS is the trainer's alone), and
+(`loop.train.run_to_end`: a `python -m loop.trainer` subprocess, so its peak RSS is the trainer's alone), and
 is judged on the dev queries with the workspace default encoder; arms run side by side in one
 run, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
 base (and against the first arm) pooled over seeds and queries, training seconds and the trainer's peak RSS.
@@ -52,11 +52,8 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
                 run_dir = tmp_path / f"{name}-s{seed}"
                 train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})
                 t0 = time.perf_counter()
-                if train.start(run_dir).wait() != 0:
-                    log_tail = (run_dir / train.LOG_FILE).read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"{name} seed {seed}: {train.read_result(run_dir)}\n{log_tail}")
+                result = train.run_to_end(run_dir)
                 wall = time.perf_counter() - t0
-                result = train.read_result(run_dir)
                 report = evaluate(Embedder(result["model_dir"], f"{name}-s{seed}"), evalset, k=100, dims=(None,),
                                   gain=GAIN)
                 reports[name].append(report)

@@ -289,12 +289,8 @@ def bench_train(pairs: list[dict[str, str]], tmp: Path, batch_size: int = 32) ->
     run = tmp / "run"
     train.write_snapshot(run, tr, ev, {"base_model": str(path), "epochs": 1, "batch_size": batch_size})
     t0 = time.perf_counter()
-    proc = train.start(run, nproc=1)
-    proc.wait()
+    result = train.run_to_end(run, nproc=1)
     project_wall = time.perf_counter() - t0
-    result = train.read_result(run) or {}
-    if result.get("status") != "ok":
-        raise RuntimeError(f"project training failed: {result.get('reason')}; see {run / train.LOG_FILE}")
 
     model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     cols = ["anchor", "positive"] + (["negative"] if "negative" in tr[0] else [])

@@ -309,6 +309,24 @@ def start(run_dir: str | Path, *, env: Mapping[str, str] | None = None, nproc: i
         )
 
 
+def run_to_end(run_dir: str | Path, *, env: Mapping[str, str] | None = None, nproc: int | None = None) -> dict:
+    """Train on `run_dir` in the trainer subprocess, as the loop does, and wait for it (benchmarks, scripts).
+
+    Returns:
+        The run's result (status "ok").
+
+    Raises:
+        EmbedloopError: the run did not finish ok; the message carries its result and the tail of train.log.
+    """
+    rc = start(run_dir, env=env, nproc=nproc).wait()
+    result = read_result(run_dir)
+    if rc != 0 or not result or result.get("status") != "ok":
+        log_tail = (Path(run_dir) / LOG_FILE).read_text(errors="replace")[-2000:]
+        reason = (result or {}).get("reason") or f"the trainer exited with status {rc} and no result"
+        raise EmbedloopError(f"Training on {run_dir} failed: {reason}\n--- train.log (tail) ---\n{log_tail}")
+    return result
+
+
 def read_progress(run_dir: str | Path) -> list[dict]:
     """All progress events so far. A torn line (the writer was killed mid-write) is skipped."""
     path = Path(run_dir) / PROGRESS_FILE

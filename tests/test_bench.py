@@ -577,3 +577,24 @@ def test_bench_ann_reports_recall_and_build_to_build_differences(beir_dir, tmp_p
     for bad in (["--builds", "1"], ["--ef", "100", "0"]):
         with pytest.raises(SystemExit):
             main(["--data", str(beir_dir), *bad])
+
+
+@pytest.mark.slow
+def test_recipe_arms_train_in_the_trainer_subprocess_and_compare_on_the_dev_split(tmp_path):
+    from bench.recipe import run
+
+    root = tmp_path / "recipe"  # a train query per document: enough pairs for the trainer's own eval split
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in DOCS.items()))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{d}", "text": " ".join(t.split()[:4])}) + "\n"
+                                                for d, t in DOCS.items()))
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{d}\t{d}\t1\n" for d in DOCS))
+    arms = {"short": {"epochs": 1, "max_seq_length": 32},
+            "lr1e-4": {"epochs": 1, "max_seq_length": 32, "learning_rate": 1e-4}}
+    out = run(root, pairs=6, dev_split=0.25, seeds=1, arms=arms, log=lambda *_: None)
+    assert (out["n_dev_queries"], out["seeds"]) == (2, 1) and 0 <= out["base_ndcg@10"] <= 1
+    assert list(out["arms"]) == ["short", "lr1e-4"] and "vs_short" in out["arms"]["lr1e-4"]
+    for arm in out["arms"].values():
+        assert 0 <= arm["ndcg@10"] <= 1 and set(arm["vs_base"]) >= {"delta", "ci95"}
+        (one,) = arm["runs"]
+        assert one["steps"] >= 1 and 0 < one["peak_rss_mb"] < 3000  # the trainer's own RSS, not this process's

@@ -551,6 +551,18 @@ def test_nan_loss_fails_and_keeps_best_checkpoint(tmp_path, minilm_path, monkeyp
 
 
 @pytest.mark.slow
+def test_run_to_end_returns_the_result_or_raises_with_the_reason_and_the_log(tmp_path, minilm_path):
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    snapshot(ok, minilm_path, 8, epochs=1)
+    snapshot(bad, minilm_path, 8, epochs=1)
+    res = train.run_to_end(ok, env=ONE_THREAD)
+    assert res["status"] == "ok" and res["model_dir"] == str(ok / "model")
+    with pytest.raises(EmbedloopError, match="loss became NaN at step 1") as err:
+        train.run_to_end(bad, env={**ONE_THREAD, train.FAULT_ENV: "nan_at_step=1"})
+    assert "train.log (tail)" in str(err.value) and train.read_result(bad)["status"] == "failed"
+
+
+@pytest.mark.slow
 def test_stop_file_stops_and_keeps_best(tmp_path, minilm_path, monkeypatch):
     snapshot(tmp_path, minilm_path, 16, epochs=3, evals_per_epoch=1)  # 6 steps, the first checkpoint at step 2
     monkeypatch.setenv(train.FAULT_ENV, "sleep_per_step=1")
