@@ -3,6 +3,7 @@
     python -m bench.table FILE.json
     python -m bench.table --calibration A.json B.json ...   # the gate calibration pooled over runs
     python -m bench.table --wise-probe A.json B.json ...    # WiSE-FT weight rules over --probe-wise runs
+    python -m bench.table --arms A.json B.json              # two loop settings, paired: B minus A per round
 
 Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
 candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
@@ -11,7 +12,9 @@ run had several seeds); then the loop against each control, promotions per seed,
 passages judged, and the gate calibration. `--calibration` pools the gate calibration over every
 round of several runs (e.g. two collections): a rule is only as well supported as its rounds.
 `--wise-probe` pools `bench.quality --probe-wise` runs (dev splits): the WiSE-FT weight the
-development fold chose against each fixed weight, over every probed round.
+development fold chose against each fixed weight, over every probed round. `--arms` sets two runs
+of one protocol that differ in `--loop-config` side by side (same seeds, same judged queries): each
+round's candidate and the active model after the last round, B minus A, paired over seeds and queries.
 """
 
 from __future__ import annotations
@@ -128,10 +131,65 @@ def pooled_calibration(paths: list[str]) -> str:
     return "\n".join(calibration_table(gate_calibration(rows), what))
 
 
+def arms_table(path_a: str, path_b: str) -> str:
+    """Two loop settings (`bench.quality` runs that differ only in `loop_config`), paired: per round,
+    each arm's seed-mean candidate NDCG@10 and B minus A with the interval pooled over seeds and
+    queries (`pooled_bootstrap`); the same for the active model after the last round."""
+    import numpy as np
+
+    from bench.common import pooled_bootstrap
+    from bench.quality import read_result
+
+    a, b = read_result(path_a, "--arms"), read_result(path_b, "--arms")
+    for key in ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
+                "judged_on"):
+        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
+            raise SystemExit(f"--arms: the runs differ in {key!r}; only runs of one protocol compare.")
+    seeds_a, seeds_b = ({r["seed"]: r for r in d["per_seed"]} for d in (a, b))
+    if set(seeds_a) != set(seeds_b):
+        raise SystemExit(f"--arms: the runs have different seeds ({sorted(seeds_a)} vs {sorted(seeds_b)}); "
+                         f"pairing needs the same ones.")
+    seeds = sorted(seeds_a)
+
+    order = seeds_a[seeds[0]]["per_query_ndcg@10"]["query_ids"]
+
+    def matrix(runs: dict[int, dict[str, Any]], pick) -> np.ndarray:
+        out = []
+        for s in seeds:
+            pq = runs[s]["per_query_ndcg@10"]
+            if sorted(pq["query_ids"]) != sorted(order):
+                raise SystemExit("--arms: the runs were judged on different queries (another dev split?).")
+            pos = {q: i for i, q in enumerate(pq["query_ids"])}
+            values = pick(pq)
+            out.append([values[pos[q]] for q in order])
+        return np.asarray(out, dtype=np.float64)
+
+    def line(name: str, pick) -> str:
+        ma, mb = matrix(seeds_a, pick), matrix(seeds_b, pick)
+        delta, lo, hi = pooled_bootstrap(ma, mb)
+        return f"| {name} | {ma.mean():.4f} | {mb.mean():.4f} | {delta:+.4f} [{lo:+.3f}, {hi:+.3f}] |"
+
+    def promotions(runs: dict[int, dict[str, Any]]) -> list[int]:
+        return [sum(bool(row["promoted"]) for row in runs[s]["rounds"]) for s in seeds]
+
+    n_rounds = len(seeds_a[seeds[0]]["per_query_ndcg@10"]["loop_rounds"])
+    return "\n".join([
+        f"{a['dataset']}, seeds {seeds}, {a['n_test_queries']} judged queries. "
+        f"A: {json.dumps(a.get('loop_config') or {})}; B: {json.dumps(b.get('loop_config') or {})}.", "",
+        "| loop | A | B | B minus A, 95% CI |", "|---|---|---|---|",
+        *(line(f"candidate, round {i + 1}", lambda pq, i=i: pq["loop_rounds"][i]) for i in range(n_rounds)),
+        line(f"active after round {n_rounds}", lambda pq: pq["loop"]),
+        f"| promotions per seed | {promotions(seeds_a)} | {promotions(seeds_b)} | |",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--calibration"] and len(args) > 1:
         print(pooled_calibration(args[1:]))
+        return 0
+    if args[:1] == ["--arms"] and len(args) == 3:
+        print(arms_table(args[1], args[2]))
         return 0
     if args[:1] == ["--wise-probe"] and len(args) > 1:
         print(pooled_probe(args[1:]))

@@ -346,6 +346,42 @@ def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path)
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_arms_table_pairs_two_loop_settings_by_seed_and_query(tmp_path, capsys):
+    from bench.quality import round_row, seed_result
+    from bench.table import main
+
+    base = _report("base", [0.5, 0.4, 0.6, 0.5])
+    protocol = {"dataset": "tiny", "budget": 10, "n_rounds": 1, "n_test_queries": 4, "gain": "exponential"}
+
+    def write(name: str, loop_config: dict, lift: float, promote: bool, seeds=(0, 1)) -> str:
+        per_seed = []
+        for seed in seeds:
+            c = _report(f"{name}-{seed}", [v + lift + 0.01 * seed for v in (0.5, 0.4, 0.6, 0.5)])
+            rounds = [round_row(1, c, c if promote else base, base, reviews=10, promoted=promote)]
+            per_seed.append(seed_result(seed, {"base": base}, rounds, None, stock_pairs=10)[0])
+        (tmp_path / name).write_text(json.dumps({**protocol, "loop_config": loop_config, "per_seed": per_seed}))
+        return str(tmp_path / name)
+
+    a = write("a.json", {}, 0.0, promote=False)
+    b = write("b.json", {"train": {"epochs": 1}}, 0.1, promote=True)
+    assert main(["--arms", a, b]) == 0
+    text = capsys.readouterr().out
+    assert "tiny, seeds [0, 1], 4 judged queries. A: {}; B: {\"train\": {\"epochs\": 1}}." in text
+    assert "| candidate, round 1 | 0.5050 | 0.6050 | +0.1000 [+0.100, +0.100] |" in text
+    assert "| active after round 1 | 0.5000 | 0.6050 | +0.1050 [+0.100, +0.110] |" in text  # A kept the base
+    assert "| promotions per seed | [0, 0] | [1, 1] | |" in text
+    # Runs that cannot be paired: a clear error naming why.
+    other = json.loads(Path(b).read_text())
+    for change, message in (({"budget": 20}, "differ in 'budget'"), ({"per_seed": other["per_seed"][:1]}, "different seeds")):
+        (tmp_path / "c.json").write_text(json.dumps({**other, **change}))
+        with pytest.raises(SystemExit, match=message):
+            main(["--arms", a, str(tmp_path / "c.json")])
+    other["per_seed"][1]["per_query_ndcg@10"]["query_ids"][0] = "elsewhere"
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different queries"):
+        main(["--arms", a, str(tmp_path / "c.json")])
+
+
 def test_reviewer_order_follows_its_seed(workspace, beir_dir):
     beir = _ingested(workspace, beir_dir)
     Rounds(workspace, LoopConfig(generate_max=6, review_budget=50, routing={"random_fraction": 1.0})).advance(
