@@ -437,6 +437,10 @@ def combine_files(paths: list[Path]) -> dict[str, Any]:
     numbers = [r["seed"] for r, _ in seeds]
     if len(set(numbers)) != len(numbers):
         raise SystemExit(f"--combine: seed repeated across the files ({numbers}).")
+    judged = {tuple(sorted(r.get("per_query_ndcg@10", {}).get("query_ids", []))) for r, _ in seeds}
+    if len(judged) > 1:
+        raise SystemExit("--combine: the runs were judged on different queries (a --dev-split run's split follows "
+                         "its --seed: run such seeds in one process, or compare them seed by seed); nothing written.")
     seeds.sort(key=lambda item: item[0]["seed"])
     head = {k: docs[0][k] for k in (*same, "machine", "encode_backend") if k in docs[0]}
     return {**head, **combine_seeds(seeds), "combined_from": [

@@ -336,6 +336,12 @@ def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path)
         main(["--combine", *map(str, files), "--out", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="seed repeated"):
         main(["--combine", str(files[0]), str(files[0]), "--out", str(tmp_path / "bad.json")])
+    elsewhere = json.loads(files[0].read_text())  # e.g. a --dev-split run of another --seed: another split
+    elsewhere["per_seed"][0]["seed"] = 5
+    elsewhere["per_seed"][0]["per_query_ndcg@10"]["query_ids"][0] = "another"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    with pytest.raises(SystemExit, match="judged on different queries"):
+        main(["--combine", str(files[0]), str(tmp_path / "elsewhere.json"), "--out", str(tmp_path / "bad.json")])
     # Files that are not results: a clear error, and no output file.
     (tmp_path / "broken.json").write_text("{bad")
     (tmp_path / "other.json").write_text("{}")
