@@ -412,6 +412,11 @@ def reports_from_json(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What makes two `bench.quality` results comparable query by query (besides the seeds and the loop's settings).
+PROTOCOL_KEYS = ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
+                 "judged_on")
+
+
 def read_result(path: str | Path, flag: str) -> dict[str, Any]:
     """A `bench.quality` JSON, or SystemExit naming `flag` and the file when it is missing,
     malformed or not such a result (no `per_seed` list)."""
@@ -428,8 +433,7 @@ def combine_files(paths: list[Path]) -> dict[str, Any]:
     """Several `bench.quality` JSONs of one protocol (e.g. seeds run as separate processes) as one:
     every seed of every file pooled as if one run had made them (`combine_seeds`)."""
     docs = [read_result(p, "--combine") for p in paths]
-    same = ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
-            "loop_config", "judged_on")
+    same = (*PROTOCOL_KEYS, "loop_config")
     for key in same:
         if len({json.dumps(d.get(key), sort_keys=True) for d in docs}) > 1:
             raise SystemExit(f"--combine: the files differ in {key!r}; only runs of one protocol combine.")

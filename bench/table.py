@@ -134,15 +134,12 @@ def pooled_calibration(paths: list[str]) -> str:
 def arms_table(path_a: str, path_b: str) -> str:
     """Two loop settings (`bench.quality` runs that differ only in `loop_config`), paired: per round,
     each arm's seed-mean candidate NDCG@10 and B minus A with the interval pooled over seeds and
-    queries (`pooled_bootstrap`); the same for the active model after the last round."""
-    import numpy as np
-
-    from bench.common import pooled_bootstrap
-    from bench.quality import read_result
+    queries (`pooled_vs`); the same for the active model after the last round."""
+    from bench.common import pooled_vs
+    from bench.quality import PROTOCOL_KEYS, read_result, reports_from_json
 
     a, b = read_result(path_a, "--arms"), read_result(path_b, "--arms")
-    for key in ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "gain", "eval_split", "n_test_queries",
-                "judged_on"):
+    for key in PROTOCOL_KEYS:
         if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
             raise SystemExit(f"--arms: the runs differ in {key!r}; only runs of one protocol compare.")
     seeds_a, seeds_b = ({r["seed"]: r for r in d["per_seed"]} for d in (a, b))
@@ -150,35 +147,28 @@ def arms_table(path_a: str, path_b: str) -> str:
         raise SystemExit(f"--arms: the runs have different seeds ({sorted(seeds_a)} vs {sorted(seeds_b)}); "
                          f"pairing needs the same ones.")
     seeds = sorted(seeds_a)
-
-    order = seeds_a[seeds[0]]["per_query_ndcg@10"]["query_ids"]
-
-    def matrix(runs: dict[int, dict[str, Any]], pick) -> np.ndarray:
-        out = []
-        for s in seeds:
-            pq = runs[s]["per_query_ndcg@10"]
-            if sorted(pq["query_ids"]) != sorted(order):
-                raise SystemExit("--arms: the runs were judged on different queries (another dev split?).")
-            pos = {q: i for i, q in enumerate(pq["query_ids"])}
-            values = pick(pq)
-            out.append([values[pos[q]] for q in order])
-        return np.asarray(out, dtype=np.float64)
+    if len({frozenset(r["per_query_ndcg@10"]["query_ids"]) for r in (*seeds_a.values(), *seeds_b.values())}) > 1:
+        raise SystemExit("--arms: the runs were judged on different queries (another dev split?).")
+    rep_a, rep_b = ([reports_from_json(runs[s]) for s in seeds] for runs in (seeds_a, seeds_b))
 
     def line(name: str, pick) -> str:
-        ma, mb = matrix(seeds_a, pick), matrix(seeds_b, pick)
-        delta, lo, hi = pooled_bootstrap(ma, mb)
-        return f"| {name} | {ma.mean():.4f} | {mb.mean():.4f} | {delta:+.4f} [{lo:+.3f}, {hi:+.3f}] |"
+        ra, rb = [pick(r) for r in rep_a], [pick(r) for r in rep_b]
+        if None in ra or None in rb:  # a JSON written before every round's per-query figures were kept
+            return f"| {name} | - | - | no per-query figures |"
+        vs = pooled_vs(ra, rb)
+        mean_a, mean_b = (sum(r.metrics["ndcg@10"] for r in reports) / len(reports) for reports in (ra, rb))
+        return f"| {name} | {mean_a:.4f} | {mean_b:.4f} | {vs['delta']:+.4f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] |"
 
     def promotions(runs: dict[int, dict[str, Any]]) -> list[int]:
         return [sum(bool(row["promoted"]) for row in runs[s]["rounds"]) for s in seeds]
 
-    n_rounds = len(seeds_a[seeds[0]]["per_query_ndcg@10"]["loop_rounds"])
+    n_rounds = len(rep_a[0]["rounds"])
     return "\n".join([
         f"{a['dataset']}, seeds {seeds}, {a['n_test_queries']} judged queries. "
         f"A: {json.dumps(a.get('loop_config') or {})}; B: {json.dumps(b.get('loop_config') or {})}.", "",
         "| loop | A | B | B minus A, 95% CI |", "|---|---|---|---|",
-        *(line(f"candidate, round {i + 1}", lambda pq, i=i: pq["loop_rounds"][i]) for i in range(n_rounds)),
-        line(f"active after round {n_rounds}", lambda pq: pq["loop"]),
+        *(line(f"candidate, round {i + 1}", lambda r, i=i: r["rounds"][i]) for i in range(n_rounds)),
+        line(f"active after round {n_rounds}", lambda r: r["active"]["loop"]),
         f"| promotions per seed | {promotions(seeds_a)} | {promotions(seeds_b)} | |",
     ])
 

@@ -386,6 +386,17 @@ def test_arms_table_pairs_two_loop_settings_by_seed_and_query(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different queries"):
         main(["--arms", a, str(tmp_path / "c.json")])
+    # JSONs written before each round's per-query figures were kept: round 1 says so, the last round still pairs.
+    for name, lift in (("old-a.json", 0.0), ("old-b.json", 0.1)):
+        c = _report(name, [v + lift for v in (0.5, 0.4, 0.6, 0.5)])
+        rounds = [round_row(i, c, base, base, reviews=5 * i, promoted=False) for i in (1, 2)]
+        result = seed_result(0, {"base": base}, rounds, None, stock_pairs=10)[0]
+        del result["per_query_ndcg@10"]["loop_rounds"]
+        (tmp_path / name).write_text(json.dumps({**protocol, "n_rounds": 2, "per_seed": [result]}))
+    assert main(["--arms", str(tmp_path / "old-a.json"), str(tmp_path / "old-b.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| candidate, round 1 | - | - | no per-query figures |" in text
+    assert "| candidate, round 2 | 0.5000 | 0.6000 | +0.1000 [+0.100, +0.100] |" in text
 
 
 def test_reviewer_order_follows_its_seed(workspace, beir_dir):
