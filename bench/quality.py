@@ -417,22 +417,28 @@ PROTOCOL_KEYS = ("dataset", "budget", "n_rounds", "seed_pairs", "generator", "ga
                  "judged_on")
 
 
-def read_result(path: str | Path, flag: str) -> dict[str, Any]:
+def read_result(path: str | Path, flag: str, per_query: bool = False) -> dict[str, Any]:
     """A `bench.quality` JSON, or SystemExit naming `flag` and the file when it is missing,
-    malformed or not such a result (no `per_seed` list)."""
+    malformed or not such a result (no `per_seed` list; with `per_query`, a seed without its
+    per-query figures, which pooling and pairing need)."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag}: cannot read {path} as JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("per_seed"), list) or not doc["per_seed"]:
         raise SystemExit(f"{flag}: {path} is not a bench.quality result (no per_seed list); nothing written.")
+    if per_query:
+        for i, seed in enumerate(doc["per_seed"]):
+            if not isinstance(seed, dict) or not isinstance((seed.get("per_query_ndcg@10") or {}).get("query_ids"), list):
+                raise SystemExit(f"{flag}: {path} per_seed[{i}] has no per-query figures (per_query_ndcg@10.query_ids); "
+                                 f"not a whole bench.quality result; nothing written.")
     return doc
 
 
 def combine_files(paths: list[Path]) -> dict[str, Any]:
     """Several `bench.quality` JSONs of one protocol (e.g. seeds run as separate processes) as one:
     every seed of every file pooled as if one run had made them (`combine_seeds`)."""
-    docs = [read_result(p, "--combine") for p in paths]
+    docs = [read_result(p, "--combine", per_query=True) for p in paths]
     same = (*PROTOCOL_KEYS, "loop_config")
     for key in same:
         if len({json.dumps(d.get(key), sort_keys=True) for d in docs}) > 1:
@@ -441,7 +447,7 @@ def combine_files(paths: list[Path]) -> dict[str, Any]:
     numbers = [r["seed"] for r, _ in seeds]
     if len(set(numbers)) != len(numbers):
         raise SystemExit(f"--combine: seed repeated across the files ({numbers}).")
-    judged = {tuple(sorted(r.get("per_query_ndcg@10", {}).get("query_ids", []))) for r, _ in seeds}
+    judged = {tuple(sorted(r["per_query_ndcg@10"]["query_ids"])) for r, _ in seeds}
     if len(judged) > 1:
         raise SystemExit("--combine: the runs were judged on different queries (a --dev-split run's split follows "
                          "its --seed: run such seeds in one process, or compare them seed by seed); nothing written.")

@@ -138,7 +138,7 @@ def arms_table(path_a: str, path_b: str) -> str:
     from bench.common import pooled_vs
     from bench.quality import PROTOCOL_KEYS, read_result, reports_from_json
 
-    a, b = read_result(path_a, "--arms"), read_result(path_b, "--arms")
+    a, b = (read_result(path, "--arms", per_query=True) for path in (path_a, path_b))
     for key in PROTOCOL_KEYS:
         if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
             raise SystemExit(f"--arms: the runs differ in {key!r}; only runs of one protocol compare.")

@@ -345,8 +345,9 @@ def test_seeds_run_as_separate_processes_combine_into_the_same_figures(tmp_path)
     # Files that are not results: a clear error, and no output file.
     (tmp_path / "broken.json").write_text("{bad")
     (tmp_path / "other.json").write_text("{}")
+    (tmp_path / "cut.json").write_text(json.dumps({"per_seed": [{"seed": 3}]}))
     for name, message in (("missing.json", "cannot read"), ("broken.json", "cannot read"),
-                          ("other.json", "not a bench.quality result")):
+                          ("other.json", "not a bench.quality result"), ("cut.json", r"per_seed\[0\] has no per-query")):
         with pytest.raises(SystemExit, match=message):
             main(["--combine", str(files[0]), str(tmp_path / name), "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
