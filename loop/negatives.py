@@ -26,7 +26,8 @@ class MiningPolicy(BaseModel):
     range_min: int = Field(0, ge=0)   # skip this many top candidates
     range_max: int = Field(30, ge=0)  # consider candidates up to this rank
     relative_margin: float = Field(0.05, ge=0.0, lt=1.0)
-    num_negatives: int = Field(1, ge=0)
+    # hard negatives per training row: a reviewer's first, mined ones fill up; 0 = in-batch only
+    num_negatives: int = Field(1, ge=0, le=16)
 
 
 def select_negatives(

@@ -20,7 +20,7 @@ and results.
 
 Run directory:
     config.json      TrainConfig (loop/train_config.py)   snapshot.json  data hash and counts
-    train.jsonl      {anchor, positive[, negative]} per line; eval.jsonl likewise
+    train.jsonl      {anchor, positive[, negative, negative_2, ...]} per line; eval.jsonl likewise
     dev.json         the development fold that chooses the WiSE-FT weight (loop/wise.py), if any
     progress.jsonl   one JSON event per line (see `RunMonitor` in loop/train_hooks.py)
     STOP             created by `request_stop`: training stops at the next step
@@ -53,6 +53,7 @@ from typing import Any
 
 from loop.errors import ConfigError, EmbedloopError, InputError
 from loop.procs import runs
+from loop.train_batching import negative_column
 from loop.train_config import TrainConfig
 from loop.wise import DEV_FILE
 
@@ -84,11 +85,12 @@ def _row_text(row: Any, *names: str) -> str | None:
     return None
 
 
-def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, str]]:
-    """Rows as {anchor, positive[, negative][, exclude]}; accepts dicts or `Pair` records (positive_text ...).
+def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, Any]]:
+    """Rows as {anchor, positive, negatives[, exclude]}; accepts dicts or `Pair` records (positive_text ...).
 
-    `exclude` lists texts known to answer the row's anchor (its other positives): they are never
-    drawn as its negative and never share its batch.
+    A row's hard negatives are its `negative` (or `negative_text`) followed by its `negatives`
+    list, blank and repeated ones dropped. `exclude` lists texts known to answer the row's anchor
+    (its other positives): they are never drawn as its negative and never share its batch.
     """
     out = []
     for i, row in enumerate(rows, start=1):
@@ -99,9 +101,12 @@ def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, str]]:
             raise InputError(f"{split} row {i}: anchor is empty.", line=i)
         if not positive or not positive.strip():
             raise InputError(f"{split} row {i}: positive is empty.", line=i)
-        rec: dict[str, Any] = {"anchor": anchor, "positive": positive}
-        if negative and negative.strip():
-            rec["negative"] = negative
+        more = row.get("negatives") if isinstance(row, Mapping) else None
+        if more is not None and (isinstance(more, str) or not isinstance(more, Iterable)):
+            raise InputError(f"{split} row {i}: negatives must be a list of texts.", line=i)
+        given = [str(t) for t in [negative, *(more or ())] if t is not None and str(t).strip()]
+        rec: dict[str, Any] = {"anchor": anchor, "positive": positive,
+                               "negatives": list(dict.fromkeys(t for t in given if t != positive))}
         exclude = row.get("exclude") if isinstance(row, Mapping) else None
         if exclude:
             rec["exclude"] = sorted({str(t) for t in exclude} - {positive})
@@ -109,34 +114,39 @@ def _clean_rows(rows: Iterable[Any], split: str) -> list[dict[str, str]]:
     return out
 
 
-def _fill_negatives(rows: list[dict[str, str]], with_negative: bool, rng: random.Random) -> int:
-    """Make the negative column all-or-nothing: a dataset column cannot have holes.
+def _fill_negatives(rows: list[dict[str, Any]], width: int, rng: random.Random,
+                    others: list[dict[str, Any]] = ()) -> int:
+    """Give every row exactly `width` hard negatives, as columns `negative`, `negative_2`, ...: a
+    dataset column cannot have holes. Extra ones are dropped; `width` 0 drops them all.
 
     A missing negative becomes another row's positive: exactly the kind of negative the loss
     already sees in-batch, so it adds no wrong signal; never the row's own positive, a positive of
-    the same anchor, or a text in its `exclude`. Returns how many were filled.
+    the same anchor (in either split), a text in its `exclude` or one of its other negatives. The
+    `others` rows (the other split) give their positives only when the rows' own run out. Returns
+    how many were filled.
     """
     positives = sorted({r["positive"] for r in rows})
+    spares = sorted({r["positive"] for r in others} - set(positives))
     known: dict[str, set[str]] = {}
-    for r in rows:
+    for r in [*rows, *others]:
         known.setdefault(r["anchor"], set()).update([r["positive"], *r.get("exclude", ())])
     filled = 0
     for rec in rows:
-        if not with_negative:
-            rec.pop("negative", None)
-        elif "negative" not in rec:
-            taboo = known[rec["anchor"]]
+        negatives = rec.pop("negatives")[:width]
+        while len(negatives) < width:
+            taboo = known[rec["anchor"]] | set(negatives)
             for _ in range(20):  # a few draws at most: positives are mostly of other anchors
                 negative = rng.choice(positives)
                 if negative not in taboo:
                     break
             else:
-                allowed = [p for p in positives if p not in taboo]
+                allowed = [p for p in positives if p not in taboo] or [p for p in spares if p not in taboo]
                 if not allowed:
                     raise InputError("Cannot fill a missing negative: every positive answers the same query.")
                 negative = rng.choice(allowed)
-            rec["negative"] = negative
+            negatives.append(negative)
             filled += 1
+        rec.update((negative_column(n), t) for n, t in enumerate(negatives))
     return filled
 
 
@@ -164,15 +174,16 @@ def write_snapshot(
 
     Args:
         run_dir: the run directory (created).
-        train_rows: dicts with anchor, positive, optional negative (or `Pair` records).
+        train_rows: dicts with anchor, positive, optional negative and negatives (a list), or
+            `Pair` records.
         eval_rows: the explicit eval set; None or empty = hold out `config.eval_fraction` of
             train_rows (seeded, so the same inputs give the same split).
         config: a TrainConfig or a dict for one.
         dev: the development fold as a `wise.DevTask` (dev.json): the WiSE-FT weight is chosen on it.
 
-    Hard negatives: if any train row has one, every row (train and eval) gets one, a missing
-    one being another row's positive; if none has, eval negatives are dropped too, so train
-    and eval losses stay comparable.
+    Hard negatives: every row (train and eval) gets as many as the train row with the most has,
+    as columns `negative`, `negative_2`, ...; a missing one is another row's positive. If no train
+    row has one, eval negatives are dropped too, so train and eval losses stay comparable.
 
     Returns:
         The sha256 data snapshot hash over train.jsonl and eval.jsonl (stable for the same inputs).
@@ -198,9 +209,9 @@ def write_snapshot(
             f"Too few pairs to train: {len(train)} train and {len(evals)} eval (need at least 2 of each; "
             f"a useful run needs a few hundred). Add or accept more pairs."
         )
-    with_negative = any("negative" in r for r in train)
+    width = max(len(r["negatives"]) for r in train)
     rng = random.Random(cfg.seed)
-    filled = _fill_negatives(train, with_negative, rng) + _fill_negatives(evals, with_negative, rng)
+    filled = _fill_negatives(train, width, rng, evals) + _fill_negatives(evals, width, rng, train)
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -234,7 +245,8 @@ def write_snapshot(
         "data_hash": digest,
         "n_train": len(train),
         "n_eval": len(evals),
-        "negatives": with_negative,
+        "negatives": width > 0,
+        "negatives_per_row": width,
         "filled_negatives": filled,
         "n_dev_queries": len(dev.queries) if dev is not None else 0,
     }

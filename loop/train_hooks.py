@@ -23,7 +23,7 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from transformers import TrainerCallback
 
 from loop.train import FAULT_ENV, STOP_FILE
-from loop.train_batching import PretokenizedCollator, length_grouped_batches
+from loop.train_batching import PretokenizedCollator, length_grouped_batches, text_columns
 from loop.train_monitor import Progress, Watch
 
 
@@ -41,7 +41,7 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
     def _rows(self):
         """Each row's texts, its longest token length and its blocks: the same every epoch."""
         dataset = self.sampler  # BatchSampler's first argument: the dataset
-        cols = [c for c in ("anchor", "positive", "negative") if c in dataset.column_names]
+        cols = text_columns(dataset.column_names)
         data = [dataset[c] for c in cols]
         values = [tuple(col[i] for col in data) for i in range(len(dataset))]
         lengths = [max(self.collator.length(t) for t in v) for v in values]

@@ -30,7 +30,7 @@ from loop.train import (
     CHECKPOINTS_DIR, CONFIG_FILE, EVAL_FILE, FAULT_ENV, MODEL_DIR, PROGRESS_FILE, RESULT_FILE, TRAIN_FILE,
     atomic_write,
 )
-from loop.train_batching import PretokenizedCollator
+from loop.train_batching import PretokenizedCollator, text_columns
 from loop.train_config import TrainConfig
 from loop.train_loss import activation_mb_per_text, build_loss, memory_budget_mb, micro_batch
 from loop.train_monitor import Faults, Progress, Watch, finite
@@ -81,8 +81,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _dataset(rows: list[dict]):
     from datasets import Dataset
 
-    # Column order matters to the losses: anchor, positive, then the negative.
-    cols = ["anchor", "positive"] + (["negative"] if rows and "negative" in rows[0] else [])
+    # Column order matters to the losses: anchor, positive, then the negatives.
+    cols = text_columns(rows[0] if rows else ())
     return Dataset.from_dict({c: [r[c] for r in rows] for c in cols})
 
 
@@ -292,7 +292,7 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     model = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False, local_files_only=True)
     seq_len = min(cfg.max_seq_length or model.max_seq_length, model.max_seq_length)
     t_tok = time.time()
-    texts = (r[c] for rows in (train_rows, eval_rows) for r in rows for c in ("anchor", "positive", "negative") if c in r)
+    texts = (r[c] for rows in (train_rows, eval_rows) for r in rows for c in text_columns(r))
     collator = PretokenizedCollator(model.preprocess, texts, seq_len)
     LengthGroupedBatchSampler.collator = collator
     LengthGroupedBatchSampler.blocks = {r["anchor"]: r["exclude"] for r in train_rows + eval_rows if r.get("exclude")}
@@ -302,7 +302,7 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
                   max_seq_length=seq_len, tokenize_seconds=round(time.time() - t_tok, 3),
                   resume_from=str(resume) if resume else None)
     per_text = activation_mb_per_text(model[0].auto_model.config, seq_len) if hasattr(model[0], "auto_model") else 0
-    columns = 3 if train_rows and "negative" in train_rows[0] else 2
+    columns = len(text_columns(train_rows[0] if train_rows else ()))
     micro = micro_batch(train_bs, columns, per_text, memory_budget_mb(cfg, cuda)) if cfg.loss == "mnrl" else None
     loss = build_loss(cfg, model, device, world_size, micro)
 

@@ -94,10 +94,11 @@ class TrainingData:
         return known_positives(rows, self.siblings([pid for _, pid in rows]))
 
     def rows(self) -> list[dict[str, Any]]:
-        """Accepted train pairs with one hard negative each (a reviewer's first, else mined).
+        """Accepted train pairs with up to `mining.num_negatives` hard negatives each: the pair's
+        own negative, then the reviewer-verified negatives of its query, then mined ones.
 
         A known positive of the row's query (`known_positives`) is never its negative. Each row is
-        `{anchor, positive[, negative], exclude}`: `exclude` lists the texts of the query's other
+        `{anchor, positive, negatives, exclude}`: `exclude` lists the texts of the query's other
         known positives that occur in the training data (as a positive or negative of any row), so
         the trainer never uses one as this row's negative either (a random fill-in, or an in-batch
         negative); the row's own positive is not listed.
@@ -114,6 +115,7 @@ class TrainingData:
                 f"refusing to train on evaluation data. HeldOut.ensure() (the train step's first "
                 f"action) drops them from training."
             )
+        width = self.config.mining.num_negatives
         known = self.known_positives()
         keys = [query_key(p["anchor"]) for p in pairs]
         passage_text = self.store.passages(sorted(set().union(*known.values())))
@@ -131,19 +133,20 @@ class TrainingData:
         ).fetchall():
             if pid not in known.get(query_key(a), ()):  # e.g. rejected once, accepted (picked) later
                 reviewed.setdefault(a, []).append(text)
-        negative: dict[int, str] = {}
+        negatives: list[list[str]] = [[] for _ in pairs]
         nth: dict[str, int] = {}  # a query's several positives take its verified negatives in turn
         for i, p in enumerate(pairs):
             mine = [t for t in reviewed.get(p["anchor"], []) if usable(i, t)]
             j = nth.get(p["anchor"], 0)
             nth[p["anchor"]] = j + 1
-            given = p["negative_text"] if usable(i, p["negative_text"]) else mine[j % len(mine)] if mine else None
-            if given:
-                negative[i] = given
-        need = [i for i in range(len(pairs)) if i not in negative]
+            own = [p["negative_text"]] if usable(i, p["negative_text"]) else []
+            turn = [mine[(j * width + n) % len(mine)] for n in range(min(width, len(mine)))] if mine else []
+            negatives[i] = list(dict.fromkeys(own + turn))[:width]
+        need = [i for i in range(len(pairs)) if len(negatives[i]) < width]
         if need:
             emb = self.ws.embedder()
-            policy = self.config.mining
+            # twice as many as a row needs: some may be negatives it already has from a reviewer
+            policy = self.config.mining.model_copy(update={"num_negatives": 2 * width})
             q_emb = emb.encode([pairs[i]["anchor"] for i in need])
             active = self.store.pointer(indexing.ACTIVE_INDEX)
             p_emb = passage_vectors(self.ws, emb, active, [pairs[i]["positive_id"] for i in need],
@@ -152,17 +155,14 @@ class TrainingData:
             # `known` holds every accepted pair's positive with its document's chunks, this row's too.
             excluded = [known.get(keys[i], set()) for i in need]
             chosen = select_negatives(ids, scores, np.einsum("ij,ij->i", q_emb, p_emb), excluded, policy)
-            texts = self.store.passages(sorted({c[0] for c in chosen if c}))
-            negative.update({i: texts[c[0]] for i, c in zip(need, chosen, strict=True) if c and usable(i, texts[c[0]])})
-        in_data = {p["positive_text"] for p in pairs} | set(negative.values())
-        rows: list[dict[str, Any]] = []
-        for i, p in enumerate(pairs):
-            row: dict[str, Any] = {"anchor": p["anchor"], "positive": p["positive_text"]}
-            if i in negative:
-                row["negative"] = negative[i]
-            row["exclude"] = sorted((known_text[keys[i]] & in_data) - {p["positive_text"]})
-            rows.append(row)
-        return rows
+            texts = self.store.passages(sorted({pid for c in chosen for pid in c}))
+            for i, c in zip(need, chosen, strict=True):
+                mined = [texts[pid] for pid in c if pid in texts and usable(i, texts[pid])]
+                negatives[i] = list(dict.fromkeys(negatives[i] + mined))[:width]
+        in_data = {p["positive_text"] for p in pairs} | {t for row in negatives for t in row}
+        return [{"anchor": p["anchor"], "positive": p["positive_text"], "negatives": negatives[i],
+                 "exclude": sorted((known_text[keys[i]] & in_data) - {p["positive_text"]})}
+                for i, p in enumerate(pairs)]
 
     def dev_fold(self) -> tuple[list[dict[str, str]], DevTask | None]:
         """The development fold's pairs (the trainer's eval loss) and its retrieval task (WiSE-FT):

@@ -230,9 +230,9 @@ def test_training_rows_prefer_reviewer_negatives_and_never_use_own_document(work
     assert rows and all(r["anchor"] and r["positive"] for r in rows)
     by_anchor = {r["anchor"]: r for r in rows}
     assert by_anchor[rejected.anchor]["positive"] == accepted.positive_text
-    assert by_anchor[rejected.anchor]["negative"] == rejected.positive_text  # the reviewer's, not a mined one
+    assert by_anchor[rejected.anchor]["negatives"] == [rejected.positive_text]  # the reviewer's, not a mined one
     for r in rows:
-        assert r.get("negative") != r["positive"]
+        assert r["positive"] not in r["negatives"]
 
 
 def test_too_few_verified_pairs_for_an_eval_split(workspace, tmp_path):
@@ -453,18 +453,45 @@ def test_training_rows_never_use_a_known_positive_as_a_negative(workspace, tmp_p
     rows = {(r["anchor"], r["positive"]): r for r in rounds.data.rows()}
     variant = "How does a LOOP iterate over items ?"
     # Mined: the best passage below the margin that no variant of the query has as a positive.
-    assert rows[(Q, by["for"])]["negative"] == by["range"]       # was `while` (a positive of Q's variant)
-    assert rows[(variant, by["while"])]["negative"] == by["range"]  # was guide#0 (a chunk of Q's positive)
-    assert rows[(Q, by["guide#3"])]["negative"] == by["class"]
+    assert rows[(Q, by["for"])]["negatives"] == [by["range"]]       # was `while` (a positive of Q's variant)
+    assert rows[(variant, by["while"])]["negatives"] == [by["range"]]  # was guide#0 (a chunk of Q's positive)
+    assert rows[(Q, by["guide#3"])]["negatives"] == [by["class"]]
     # Reviewer negatives: `range` is an accepted positive of Q2, so the next one is used.
-    assert rows[(Q2, by["for"])]["negative"] == by["class"]
-    assert rows[(Q2, by["range"])]["negative"] == by["class"]
+    assert rows[(Q2, by["for"])]["negatives"] == [by["class"]]
+    assert rows[(Q2, by["range"])]["negatives"] == [by["class"]]
     # Each row names the known positives of its query that occur in the training data (for the trainer).
     assert rows[(Q, by["for"])]["exclude"] == sorted([by["while"], by["guide#3"]])
     assert rows[(variant, by["while"])]["exclude"] == sorted([by["for"], by["guide#3"]])
     assert rows[(Q, by["guide#3"])]["exclude"] == sorted([by["for"], by["while"]])
     assert rows[(Q2, by["for"])]["exclude"] == [by["range"]]
     assert rows[(Q2, by["range"])]["exclude"] == [by["for"]]
+
+
+def test_training_rows_take_several_negatives_reviewers_first_then_mined(workspace, tmp_path):
+    """`mining.num_negatives` 3: a row's hard negatives are its query's reviewer-verified ones first
+    (in the order they were judged), then mined ones; none is a known positive of its query."""
+    ids = _loop_corpus(workspace, tmp_path)
+    text = workspace.store.passages(list(ids.values()))
+    by = {d: text[pid] for d, pid in ids.items()}
+    _accepted(workspace, [(Q, "for"), (Q, "guide#3"), (Q2, "for"), (Q2, "range")], ids)
+    with workspace.store.transaction() as cur:
+        workspace.store.insert_ignore(cur, "negatives", [
+            {"anchor": Q2, "passage_id": ids[d], "source": "review", "created_at": f"2026-01-0{n + 1} 00:00:00"}
+            for n, d in enumerate(["class", "range", "dict"])])
+    rounds, _ = _rounds(workspace, mining={"num_negatives": 3})
+    rows = {(r["anchor"], r["positive"]): r for r in rounds.data.rows()}
+    one, _ = _rounds(workspace)
+    first = {(r["anchor"], r["positive"]): r["negatives"] for r in one.data.rows()}
+    known = {Q: {by["for"], by["guide#3"], *(by[f"guide#{n}"] for n in range(4) if f"guide#{n}" in by)},
+             Q2: {by["for"], by["range"]}}
+    for (anchor, positive), row in rows.items():
+        assert len(row["negatives"]) == 3 == len(set(row["negatives"])), row
+        assert not known[anchor] & set(row["negatives"]), row
+        assert row["negatives"][0] == first[(anchor, positive)][0]  # the one negative a row had before
+    # Q2's verified negatives (`range` is its positive), then what mining adds
+    assert rows[(Q2, by["for"])]["negatives"][:2] == [by["class"], by["dict"]]
+    assert rows[(Q2, by["range"])]["negatives"][:2] == [by["dict"], by["class"]]  # the second positive's turn
+    assert rows[(Q, by["for"])]["negatives"][:2] == [by["while"], by["range"]]  # mined, best first (not a guide chunk)
 
 
 def test_select_does_not_score_a_known_positive_as_the_hard_negative(workspace, tmp_path):

@@ -169,6 +169,33 @@ def test_snapshot_splits_eval_and_fills_negatives(tmp_path, minilm_path):
     assert json.loads((tmp_path / "r" / "snapshot.json").read_text())["filled_negatives"] == 19
 
 
+def test_snapshot_gives_every_row_as_many_negatives_as_the_richest_row(tmp_path, minilm_path):
+    """Rows with several hard negatives (`negative` and a `negatives` list) become columns negative,
+    negative_2, ... in the order given; shorter rows are filled with other rows' positives, never
+    one of their own negatives twice nor a positive of their query."""
+    pairs = make_pairs(12)
+    pairs[0]["negatives"] = [pairs[7]["positive"], pairs[8]["positive"], pairs[9]["positive"]]
+    pairs[1]["negative"] = pairs[7]["positive"]
+    pairs[1]["negatives"] = [pairs[7]["positive"], " ", pairs[1]["positive"]]  # a repeat, a blank, its own positive
+    pairs[2]["exclude"] = [pairs[3]["positive"]]
+    pairs[3]["anchor"] = pairs[2]["anchor"]
+    train.write_snapshot(tmp_path, pairs[:10], pairs[10:], {"base_model": str(minilm_path)})
+    rows = [json.loads(x) for f in (train.TRAIN_FILE, train.EVAL_FILE) for x in (tmp_path / f).read_text().splitlines()]
+    columns = ["negative", "negative_2", "negative_3"]
+    assert train_batching.text_columns(rows[0]) == ["anchor", "positive", *columns]
+    assert [rows[0][c] for c in columns] == [pairs[7]["positive"], pairs[8]["positive"], pairs[9]["positive"]]
+    assert rows[1]["negative"] == pairs[7]["positive"]
+    for r in rows:
+        negatives = [r[c] for c in columns]
+        assert len(set(negatives)) == 3 and r["positive"] not in negatives, r
+    assert pairs[3]["positive"] not in [rows[2][c] for c in columns]
+    snap = json.loads((tmp_path / "snapshot.json").read_text())
+    assert snap["negatives_per_row"] == 3 and snap["filled_negatives"] == 3 * 12 - 3 - 1
+    with pytest.raises(InputError, match="train row 1: negatives must be a list"):
+        train.write_snapshot(tmp_path / "bad", [{**pairs[0], "negatives": "one text"}, *pairs[1:4]], None,
+                             {"base_model": str(minilm_path)})
+
+
 def test_snapshot_accepts_pair_records(tmp_path, minilm_path):
     recs = [
         Pair(pair_id=str(i), anchor=p["anchor"], positive_text=p["positive"], source="seed", status="accepted")
@@ -457,6 +484,22 @@ def test_pretokenized_batches_match_the_models_own_preprocessing(minilm_path):
 )
 def test_loss_variants_train(tmp_path, minilm_path, variant):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, **variant)
+    assert trainer.main(tmp_path) == 0
+    res = train.read_result(tmp_path)
+    assert res["status"] == "ok" and res["steps"] == 2, res
+    losses = [e["loss"] for e in train.read_progress(tmp_path) if e["event"] == "step"]
+    assert len(losses) == 2 and all(x > 0 for x in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["mnrl", "cached_mnrl"])
+def test_rows_with_several_hard_negatives_train(tmp_path, minilm_path, loss):
+    """Three negative columns reach the loss (anchor, positive, negative, negative_2, negative_3)."""
+    pairs = make_pairs(30)
+    rows = [{**p, "negatives": [pairs[(i + k) % 30]["positive"] for k in (7, 11, 13)]} for i, p in enumerate(pairs)]
+    train.write_snapshot(tmp_path, rows[:22], rows[22:], {"base_model": str(minilm_path), **SMALL, "epochs": 1,
+                                                          "max_steps": 2, "loss": loss, "mini_batch_size": 4})
+    assert json.loads((tmp_path / "snapshot.json").read_text())["negatives_per_row"] == 3
     assert trainer.main(tmp_path) == 0
     res = train.read_result(tmp_path)
     assert res["status"] == "ok" and res["steps"] == 2, res
