@@ -53,7 +53,6 @@ from typing import Any
 
 from loop.errors import ConfigError, EmbedloopError, InputError
 from loop.procs import runs
-from loop.train_batching import negative_column
 from loop.train_config import TrainConfig
 from loop.wise import DEV_FILE
 
@@ -75,6 +74,21 @@ _SECRET_ENV = frozenset({"OPENAI_API_KEY", "EMBEDLOOP_LLM_API_KEY"})
 
 
 # --- snapshot --------------------------------------------------------------------------------
+
+
+def negative_column(n: int) -> str:
+    """The name of a row's `n`-th hard negative (0-based): negative, negative_2, negative_3, ..."""
+    return "negative" if n == 0 else f"negative_{n + 1}"
+
+
+def text_columns(names: Iterable[str]) -> list[str]:
+    """A row's text columns in the order the losses read them: anchor, positive, then its hard
+    negatives (`negative`, `negative_2`, ...); every column after the positive is a negative."""
+    have = set(names)
+    n = 0
+    while negative_column(n) in have:
+        n += 1
+    return ["anchor", "positive", *(negative_column(i) for i in range(n))]
 
 
 def _row_text(row: Any, *names: str) -> str | None:

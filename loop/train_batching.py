@@ -14,21 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def negative_column(n: int) -> str:
-    """The name of a row's `n`-th hard negative (0-based): negative, negative_2, negative_3, ..."""
-    return "negative" if n == 0 else f"negative_{n + 1}"
-
-
-def text_columns(names: Iterable[str]) -> list[str]:
-    """A row's text columns in the order the losses read them: anchor, positive, then its hard
-    negatives (`negative`, `negative_2`, ...); every column after the positive is a negative."""
-    have = set(names)
-    n = 0
-    while negative_column(n) in have:
-        n += 1
-    return ["anchor", "positive", *(negative_column(i) for i in range(n))]
-
-
 class PretokenizedCollator:
     """Tokenises every text of a run once, then builds each batch from those rows.
 

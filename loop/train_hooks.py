@@ -22,8 +22,8 @@ from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from transformers import TrainerCallback
 
-from loop.train import FAULT_ENV, STOP_FILE
-from loop.train_batching import PretokenizedCollator, length_grouped_batches, text_columns
+from loop.train import FAULT_ENV, STOP_FILE, text_columns
+from loop.train_batching import PretokenizedCollator, length_grouped_batches
 from loop.train_monitor import Progress, Watch
 
 

@@ -28,9 +28,9 @@ from typing import Any
 from loop.errors import ConfigError, InputError
 from loop.train import (
     CHECKPOINTS_DIR, CONFIG_FILE, EVAL_FILE, FAULT_ENV, MODEL_DIR, PROGRESS_FILE, RESULT_FILE, TRAIN_FILE,
-    atomic_write,
+    atomic_write, text_columns,
 )
-from loop.train_batching import PretokenizedCollator, text_columns
+from loop.train_batching import PretokenizedCollator
 from loop.train_config import TrainConfig
 from loop.train_loss import activation_mb_per_text, build_loss, memory_budget_mb, micro_batch
 from loop.train_monitor import Faults, Progress, Watch, finite

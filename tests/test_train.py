@@ -182,7 +182,7 @@ def test_snapshot_gives_every_row_as_many_negatives_as_the_richest_row(tmp_path,
     train.write_snapshot(tmp_path, pairs[:10], pairs[10:], {"base_model": str(minilm_path)})
     rows = [json.loads(x) for f in (train.TRAIN_FILE, train.EVAL_FILE) for x in (tmp_path / f).read_text().splitlines()]
     columns = ["negative", "negative_2", "negative_3"]
-    assert train_batching.text_columns(rows[0]) == ["anchor", "positive", *columns]
+    assert train.text_columns(rows[0]) == ["anchor", "positive", *columns]
     assert [rows[0][c] for c in columns] == [pairs[7]["positive"], pairs[8]["positive"], pairs[9]["positive"]]
     assert rows[1]["negative"] == pairs[7]["positive"]
     for r in rows:
