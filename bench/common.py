@@ -233,6 +233,40 @@ def pooled_vs(a: list[EvalReport], b: list[EvalReport]) -> dict[str, Any]:
     return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
 
 
+def stratified_bootstrap(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-query differences pooled over seeds judged on different queries (each seed's
+    own dev split), and its 95% interval from resampling queries within each seed (seeds are
+    strata, not resampled: their query sets cannot be lined up).
+
+    Returns:
+        (mean difference over every seed's queries, 2.5th percentile, 97.5th percentile).
+    """
+    diffs = [np.asarray(d, dtype=np.float64) for d in diffs]
+    if not diffs or any(d.ndim != 1 or d.size == 0 for d in diffs):
+        raise ValueError("stratified_bootstrap needs one non-empty vector of per-query differences per seed.")
+    rng = np.random.default_rng(seed)
+    total = sum(d.size for d in diffs)
+    sums = sum(rng.multinomial(d.size, np.full(d.size, 1 / d.size), size=n_boot) @ d for d in diffs)
+    lo, hi = np.percentile(sums / total, [2.5, 97.5])
+    return float(np.concatenate(diffs).mean()), float(lo), float(hi)
+
+
+def paired_vs(a: list[EvalReport], b: list[EvalReport]) -> dict[str, Any]:
+    """b - a on NDCG@10 over seeds, `a[s]` and `b[s]` being seed s's reports on the same queries:
+    `pooled_vs` when every seed was judged on the same queries, else the stratified bootstrap
+    (each seed on its own dev split)."""
+    if len({frozenset(r.query_ids) for r in a}) == 1:
+        return pooled_vs(a, b)
+    diffs = []
+    for ra, rb in zip(a, b, strict=True):
+        pos = {q: i for i, q in enumerate(rb.query_ids)}
+        if set(pos) != set(ra.query_ids):
+            raise ValueError(f"{rb.model_version} was judged on other queries than {ra.model_version}.")
+        diffs.append([rb.per_query["ndcg@10"][pos[q]] - v for q, v in zip(ra.query_ids, ra.per_query["ndcg@10"], strict=True)])
+    delta, lo, hi = stratified_bootstrap(diffs)
+    return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
+
+
 _DROP = object()
 
 

@@ -3,7 +3,7 @@
     python -m bench.table FILE.json
     python -m bench.table --calibration A.json B.json ...   # the gate calibration pooled over runs
     python -m bench.table --wise-probe A.json B.json ...    # WiSE-FT weight rules over --probe-wise runs
-    python -m bench.table --arms A.json B.json              # two loop settings, paired: B minus A per round
+    python -m bench.table --arms A.json B.json [A2.json B2.json ...]  # two loop settings, paired: B minus A per round
 
 Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
 candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
@@ -14,7 +14,8 @@ round of several runs (e.g. two collections): a rule is only as well supported a
 `--wise-probe` pools `bench.quality --probe-wise` runs (dev splits): the WiSE-FT weight the
 development fold chose against each fixed weight, over every probed round. `--arms` sets two runs
 of one protocol that differ in `--loop-config` side by side (same seeds, same judged queries): each
-round's candidate and the active model after the last round, B minus A, paired over seeds and queries.
+round's candidate and the active model after the last round, B minus A, paired over seeds and queries;
+more A/B pairs add seeds run apart (dev splits, each seed on its own queries: resampled per seed).
 """
 
 from __future__ import annotations
@@ -131,31 +132,51 @@ def pooled_calibration(paths: list[str]) -> str:
     return "\n".join(calibration_table(gate_calibration(rows), what))
 
 
-def arms_table(path_a: str, path_b: str) -> str:
+def arms_table(paths: list[str]) -> str:
     """Two loop settings (`bench.quality` runs that differ only in `loop_config`), paired: per round,
     each arm's seed-mean candidate NDCG@10 and B minus A with the interval pooled over seeds and
-    queries (`pooled_vs`); the same for the active model after the last round."""
-    from bench.common import pooled_vs
+    queries; the same for the active model after the last round.
+
+    `paths` are A.json B.json, optionally followed by more A/B pairs of other seeds (dev-split runs,
+    one seed per process, each on its own split): their seeds are pooled, the interval then
+    resampling queries within each seed (`bench.common.paired_vs`)."""
+    from bench.common import paired_vs
     from bench.quality import PROTOCOL_KEYS, read_result, reports_from_json
 
-    a, b = (read_result(path, "--arms", per_query=True) for path in (path_a, path_b))
-    for key in PROTOCOL_KEYS:
-        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
-            raise SystemExit(f"--arms: the runs differ in {key!r}; only runs of one protocol compare.")
-    seeds_a, seeds_b = ({r["seed"]: r for r in d["per_seed"]} for d in (a, b))
-    if set(seeds_a) != set(seeds_b):
-        raise SystemExit(f"--arms: the runs have different seeds ({sorted(seeds_a)} vs {sorted(seeds_b)}); "
-                         f"pairing needs the same ones.")
+    if len(paths) < 2 or len(paths) % 2:
+        raise SystemExit("--arms takes A.json B.json, optionally more A/B pairs of other seeds.")
+    results = [read_result(path, "--arms", per_query=True) for path in paths]
+    a, b = results[0], results[1]
+    for path, run in zip(paths, results, strict=True):
+        for key in PROTOCOL_KEYS:
+            if json.dumps(a.get(key), sort_keys=True) != json.dumps(run.get(key), sort_keys=True):
+                raise SystemExit(f"--arms: the runs differ in {key!r} ({path}); only runs of one protocol compare.")
+    for n, run in enumerate(results):
+        same = results[n % 2]
+        if json.dumps(same.get("loop_config") or {}, sort_keys=True) != json.dumps(run.get("loop_config") or {}, sort_keys=True):
+            raise SystemExit(f"--arms: {paths[n]} has another loop_config than {paths[n % 2]}; give A/B pairs in one order.")
+    seeds_a: dict[int, dict[str, Any]] = {}
+    seeds_b: dict[int, dict[str, Any]] = {}
+    for n in range(0, len(results), 2):
+        pa, pb = ({r["seed"]: r for r in d["per_seed"]} for d in results[n:n + 2])
+        if set(pa) != set(pb):
+            raise SystemExit(f"--arms: the runs have different seeds ({sorted(pa)} vs {sorted(pb)}); "
+                             f"pairing needs the same ones.")
+        if set(pa) & set(seeds_a):
+            raise SystemExit(f"--arms: seed repeated across pairs: {sorted(set(pa) & set(seeds_a))}.")
+        if any(set(pa[s]["per_query_ndcg@10"]["query_ids"]) != set(pb[s]["per_query_ndcg@10"]["query_ids"]) for s in pa):
+            raise SystemExit("--arms: the runs were judged on different queries (another dev split?).")
+        seeds_a.update(pa)
+        seeds_b.update(pb)
     seeds = sorted(seeds_a)
-    if len({frozenset(r["per_query_ndcg@10"]["query_ids"]) for r in (*seeds_a.values(), *seeds_b.values())}) > 1:
-        raise SystemExit("--arms: the runs were judged on different queries (another dev split?).")
+    strata = len({frozenset(seeds_a[s]["per_query_ndcg@10"]["query_ids"]) for s in seeds}) > 1
     rep_a, rep_b = ([reports_from_json(runs[s]) for s in seeds] for runs in (seeds_a, seeds_b))
 
     def line(name: str, pick) -> str:
         ra, rb = [pick(r) for r in rep_a], [pick(r) for r in rep_b]
         if None in ra or None in rb:  # a JSON written before every round's per-query figures were kept
             return f"| {name} | - | - | no per-query figures |"
-        vs = pooled_vs(ra, rb)
+        vs = paired_vs(ra, rb)
         mean_a, mean_b = (sum(r.metrics["ndcg@10"] for r in reports) / len(reports) for reports in (ra, rb))
         return f"| {name} | {mean_a:.4f} | {mean_b:.4f} | {vs['delta']:+.4f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] |"
 
@@ -164,7 +185,8 @@ def arms_table(path_a: str, path_b: str) -> str:
 
     n_rounds = len(rep_a[0]["rounds"])
     return "\n".join([
-        f"{a['dataset']}, seeds {seeds}, {a['n_test_queries']} judged queries. "
+        f"{a['dataset']}, seeds {seeds}, {a['n_test_queries']} judged queries"
+        f"{' per seed (each seed its own dev split; queries resampled within each seed)' if strata else ''}. "
         f"A: {json.dumps(a.get('loop_config') or {})}; B: {json.dumps(b.get('loop_config') or {})}.", "",
         "| loop | A | B | B minus A, 95% CI |", "|---|---|---|---|",
         *(line(f"candidate, round {i + 1}", lambda r, i=i: r["rounds"][i]) for i in range(n_rounds)),
@@ -178,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--calibration"] and len(args) > 1:
         print(pooled_calibration(args[1:]))
         return 0
-    if args[:1] == ["--arms"] and len(args) == 3:
-        print(arms_table(args[1], args[2]))
+    if args[:1] == ["--arms"] and len(args) > 1:
+        print(arms_table(args[1:]))
         return 0
     if args[:1] == ["--wise-probe"] and len(args) > 1:
         print(pooled_probe(args[1:]))

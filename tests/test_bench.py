@@ -225,6 +225,28 @@ def test_pooled_bootstrap_resamples_seeds_and_queries():
         pooled_bootstrap(x[0], y[0])
 
 
+def test_stratified_bootstrap_resamples_queries_within_each_seed():
+    """Seeds judged on different queries (each its own dev split): queries are resampled within
+    their seed, seeds are kept (strata); the mean is over every seed's queries."""
+    from bench.common import pooled_bootstrap, stratified_bootstrap
+
+    assert stratified_bootstrap([np.full(10, 0.1), np.full(30, 0.3)]) == pytest.approx((0.25, 0.25, 0.25))
+    rng = np.random.default_rng(2)
+    x, y = rng.random(300), rng.random(300)
+    # One seed: the same interval as the one-seed pooled bootstrap, up to resampling noise.
+    delta, lo, hi = stratified_bootstrap([y - x])
+    d2, lo2, hi2 = pooled_bootstrap(x[None], y[None])
+    assert delta == pytest.approx(d2) and hi - lo == pytest.approx(hi2 - lo2, rel=0.15)
+    # Two seeds of the same spread: narrower than one (more queries), centred on the pooled mean.
+    z = rng.random(300)
+    d3, lo3, hi3 = stratified_bootstrap([y - x, z - x])
+    assert d3 == pytest.approx(np.concatenate([y - x, z - x]).mean()) and lo3 < d3 < hi3 and hi3 - lo3 < hi - lo
+    assert stratified_bootstrap([y - x, z - x]) == (d3, lo3, hi3)  # deterministic
+    for bad in ([], [np.zeros(0)], [np.zeros((2, 2))]):
+        with pytest.raises(ValueError, match="per seed"):
+            stratified_bootstrap(bad)
+
+
 def test_seed_means_keep_the_keys():
     from bench.common import seed_means
 
@@ -360,12 +382,14 @@ def test_arms_table_pairs_two_loop_settings_by_seed_and_query(tmp_path, capsys):
     base = _report("base", [0.5, 0.4, 0.6, 0.5])
     protocol = {"dataset": "tiny", "budget": 10, "n_rounds": 1, "n_test_queries": 4, "gain": "exponential"}
 
-    def write(name: str, loop_config: dict, lift: float, promote: bool, seeds=(0, 1)) -> str:
+    def write(name: str, loop_config: dict, lift: float, promote: bool, seeds=(0, 1), split: str = "") -> str:
         per_seed = []
         for seed in seeds:
             c = _report(f"{name}-{seed}", [v + lift + 0.01 * seed for v in (0.5, 0.4, 0.6, 0.5)])
-            rounds = [round_row(1, c, c if promote else base, base, reviews=10, promoted=promote)]
-            per_seed.append(seed_result(seed, {"base": base}, rounds, None, stock_pairs=10)[0])
+            start = base.model_copy(update={"query_ids": [f"{split}{q}" for q in base.query_ids]})
+            c.query_ids = list(start.query_ids)  # a dev-split run (`split`): the seed's own queries
+            rounds = [round_row(1, c, c if promote else start, start, reviews=10, promoted=promote)]
+            per_seed.append(seed_result(seed, {"base": start}, rounds, None, stock_pairs=10)[0])
         (tmp_path / name).write_text(json.dumps({**protocol, "loop_config": loop_config, "per_seed": per_seed}))
         return str(tmp_path / name)
 
@@ -377,6 +401,20 @@ def test_arms_table_pairs_two_loop_settings_by_seed_and_query(tmp_path, capsys):
     assert "| candidate, round 1 | 0.5050 | 0.6050 | +0.1000 [+0.100, +0.100] |" in text
     assert "| active after round 1 | 0.5000 | 0.6050 | +0.1050 [+0.100, +0.110] |" in text  # A kept the base
     assert "| promotions per seed | [0, 0] | [1, 1] | |" in text
+    # Dev-split runs of other seeds (each its own queries) pool with them: queries resampled per seed.
+    a2 = write("a2.json", {}, 0.0, promote=False, seeds=(2,), split="dev2-")
+    b2 = write("b2.json", {"train": {"epochs": 1}}, 0.2, promote=False, seeds=(2,), split="dev2-")
+    assert main(["--arms", a, b, a2, b2]) == 0
+    text = capsys.readouterr().out
+    assert "tiny, seeds [0, 1, 2], 4 judged queries per seed (each seed its own dev split" in text
+    # Every seed's per-query differences are constant (0.1, 0.1, 0.2): seeds are strata, never resampled.
+    assert "| candidate, round 1 | 0.5100 | 0.6433 | +0.1333 [+0.133, +0.133] |" in text
+    assert "| active after round 1 | 0.5000 | 0.5700 | +0.0700 [+0.070, +0.070] |" in text
+    assert "| promotions per seed | [0, 0, 0] | [1, 1, 0] | |" in text
+    for args, message in (([a, b, a2], "A/B pairs"), ([a, b, b2, a2], "another loop_config"),
+                          ([a, b, a, b], "seed repeated")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--arms", *args])
     # Runs that cannot be paired: a clear error naming why.
     other = json.loads(Path(b).read_text())
     for change, message in (({"budget": 20}, "differ in 'budget'"), ({"per_seed": other["per_seed"][:1]}, "different seeds")):
