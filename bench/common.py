@@ -216,21 +216,23 @@ def pooled_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
     return float(diff.mean()), float(lo), float(hi)
 
 
+def _ndcg_in_order(report: EvalReport, order: list[str]) -> list[float]:
+    """The report's per-query NDCG@10 in `order`; a report judged on other queries is an error."""
+    if set(report.query_ids) != set(order):
+        raise ValueError(f"{report.model_version} was judged on other queries; evaluate every seed alike.")
+    pos = {q: i for i, q in enumerate(report.query_ids)}
+    return [report.per_query["ndcg@10"][pos[q]] for q in order]
+
+
+def _vs(delta: float, lo: float, hi: float) -> dict[str, Any]:
+    return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
+
+
 def pooled_vs(a: list[EvalReport], b: list[EvalReport]) -> dict[str, Any]:
     """`vs` over several seeds: b - a on NDCG@10, `a[s]` and `b[s]` being seed s's reports."""
     order = list(a[0].query_ids)
-
-    def rows(reports: list[EvalReport]) -> np.ndarray:
-        out = []
-        for r in reports:
-            if set(r.query_ids) != set(order):
-                raise ValueError(f"{r.model_version} was judged on other queries; evaluate every seed alike.")
-            pos = {q: i for i, q in enumerate(r.query_ids)}
-            out.append([r.per_query["ndcg@10"][pos[q]] for q in order])
-        return np.asarray(out, dtype=np.float64)
-
-    delta, lo, hi = pooled_bootstrap(rows(a), rows(b))
-    return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
+    rows = [np.asarray([_ndcg_in_order(r, order) for r in reports], dtype=np.float64) for reports in (a, b)]
+    return _vs(*pooled_bootstrap(*rows))
 
 
 def stratified_bootstrap(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -257,14 +259,8 @@ def paired_vs(a: list[EvalReport], b: list[EvalReport]) -> dict[str, Any]:
     (each seed on its own dev split)."""
     if len({frozenset(r.query_ids) for r in a}) == 1:
         return pooled_vs(a, b)
-    diffs = []
-    for ra, rb in zip(a, b, strict=True):
-        pos = {q: i for i, q in enumerate(rb.query_ids)}
-        if set(pos) != set(ra.query_ids):
-            raise ValueError(f"{rb.model_version} was judged on other queries than {ra.model_version}.")
-        diffs.append([rb.per_query["ndcg@10"][pos[q]] - v for q, v in zip(ra.query_ids, ra.per_query["ndcg@10"], strict=True)])
-    delta, lo, hi = stratified_bootstrap(diffs)
-    return {"delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)], "significant": bool(lo > 0 or hi < 0)}
+    diffs = [np.subtract(_ndcg_in_order(rb, list(ra.query_ids)), ra.per_query["ndcg@10"]) for ra, rb in zip(a, b, strict=True)]
+    return _vs(*stratified_bootstrap(diffs))
 
 
 _DROP = object()
