@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -380,8 +387,6 @@ def write_json(path: Path | None, result: dict[str, Any]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     import torch
 
     try:
@@ -401,6 +406,65 @@ def machine() -> dict[str, Any]:
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "load_avg_1m": round(load[0], 2), "python": platform.python_version(),
             "torch": torch.__version__, "commit": commit}
+
+
+@contextmanager
+def scratch(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A temporary folder for a benchmark's workspaces, removed when the block ends: also when the
+    run is stopped with SIGTERM or SIGHUP (`kill`, a closed terminal), which Python does not unwind
+    by itself, as it does Ctrl-C; killed runs used to leave their workspaces (GBs) behind.
+    Processes working in the folder (a round's trainer runs in its own session, so that a UI reload
+    does not kill it) are stopped first."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _exit_on_signal)
+    try:
+        yield path
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_processes_in(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: `finally` blocks run, the exit code says which signal
+
+
+def stop_processes_in(folder: Path, grace_s: float = 10.0) -> list[int]:
+    """Stop every process (with its process group, when it leads one) whose working directory is
+    in `folder`: SIGTERM, then SIGKILL after `grace_s`. Linux only (reads /proc); returns the pids."""
+    root = os.path.realpath(folder)
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:  # gone, or not ours to read
+            continue
+        if int(entry.name) != os.getpid() and (cwd == root or cwd.startswith(root + os.sep)):
+            pids.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    from loop.procs import pid_alive
+
+    return pid_alive(pid)
 
 
 class Timer:

@@ -30,14 +30,15 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_bootstrap,
-                          pooled_vs, sample, seed_means, stock_finetune, summary, trainer_summary, vs, write_json)
+                          pooled_vs, sample, scratch, seed_means, stock_finetune, summary, trainer_summary, vs,
+                          write_json)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
@@ -458,6 +459,68 @@ def combine_files(paths: list[Path]) -> dict[str, Any]:
          "wall_s": d.get("wall_s")} for p, d in zip(paths, docs, strict=True)]}
 
 
+def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Every arm of every seed, with its workspaces in the scratch folder `tmp`."""
+    t_all = time.perf_counter()
+    timer = Timer()
+    wall_s = lambda: {**timer.t, "total": round(time.perf_counter() - t_all, 1)}  # noqa: E731
+    beir = Beir.read(args.data, splits=tuple(dict.fromkeys((args.train_split, args.eval_split))))
+    if args.train_split != "train":
+        beir.qrels["train"] = beir.qrels[args.train_split]
+    judge = evalset_from_beir(args.data, args.eval_split)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    result: dict[str, Any] = {"dataset": args.data.name, "budget": args.budget, "n_rounds": args.rounds,
+                              "seed_pairs": args.seed_pairs, "generator": args.generator, "gain": GAIN,
+                              "eval_split": args.eval_split, "n_test_queries": len(judge.query_ids),
+                              "judged_on": "workspace passages (a document scores as its best passage)",
+                              "loop_config": args.loop_config, "machine": machine(),
+                              "encode_backend": Embedder(bundled_model_path(), "base").backend}
+    base_path = bundled_model_path()
+    with timer("ingest"):
+        template, evalset, base_vectors = ingested(beir, tmp / "ingested", judge)
+    with timer("base"):
+        base = _eval(Embedder(base_path, "base"), evalset, base_vectors)
+    log(f"base NDCG@10 {base.metrics['ndcg@10']:.4f}")
+    fixed: dict[str, EvalReport] = {"base": base}  # the arms that do not depend on a seed
+    if "bm25" not in args.skip:
+        with timer("bm25"):  # lexical over whole documents, reported on the same queries
+            fixed["bm25"] = bm25_report(beir, judge, base)
+        log(f"bm25 NDCG@10 {fixed['bm25'].metrics['ndcg@10']:.4f}")
+    common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
+                  loop_overrides=args.loop_config, log=log, template=template)
+    seeds = []
+    planned = list(range(args.seed, args.seed + args.seeds))
+    for seed in planned:
+        log(f"seed {seed}")
+        t_seed = time.perf_counter()
+        reports, stock_pairs, lp, rc = dict(fixed), None, None, None
+        if "stock" not in args.skip:
+            with timer("stock_finetune"):
+                pairs = sample(beir.gold_pairs("train"), args.budget, seed)
+                model = stock_finetune(base_path, pairs, tmp / f"stock-{seed}", seed=seed)
+                reports["stock"] = _eval(Embedder(model, "stock"), evalset)
+            stock_pairs = len(pairs)
+            shutil.rmtree(tmp / f"stock-{seed}", ignore_errors=True)
+            log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {reports['stock'].metrics['ndcg@10']:.4f}")
+        if "loop" not in args.skip:
+            with timer("loop"):
+                lp = run_loop(beir, evalset, base, workdir=tmp / f"loop-{seed}", seed=seed,
+                              probe_wise=args.probe_wise, **common)["rounds"]
+            shutil.rmtree(tmp / f"loop-{seed}", ignore_errors=True)
+        if "random" not in args.skip:
+            with timer("random_control"):
+                rc = run_loop(beir, evalset, base, workdir=tmp / f"random-{seed}", random_control=True, seed=seed,
+                              **common)["rounds"]
+            shutil.rmtree(tmp / f"random-{seed}", ignore_errors=True)
+        seeds.append(seed_result(seed, reports, lp, rc, stock_pairs))
+        seeds[-1][0]["seed_wall_s"] = round(time.perf_counter() - t_seed, 1)
+        result.update(combine_seeds(seeds))
+        if len(seeds) < len(planned):  # a run stopped later keeps the seeds it finished
+            write_json(args.out, {**result, "seeds_planned": planned, "wall_s": wall_s()})
+    result["wall_s"] = wall_s()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
@@ -495,79 +558,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds must be at least 1")
     if args.probe_wise and not args.dev_split:
         p.error("--probe-wise picks how the loop chooses a weight: tune on a --dev-split, never on qrels/test")
-    dev_root: Path | None = None
-    if args.dev_split:
-        from bench.common import make_dev_split
+    with ExitStack() as scratch_dirs:  # removed at the end, also when the run is killed (bench.common.scratch)
+        if args.dev_split:
+            from bench.common import make_dev_split
 
-        dev_root = Path(tempfile.mkdtemp(prefix="bench-dev-", dir=args.workdir))
-        args.data = make_dev_split(args.data, dev_root / args.data.name, args.dev_split, args.seed)
-
-    t_all = time.perf_counter()
-    timer = Timer()
-    wall_s = lambda: {**timer.t, "total": round(time.perf_counter() - t_all, 1)}  # noqa: E731
-    beir = Beir.read(args.data, splits=tuple(dict.fromkeys((args.train_split, args.eval_split))))
-    if args.train_split != "train":
-        beir.qrels["train"] = beir.qrels[args.train_split]
-    judge = evalset_from_beir(args.data, args.eval_split)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-quality-", dir=args.workdir))
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    result: dict[str, Any] = {"dataset": args.data.name, "budget": args.budget, "n_rounds": args.rounds,
-                              "seed_pairs": args.seed_pairs, "generator": args.generator, "gain": GAIN,
-                              "eval_split": args.eval_split, "n_test_queries": len(judge.query_ids),
-                              "judged_on": "workspace passages (a document scores as its best passage)",
-                              "loop_config": args.loop_config, "machine": machine(),
-                              "encode_backend": Embedder(bundled_model_path(), "base").backend}
-    try:
-        base_path = bundled_model_path()
-        with timer("ingest"):
-            template, evalset, base_vectors = ingested(beir, tmp / "ingested", judge)
-        with timer("base"):
-            base = _eval(Embedder(base_path, "base"), evalset, base_vectors)
-        log(f"base NDCG@10 {base.metrics['ndcg@10']:.4f}")
-        fixed: dict[str, EvalReport] = {"base": base}  # the arms that do not depend on a seed
-        if "bm25" not in args.skip:
-            with timer("bm25"):  # lexical over whole documents, reported on the same queries
-                fixed["bm25"] = bm25_report(beir, judge, base)
-            log(f"bm25 NDCG@10 {fixed['bm25'].metrics['ndcg@10']:.4f}")
-        common = dict(budget=args.budget, rounds=args.rounds, seed_pairs=args.seed_pairs, generator=args.generator,
-                      loop_overrides=args.loop_config, log=log, template=template)
-        seeds = []
-        planned = list(range(args.seed, args.seed + args.seeds))
-        for seed in planned:
-            log(f"seed {seed}")
-            t_seed = time.perf_counter()
-            reports, stock_pairs, lp, rc = dict(fixed), None, None, None
-            if "stock" not in args.skip:
-                with timer("stock_finetune"):
-                    pairs = sample(beir.gold_pairs("train"), args.budget, seed)
-                    model = stock_finetune(base_path, pairs, tmp / f"stock-{seed}", seed=seed)
-                    reports["stock"] = _eval(Embedder(model, "stock"), evalset)
-                stock_pairs = len(pairs)
-                shutil.rmtree(tmp / f"stock-{seed}", ignore_errors=True)
-                log(f"stock fine-tune ({len(pairs)} gold pairs) NDCG@10 {reports['stock'].metrics['ndcg@10']:.4f}")
-            if "loop" not in args.skip:
-                with timer("loop"):
-                    lp = run_loop(beir, evalset, base, workdir=tmp / f"loop-{seed}", seed=seed,
-                                  probe_wise=args.probe_wise, **common)["rounds"]
-                shutil.rmtree(tmp / f"loop-{seed}", ignore_errors=True)
-            if "random" not in args.skip:
-                with timer("random_control"):
-                    rc = run_loop(beir, evalset, base, workdir=tmp / f"random-{seed}", random_control=True, seed=seed,
-                                  **common)["rounds"]
-                shutil.rmtree(tmp / f"random-{seed}", ignore_errors=True)
-            seeds.append(seed_result(seed, reports, lp, rc, stock_pairs))
-            seeds[-1][0]["seed_wall_s"] = round(time.perf_counter() - t_seed, 1)
-            result.update(combine_seeds(seeds))
-            if len(seeds) < len(planned):  # a run stopped later keeps the seeds it finished
-                write_json(args.out, {**result, "seeds_planned": planned, "wall_s": wall_s()})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if dev_root is not None:
-            shutil.rmtree(dev_root, ignore_errors=True)
-    result["wall_s"] = wall_s()
+            dev_root = scratch_dirs.enter_context(scratch("bench-dev-", args.workdir))
+            args.data = make_dev_split(args.data, dev_root / args.data.name, args.dev_split, args.seed)
+        result = _run(args, scratch_dirs.enter_context(scratch("bench-quality-", args.workdir)))
     write_json(args.out, result)
-    log(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
-                                           "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("base", "bm25", "stock_finetune", "rounds", "promotions_per_seed",
+                                            "loop_vs", "gate_calibration", "targets", "wall_s") if k in result}, indent=1))
     return 0
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample, write_json
+from bench.common import GAIN, Beir, machine, make_dev_split, pooled_vs, sample, scratch, write_json
 from loop import train
 from loop.config import bundled_model_path
 from loop.embed import Embedder
@@ -37,8 +36,7 @@ ARMS = {
 
 def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, dict[str, Any]], log=print) -> dict:
     base_path = bundled_model_path()
-    with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp:
-        tmp_path = Path(tmp)
+    with scratch("bench-recipe-") as tmp_path:
         dev = make_dev_split(data, tmp_path / "dev" / data.name, dev_split, seed=0)
         beir = Beir.read(dev, splits=("train",))
         evalset = evalset_from_beir(dev, "test")

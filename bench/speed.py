@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import MAX_BYTES, machine
+from bench.common import MAX_BYTES, machine, scratch
 from loop.config import bundled_model_path
 from loop.readers import iter_jsonl
 
@@ -449,11 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pending", type=int, default=100_000)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-speed-"))
-    cache = tmp / "onnx-cache"
     out: dict[str, Any] = {"machine": machine(), "command": "python -m bench.speed " + " ".join(argv or sys.argv[1:])}
     texts = corpus_texts(args.data, args.passages)
-    try:
+    with scratch("bench-speed-") as tmp:
+        cache = tmp / "onnx-cache"
         if "encode" in args.only:
             out["encode"] = bench_encode(texts, args.backends, cache, data=args.data, st_onnx_site=args.st_onnx_site,
                                          repeats=args.repeats)
@@ -488,8 +485,6 @@ def main(argv: list[str] | None = None) -> int:
             out["demo"] = bench_demo(tmp / "demo")
             print("demo", json.dumps(out["demo"]), flush=True)
             _save(args.out, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     out["machine"]["load_avg_1m_end"] = machine()["load_avg_1m"]
     _save(args.out, out)
     print(json.dumps(out, indent=1))

@@ -690,3 +690,35 @@ def test_recipe_arms_train_in_the_trainer_subprocess_and_compare_on_the_dev_spli
         assert 0 <= arm["ndcg@10"] <= 1 and set(arm["vs_base"]) >= {"delta", "ci95"}
         (one,) = arm["runs"]
         assert one["steps"] >= 1 and 0 < one["peak_rss_mb"] < 3000  # the trainer's own RSS, not this process's
+
+
+def test_a_benchmark_stopped_with_sigterm_removes_its_scratch_folder_and_stops_its_trainers(tmp_path):
+    """`kill` used to leave a stopped benchmark's workspaces (GBs) behind, and its trainer, which
+    runs in its own session, training on: bench.common.scratch removes the one and stops the other."""
+    import signal
+    import subprocess
+    import sys
+
+    from loop.procs import pid_alive
+
+    script = (
+        "import subprocess, sys, time\n"
+        "from pathlib import Path\n"
+        "from bench.common import scratch\n"
+        "with scratch('bench-t-', Path(sys.argv[1])) as d:\n"
+        "    (d / 'workspace.duckdb').write_bytes(b'x' * 1024)\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], cwd=d,\n"
+        "                             start_new_session=True)  # as loop.train.start runs a trainer\n"
+        "    print(d, child.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    folder, child = proc.stdout.readline().split()
+    assert Path(folder).is_dir() and pid_alive(int(child))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not Path(folder).exists()
+    assert not pid_alive(int(child))
+    assert list(tmp_path.iterdir()) == []
