@@ -35,6 +35,7 @@ import numpy as np
 
 from loop.evaluate import EvalReport, compare
 from loop.metrics import Gain, ir_metrics, metric_names
+from loop.procs import pid_alive
 from loop.readers import iter_jsonl, read_qrels
 from loop.review import REVIEW_SHOWN, DecisionIn, ReviewConflict, decide, pending
 
@@ -435,26 +436,28 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
 
 def stop_processes_in(folder: Path, grace_s: float = 10.0) -> list[int]:
     """Stop every process (with its process group, when it leads one) whose working directory is
-    in `folder`: SIGTERM, then SIGKILL after `grace_s`. Linux only (reads /proc); returns the pids."""
+    in `folder`: SIGTERM, then SIGKILL to those still alive after `grace_s`. Linux only (reads
+    /proc); returns the pids found."""
     root = os.path.realpath(folder)
-    pids = []
+    found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             cwd = os.readlink(entry / "cwd")
         except OSError:  # gone, or not ours to read
             continue
         if int(entry.name) != os.getpid() and (cwd == root or cwd.startswith(root + os.sep)):
-            pids.append(int(entry.name))
+            found.append(int(entry.name))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        alive = [pid for pid in found if _alive(pid)]  # never signal a pid that died (and may be reused)
+        for pid in alive:
             try:
                 os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        while alive and time.monotonic() < deadline and any(_alive(pid) for pid in alive):
             time.sleep(0.1)
-    return pids
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -462,8 +465,6 @@ def _alive(pid: int) -> bool:
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
     except ChildProcessError:
         pass
-    from loop.procs import pid_alive
-
     return pid_alive(pid)
 
 

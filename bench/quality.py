@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, n_train, pooled_bootstrap,
-                          pooled_vs, sample, scratch, seed_means, stock_finetune, summary, trainer_summary, vs,
-                          write_json)
+from bench.common import (GAIN, Beir, SimulatedReviewer, Timer, bm25_report, machine, make_dev_split, n_train,
+                          pooled_bootstrap, pooled_vs, sample, scratch, seed_means, stock_finetune, summary,
+                          trainer_summary, vs, write_json)
 from loop.config import bundled_model_path
 from loop.embed import Embedder
 from loop.evalsets import EvalSet, evalset_from_beir
@@ -560,8 +560,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--probe-wise picks how the loop chooses a weight: tune on a --dev-split, never on qrels/test")
     with ExitStack() as scratch_dirs:  # removed at the end, also when the run is killed (bench.common.scratch)
         if args.dev_split:
-            from bench.common import make_dev_split
-
             dev_root = scratch_dirs.enter_context(scratch("bench-dev-", args.workdir))
             args.data = make_dev_split(args.data, dev_root / args.data.name, args.dev_split, args.seed)
         result = _run(args, scratch_dirs.enter_context(scratch("bench-quality-", args.workdir)))
