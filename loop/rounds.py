@@ -45,6 +45,12 @@ class TrainOverrides(train.TrainConfig):
 
     base_model: str = Field("", description="empty: the workspace's base model")
 
+    @model_validator(mode="after")
+    def _no_soup_member(self) -> TrainOverrides:
+        if self.soup_with is not None:
+            raise ValueError("soup_with is set by the round itself; set `soup = true` in [loop] instead")
+        return self
+
 
 class LoopConfig(BaseModel):
     """Knobs of a round. Defaults suit a team starting from a few hundred pairs."""
@@ -78,6 +84,9 @@ class LoopConfig(BaseModel):
         0.1, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
         "be at most this (the bootstrap share grows overconfident on a handful of queries); None: the bootstrap "
         "share alone (TOML has no null: 0.999 leaves it to the bootstrap share)")
+    soup: bool = Field(False, description="average each round's fine-tune with the previous round's (same base "
+                       "model; its tuned weights recovered from its WiSE-FT mix) before WiSE-FT: a running "
+                       "weight-space average of the rounds' fine-tunes (a model soup)")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")
@@ -261,6 +270,8 @@ class Rounds:
                        "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
                 # The checkpoint (eval loss) and the WiSE-FT weight are chosen on the development fold,
                 # never on the promotion set; without a fold the trainer holds out a share of the rows.
+                if self.config.soup:
+                    cfg["soup_with"] = self._soup_member(r, cfg["base_model"])
                 dev_pairs, task = self.data.dev_fold()
                 self.heldout.record_trained([row["anchor"] for row in rows], r.round)  # first: a crash can't lose it
                 digest = train.write_snapshot(run, rows, dev_pairs if len(dev_pairs) >= 2 else None, cfg, dev=task)
@@ -299,6 +310,9 @@ class Rounds:
         early = (f" (stopped after {result.get('epochs_run', 0):g} of {result.get('epochs_planned')} epochs: "
                  f"the development fold's eval loss stopped improving)") if result.get("stopped_early") else ""
         self.log(f"Trained {version} in {result.get('train_seconds', 0):.0f}s{early}.")
+        if result.get("soup"):
+            self.log(f"Model soup: averaged with {result['soup']['version'] or result['soup']['path']}'s fine-tune "
+                     f"before WiSE-FT.")
         w = result.get("wise")
         if w and w.get("fixed"):
             self.log(f"WiSE-FT: kept {w['alpha']:g} of the fine-tuning's change to the base weights "
@@ -310,7 +324,28 @@ class Rounds:
         self._step_done(r, "train", {k: result.get(k) for k in (
             "status", "steps", "epochs_run", "stopped_early", "train_seconds", "best_eval_loss", "pairs_per_second",
             "device", "world_size",
-            "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "wise")}, t0)
+            "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "soup", "wise")},
+            t0)
+
+    def _soup_member(self, r: RoundRecord, base_model: str) -> dict[str, Any] | None:
+        """The latest finished round's fine-tune to average with this round's (`[loop] soup`), or None
+        (with the reason logged) when there is none that can be: another base model, a model no
+        longer on disk, or one saved as the base itself (WiSE-FT weight 0)."""
+        rows = self.store.rows("SELECT round, state, error, manifest FROM rounds WHERE round < ? AND state = 'done' "
+                               "ORDER BY round DESC LIMIT 1", [r.round])
+        prev = RoundRecord.from_row(rows[0]) if rows else None
+        if prev is None or prev.manifest.model is None:
+            return None
+        m = prev.manifest
+        alpha = float(((m.steps.get("train") or {}).get("wise") or {}).get("alpha", 1.0))
+        why = ("it was trained from another base model" if (m.train_config or {}).get("base_model") != base_model
+               else "its model directory is gone" if not Path(m.model.path, "modules.json").is_file()
+               else "it was saved as the base model itself (WiSE-FT weight 0)" if alpha <= 0 else "")
+        if why:
+            self.log(f"Model soup: round {prev.round}'s fine-tune is not averaged in: {why}.")
+            return None
+        self.log(f"Model soup: this round's fine-tune will be averaged with round {prev.round}'s ({m.model.version}).")
+        return {"path": m.model.path, "alpha": alpha, "version": m.model.version}
 
     def _relay(self, ev: dict[str, Any]) -> None:
         """A trainer's progress event, as a log line."""

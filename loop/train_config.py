@@ -14,6 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loop.errors import ConfigError
 
 
+class SoupMember(BaseModel):
+    """An earlier run's saved model, to average with this run's fine-tune (`TrainConfig.soup_with`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="its saved model directory")
+    alpha: float = Field(gt=0, le=1, description="the WiSE-FT weight it was saved with: its tuned weights are "
+                         "recovered from the saved mix (loop/wise.py `unmix`)")
+    version: str = Field("", description="its model version, for the record")
+
+
 class TrainConfig(BaseModel):
     """Hyper-parameters of one training run. Unknown keys are an error.
 
@@ -105,6 +116,9 @@ class TrainConfig(BaseModel):
         description="WiSE-FT weights (loop/wise.py): the model saved is (1-a)*base + a*tuned with the a of this grid "
         "that scores best on the development fold (dev.json); one weight [a] is applied as it is, no fold needed; "
         "[1.0] = the tuned weights as they are.")
+    soup_with: SoupMember | None = Field(
+        default=None, description="Set by a round when `[loop] soup` is on: an earlier round's fine-tune of the same "
+        "base model. This run's tuned weights are averaged with that run's (a model soup) before WiSE-FT.")
     save_total_limit: int = Field(default=3, ge=1, description="Checkpoints kept (the best is always kept).")
     dataloader_num_workers: int = Field(default=0, ge=0, description="Keep 0: workers froze on the GPU machine.")
     logging_steps: int | None = Field(default=None, ge=1, description="None = about 50 points per run, at most 10 apart.")

@@ -354,11 +354,19 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     # load_best_model_at_end has put the best checkpoint's weights in `model`.
     task = wise.DevTask.read(run)
     fixed = len(cfg.wise_grid) == 1  # one weight: applied as it is, no development fold needed
-    if cfg.wise_grid != [1.0] and (fixed or task is not None) and rank0 and not watch.stop_requested:
-        t_wise = time.time()
-        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed else len(task.queries))
+    mixing = cfg.wise_grid != [1.0] and (fixed or task is not None)
+    if (mixing or cfg.soup_with) and rank0 and not watch.stop_requested:
         base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
                                    local_files_only=True).state_dict()
+    if cfg.soup_with and rank0 and not watch.stop_requested:  # first: WiSE-FT then mixes the soup with the base
+        earlier = SentenceTransformer(cfg.soup_with.path, device=device, trust_remote_code=False,
+                                      local_files_only=True).state_dict()
+        wise.soup(model, base, earlier, cfg.soup_with.alpha)
+        out["soup"] = cfg.soup_with.model_dump()
+        del earlier
+    if mixing and rank0 and not watch.stop_requested:
+        t_wise = time.time()
+        progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed else len(task.queries))
         if fixed:
             choice = wise.apply(model, base, cfg.wise_grid[0])
         else:
@@ -366,7 +374,6 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 choice = wise.choose(model, base, task, cfg.wise_grid, max_seq_length=seq_len)
         out["wise"] = {**choice, "seconds": round(time.time() - t_wise, 2)}
-        del base
     final, partial = run / MODEL_DIR, run / f"{MODEL_DIR}.partial"
     if rank0:  # only rank 0 writes the model: under CPU DDP every rank may think it should save, and one
         # rank's files landing in `partial` after rank 0 renamed it failed the run (FileNotFoundError)

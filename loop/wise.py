@@ -91,6 +91,25 @@ def unmix(base: dict[str, Any], mixed: dict[str, Any], a: float) -> dict[str, An
             for k, v in mixed.items()}
 
 
+def soup(model: Any, base_state: dict[str, Any], earlier_state: dict[str, Any], earlier_alpha: float) -> None:
+    """Leave `model` holding the mean of its own weights and an earlier fine-tune's tuned weights, recovered
+    from that run's saved mix `(1 - earlier_alpha) * base + earlier_alpha * tuned` (Wortsman et al., 2022,
+    "Model soups": fine-tunes of one base model average into a model at least as good as each, most often).
+    The earlier state dict may itself be a soup: each round's model is then a running average.
+
+    Raises:
+        ValueError: the two models do not have the same weights (names and shapes).
+    """
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    odd = sorted(k for k in own.keys() ^ earlier_state.keys()) or sorted(
+        k for k in own if own[k].shape != earlier_state[k].shape)
+    if odd:
+        raise ValueError(f"the earlier fine-tune's weights do not match this model's ({', '.join(odd[:3])}...): "
+                         "a soup needs fine-tunes of the same base model")
+    earlier = earlier_state if earlier_alpha >= 1 else unmix(base_state, earlier_state, earlier_alpha)
+    model.load_state_dict(mix(earlier, own, 0.5))
+
+
 def apply(model: Any, base_state: dict[str, Any], a: float) -> dict[str, Any]:
     """Leave `model` holding `(1-a)*base + a*its own weights`: one fixed weight, nothing scored."""
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}

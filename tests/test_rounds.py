@@ -318,6 +318,34 @@ def test_checkpoint_and_wise_weight_come_from_the_development_fold(tmp_path, min
             assert not saved[key].allclose(base[key])
 
 
+@pytest.mark.slow
+def test_with_soup_on_a_round_averages_its_fine_tune_with_the_previous_rounds(tmp_path, minilm_path):
+    from loop.workspace import Workspace
+
+    with Workspace.open(tmp_path / "ws") as ws:
+        _seed(ws, tmp_path)
+        rounds, lines = _rounds(ws, soup=True, train={"epochs": 1, "batch_size": 8, "max_seq_length": 64})
+        first = rounds.advance(until="done", force=True)
+        assert first.state == "done", first.error
+        assert first.manifest.train_config.get("soup_with") is None and first.manifest.steps["train"]["soup"] is None
+        second = rounds.advance(until="done", force=True)
+        assert second.state == "done" and second.round == 2, second.error
+        alpha = (first.manifest.steps["train"].get("wise") or {}).get("alpha", 1.0)
+        member = {"path": first.manifest.model.path, "alpha": alpha, "version": first.manifest.model.version}
+        assert second.manifest.train_config["soup_with"] == member
+        assert second.manifest.steps["train"]["soup"] == member
+        assert any(f"averaged with {member['version']}'s fine-tune" in line for line in lines), lines
+
+
+def test_the_soup_member_is_set_by_the_round_not_by_the_train_table():
+    from loop.errors import ConfigError
+    from loop.rounds import loop_config
+
+    with pytest.raises(ConfigError, match=r"soup = true"):
+        loop_config({"train": {"soup_with": {"path": "/models/x", "alpha": 1.0}}})
+    assert loop_config({"soup": True}).soup
+
+
 def test_held_out_queries_are_real_ones_never_offline_synthetic(workspace, tmp_path):
     _seed(workspace, tmp_path, n_pairs=3)
     with workspace.store.transaction() as cur:  # twelve offline synthetic pairs a reviewer accepted

@@ -526,6 +526,44 @@ def test_one_wise_weight_is_applied_without_a_development_fold(tmp_path, minilm_
 
 
 @pytest.mark.slow
+def test_a_soup_averages_this_runs_fine_tune_with_an_earlier_runs_tuned_weights(tmp_path, minilm_path):
+    """soup_with: the earlier run's tuned weights are recovered from its WiSE-FT mix (saved at 0.5) and
+    averaged with this run's best checkpoint; this run's own WiSE-FT then mixes the soup with the base."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    snapshot(first, minilm_path, 16, epochs=1, max_steps=2, wise_grid=[0.5])
+    assert trainer.main(first) == 0
+    one = train.read_result(first)
+    snapshot(second, minilm_path, 16, epochs=1, max_steps=2, seed=7, wise_grid=[0.5],
+             soup_with={"path": one["model_dir"], "alpha": 0.5, "version": "r1-x"})
+    assert trainer.main(second) == 0
+    two = train.read_result(second)
+    assert two["status"] == "ok" and two["soup"] == {"path": one["model_dir"], "alpha": 0.5, "version": "r1-x"}, two
+    base = load_file(str(Path(minilm_path) / "model.safetensors"))
+    tuned1 = load_file(str(Path(one["best_checkpoint"]) / "model.safetensors"))
+    tuned2 = load_file(str(Path(two["best_checkpoint"]) / "model.safetensors"))
+    saved = load_file(str(Path(two["model_dir"]) / "model.safetensors"))
+    key = next(k for k, v in saved.items() if v.ndim == 2 and not torch.equal(tuned1[k], tuned2[k]))
+    soup = 0.5 * tuned1[key] + 0.5 * tuned2[key]
+    assert torch.allclose(saved[key], 0.5 * base[key] + 0.5 * soup, atol=1e-5)
+
+
+def test_a_soup_refuses_weights_of_another_model(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    from loop import wise
+
+    model = SentenceTransformer(str(minilm_path), device="cpu")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: v for k, v in base.items() if "pooler" not in k and "layer.5." not in k}
+    with pytest.raises(ValueError, match="same base model"):
+        wise.soup(model, base, other, 1.0)
+    assert all(v.equal(base[k]) for k, v in model.state_dict().items())  # left as it was
+
+
+@pytest.mark.slow
 def test_a_small_memory_budget_trains_with_cached_micro_batches(tmp_path, minilm_path):
     snapshot(tmp_path, minilm_path, 16, epochs=1, max_steps=2, memory_budget_mb=16)
     assert trainer.main(tmp_path) == 0
