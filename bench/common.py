@@ -352,7 +352,7 @@ def n_train(run: Path) -> int | None:
 def trainer_summary(train_step: dict[str, Any]) -> dict[str, Any]:
     """Where a round's train step went: a round manifest's `train` step, less the WiSE-FT record."""
     return {k: train_step.get(k) for k in ("train_seconds", "steps", "epochs_run", "stopped_early", "batch_size",
-                                           "learning_rate", "max_seq_length", "pairs_per_second")} | {
+                                           "learning_rate", "max_seq_length", "pairs_per_second", "precision")} | {
         "wise_s": (train_step.get("wise") or {}).get("seconds")}
 
 

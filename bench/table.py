@@ -3,7 +3,7 @@
     python -m bench.table FILE.json
     python -m bench.table --calibration A.json B.json ...   # the gate calibration pooled over runs
     python -m bench.table --wise-probe A.json B.json ...    # WiSE-FT weight rules over --probe-wise runs
-    python -m bench.table --arms A.json B.json [A2.json B2.json ...]  # two loop settings, paired: B minus A per round
+    python -m bench.table --arms A.json B.json [A2.json B2.json ...] [--mixed-machines]  # two loop settings, paired
 
 Rows: the base, BM25, the stock fine-tune, the random control's and the loop's rounds (the
 candidate and the ACTIVE model, the one the user has after the round), each with its seed-mean
@@ -16,6 +16,8 @@ development fold chose against each fixed weight, over every probed round. `--ar
 of one protocol that differ in `--loop-config` side by side (same seeds, same judged queries): each
 round's candidate and the active model after the last round, B minus A, paired over seeds and queries;
 more A/B pairs add seeds run apart (dev splits, each seed on its own queries: resampled per seed).
+A pair that ran on different CPUs is refused (`--mixed-machines` shows it with a caution): the same
+code, data and seed train another model on another CPU.
 """
 
 from __future__ import annotations
@@ -132,14 +134,18 @@ def pooled_calibration(paths: list[str]) -> str:
     return "\n".join(calibration_table(gate_calibration(rows), what))
 
 
-def arms_table(paths: list[str]) -> str:
+def arms_table(paths: list[str], mixed_machines: bool = False) -> str:
     """Two loop settings (`bench.quality` runs that differ only in `loop_config`), paired: per round,
     each arm's seed-mean candidate NDCG@10 and B minus A with the interval pooled over seeds and
     queries; the same for the active model after the last round.
 
     `paths` are A.json B.json, optionally followed by more A/B pairs of other seeds (dev-split runs,
     one seed per process, each on its own split): their seeds are pooled, the interval then
-    resampling queries within each seed (`bench.common.paired_vs`)."""
+    resampling queries within each seed (`bench.common.paired_vs`).
+
+    Each A/B pair must have run on one kind of CPU (`machine.cpu`): another CPU trains and encodes with
+    other kernels (bf16 autocast where the CPU has it in hardware, int8 dot products), so the same code,
+    data and seed give another model; `mixed_machines` pairs them anyway, and the table says so."""
     from bench.common import paired_vs
     from bench.quality import PROTOCOL_KEYS, read_result, reports_from_json
 
@@ -155,6 +161,12 @@ def arms_table(paths: list[str]) -> str:
         same = results[n % 2]
         if json.dumps(same.get("loop_config") or {}, sort_keys=True) != json.dumps(run.get("loop_config") or {}, sort_keys=True):
             raise SystemExit(f"--arms: {paths[n]} has another loop_config than {paths[n % 2]}; give A/B pairs in one order.")
+    cpus = [(run.get("machine") or {}).get("cpu") for run in results]
+    mixed = sorted({f"{cpus[n]} vs {cpus[n + 1]}" for n in range(0, len(cpus), 2) if cpus[n] != cpus[n + 1]})
+    if mixed and not mixed_machines:
+        raise SystemExit(f"--arms: an A/B pair ran on different CPUs ({'; '.join(mixed)}): another CPU gives another "
+                         "model from the same code, data and seed, so the pair does not isolate the setting. Run both "
+                         "arms on one machine (or pass --mixed-machines to compare them anyway).")
     seeds_a: dict[int, dict[str, Any]] = {}
     seeds_b: dict[int, dict[str, Any]] = {}
     for n in range(0, len(results), 2):
@@ -187,7 +199,8 @@ def arms_table(paths: list[str]) -> str:
     return "\n".join([
         f"{a['dataset']}, seeds {seeds}, {a['n_test_queries']} judged queries"
         f"{' per seed (each seed its own dev split; queries resampled within each seed)' if strata else ''}. "
-        f"A: {json.dumps(a.get('loop_config') or {})}; B: {json.dumps(b.get('loop_config') or {})}.", "",
+        f"A: {json.dumps(a.get('loop_config') or {})}; B: {json.dumps(b.get('loop_config') or {})}."
+        f"{f' CAUTION: pairs ran on different CPUs ({chr(59).join(mixed)}).' if mixed else ''}", "",
         "| loop | A | B | B minus A, 95% CI |", "|---|---|---|---|",
         *(line(f"candidate, round {i + 1}", lambda r, i=i: r["rounds"][i]) for i in range(n_rounds)),
         line(f"active after round {n_rounds}", lambda r: r["active"]["loop"]),
@@ -201,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(pooled_calibration(args[1:]))
         return 0
     if args[:1] == ["--arms"] and len(args) > 1:
-        print(arms_table(args[1:]))
+        rest = [a for a in args[1:] if a != "--mixed-machines"]
+        print(arms_table(rest, mixed_machines=len(rest) < len(args) - 1))
         return 0
     if args[:1] == ["--wise-probe"] and len(args) > 1:
         print(pooled_probe(args[1:]))

@@ -323,6 +323,7 @@ class Rounds:
                      f"(NDCG@10 {', '.join(f'{v:.3f}' for v in w['dev_ndcg@10'].values())}).")
         self._step_done(r, "train", {k: result.get(k) for k in (
             "status", "steps", "epochs_run", "stopped_early", "train_seconds", "best_eval_loss", "pairs_per_second",
+            "precision",
             "device", "world_size",
             "batch_size", "effective_batch_size", "learning_rate", "max_seq_length", "peak_rss_mb", "soup", "wise")},
             t0)

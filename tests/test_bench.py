@@ -421,6 +421,15 @@ def test_arms_table_pairs_two_loop_settings_by_seed_and_query(tmp_path, capsys):
         (tmp_path / "c.json").write_text(json.dumps({**other, **change}))
         with pytest.raises(SystemExit, match=message):
             main(["--arms", a, str(tmp_path / "c.json")])
+    # An A/B pair run on two kinds of CPU is refused (another CPU, another model), unless asked for.
+    (tmp_path / "c.json").write_text(json.dumps({**other, "machine": {"cpu": "AMD EPYC"}}))
+    (tmp_path / "d.json").write_text(json.dumps({**json.loads(Path(a).read_text()), "machine": {"cpu": "Intel Xeon"}}))
+    pair = [str(tmp_path / "d.json"), str(tmp_path / "c.json")]
+    with pytest.raises(SystemExit, match=r"different CPUs \(Intel Xeon vs AMD EPYC\)"):
+        main(["--arms", *pair])
+    assert main(["--arms", *pair, "--mixed-machines"]) == 0
+    text = capsys.readouterr().out
+    assert "CAUTION: pairs ran on different CPUs (Intel Xeon vs AMD EPYC)." in text and "| +0.1000 [" in text
     other["per_seed"][1]["per_query_ndcg@10"]["query_ids"][0] = "elsewhere"
     (tmp_path / "c.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different queries"):
