@@ -268,10 +268,10 @@ class Rounds:
                 overrides = self.config.train.model_dump(exclude_unset=True)
                 cfg = {"device": self.ws.settings.device, **overrides,  # the workspace's device unless [loop.train] says
                        "base_model": overrides.get("base_model") or str(self.ws.settings.base_model_path)}
-                # The checkpoint (eval loss) and the WiSE-FT weight are chosen on the development fold,
-                # never on the promotion set; without a fold the trainer holds out a share of the rows.
                 if self.config.soup:
                     cfg["soup_with"] = self._soup_member(r, cfg["base_model"])
+                # The checkpoint (eval loss) and the WiSE-FT weight are chosen on the development fold,
+                # never on the promotion set; without a fold the trainer holds out a share of the rows.
                 dev_pairs, task = self.data.dev_fold()
                 self.heldout.record_trained([row["anchor"] for row in rows], r.round)  # first: a crash can't lose it
                 digest = train.write_snapshot(run, rows, dev_pairs if len(dev_pairs) >= 2 else None, cfg, dev=task)

@@ -354,17 +354,19 @@ def _train(run: Path, ctx: dict, progress: Progress, world_size: int) -> dict:
     # load_best_model_at_end has put the best checkpoint's weights in `model`.
     task = wise.DevTask.read(run)
     fixed = len(cfg.wise_grid) == 1  # one weight: applied as it is, no development fold needed
-    mixing = cfg.wise_grid != [1.0] and (fixed or task is not None)
-    if (mixing or cfg.soup_with) and rank0 and not watch.stop_requested:
-        base = SentenceTransformer(cfg.base_model, device=device, trust_remote_code=False,
-                                   local_files_only=True).state_dict()
-    if cfg.soup_with and rank0 and not watch.stop_requested:  # first: WiSE-FT then mixes the soup with the base
-        earlier = SentenceTransformer(cfg.soup_with.path, device=device, trust_remote_code=False,
-                                      local_files_only=True).state_dict()
-        wise.soup(model, base, earlier, cfg.soup_with.alpha)
+    finishing = rank0 and not watch.stop_requested  # the final weights are rank 0's to make
+    souping = finishing and cfg.soup_with is not None
+    mixing = finishing and cfg.wise_grid != [1.0] and (fixed or task is not None)
+
+    def weights(path: str) -> dict[str, Any]:
+        return SentenceTransformer(path, device=device, trust_remote_code=False, local_files_only=True).state_dict()
+
+    if souping or mixing:
+        base = weights(cfg.base_model)
+    if souping:  # first: WiSE-FT then mixes the soup with the base
+        wise.soup(model, base, weights(cfg.soup_with.path), cfg.soup_with.alpha)
         out["soup"] = cfg.soup_with.model_dump()
-        del earlier
-    if mixing and rank0 and not watch.stop_requested:
+    if mixing:
         t_wise = time.time()
         progress.emit("wise", grid=cfg.wise_grid, n_dev_queries=0 if fixed else len(task.queries))
         if fixed:
