@@ -84,10 +84,9 @@ class LoopConfig(BaseModel):
         0.1, gt=0, lt=1, description="also require the paired sign-flip test's one-sided p on the promotion set to "
         "be at most this (the bootstrap share grows overconfident on a handful of queries); None: the bootstrap "
         "share alone (TOML has no null: 0.999 leaves it to the bootstrap share)")
-    soup: bool = Field(True, description="average each round's fine-tune with the previous round's (same base "
+    soup: bool = Field(False, description="average each round's fine-tune with the previous round's (same base "
                        "model; its tuned weights recovered from its WiSE-FT mix) before WiSE-FT: a running "
-                       "weight-space average of the rounds' fine-tunes (a model soup); chosen on dev splits, "
-                       "bench/README.md; false: each round's model is its own fine-tune")
+                       "weight-space average of the rounds' fine-tunes (a model soup)")
     routing: RoutingPolicy = RoutingPolicy()
     mining: MiningPolicy = MiningPolicy()
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="TrainConfig overrides")

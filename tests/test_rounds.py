@@ -319,15 +319,12 @@ def test_checkpoint_and_wise_weight_come_from_the_development_fold(tmp_path, min
 
 
 @pytest.mark.slow
-def test_by_default_a_round_averages_its_fine_tune_with_the_previous_rounds_and_soup_false_does_not(
-        tmp_path, minilm_path):
+def test_with_soup_on_a_round_averages_its_fine_tune_with_the_previous_rounds(tmp_path, minilm_path):
     from loop.workspace import Workspace
 
-    tiny = {"epochs": 1, "batch_size": 8, "max_seq_length": 64}
     with Workspace.open(tmp_path / "ws") as ws:
         _seed(ws, tmp_path)
-        rounds, lines = _rounds(ws, train=tiny)
-        assert rounds.config.soup
+        rounds, lines = _rounds(ws, soup=True, train={"epochs": 1, "batch_size": 8, "max_seq_length": 64})
         first = rounds.advance(until="done", force=True)
         assert first.state == "done", first.error
         assert first.manifest.train_config.get("soup_with") is None and first.manifest.steps["train"]["soup"] is None
@@ -339,11 +336,6 @@ def test_by_default_a_round_averages_its_fine_tune_with_the_previous_rounds_and_
         assert second.manifest.steps["train"]["soup"] == member
         assert any(f"averaged with {member['version']}'s fine-tune" in line for line in lines), lines
 
-        own, _ = _rounds(ws, soup=False, train=tiny)
-        third = own.advance(until="done", force=True)
-        assert third.state == "done" and third.round == 3, third.error
-        assert third.manifest.train_config.get("soup_with") is None and third.manifest.steps["train"]["soup"] is None
-
 
 def test_the_soup_member_is_set_by_the_round_not_by_the_train_table():
     from loop.errors import ConfigError
@@ -351,7 +343,7 @@ def test_the_soup_member_is_set_by_the_round_not_by_the_train_table():
 
     with pytest.raises(ConfigError, match=r"soup = true"):
         loop_config({"train": {"soup_with": {"path": "/models/x", "alpha": 1.0}}})
-    assert loop_config({}).soup and not loop_config({"soup": False}).soup
+    assert loop_config({"soup": True}).soup
 
 
 def test_held_out_queries_are_real_ones_never_offline_synthetic(workspace, tmp_path):
