@@ -6,7 +6,9 @@ A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never
 (query, relevant document) pairs drawn per seed from the other train queries are the labels.
 Every arm trains on the same pairs with the product's own trainer, started as the loop starts it
 (`loop.train.run_to_end`: a `python -m loop.trainer` subprocess, so its peak RSS is the trainer's alone), and
-is judged on the dev queries with the workspace default encoder; arms run side by side in one
+is judged on the dev queries with the workspace default encoder. An arm may set its own `pairs`
+(e.g. every gold pair of the train queries: how far more labels take the model), drawn with the
+same seed, so a smaller arm's pairs are not a subset of a larger one's. Arms run side by side in one
 run, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
 base (and against the first arm) pooled over seeds and queries, training seconds and the trainer's peak RSS.
 """
@@ -44,9 +46,11 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
         log(f"base: dev NDCG@10 {base.metrics['ndcg@10']:.4f} on {len(evalset.query_ids)} dev queries")
         reports: dict[str, list] = {name: [] for name in arms}
         timing: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+        gold = beir.gold_pairs("train", skip_empty=True)
         for seed in range(seeds):
-            rows = [{"anchor": a, "positive": p} for a, p in sample(beir.gold_pairs("train", skip_empty=True), pairs, seed)]
-            for name, overrides in arms.items():
+            for name, arm in arms.items():
+                overrides = {k: v for k, v in arm.items() if k != "pairs"}
+                rows = [{"anchor": a, "positive": p} for a, p in sample(gold, int(arm.get("pairs", pairs)), seed)]
                 run_dir = tmp_path / f"{name}-s{seed}"
                 train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})
                 t0 = time.perf_counter()
@@ -55,8 +59,8 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
                 report = evaluate(Embedder(result["model_dir"], f"{name}-s{seed}"), evalset, k=100, dims=(None,),
                                   gain=GAIN)
                 reports[name].append(report)
-                timing[name].append({"seed": seed, "wall_s": round(wall, 1), "train_seconds": result["train_seconds"],
-                                     "peak_rss_mb": result.get("peak_rss_mb"), "steps": result["steps"]})
+                timing[name].append({"seed": seed, "pairs": len(rows), "wall_s": round(wall, 1),
+                                     "train_seconds": result["train_seconds"], "peak_rss_mb": result.get("peak_rss_mb"), "steps": result["steps"]})
                 log(f"  seed {seed} {name}: dev NDCG@10 {report.metrics['ndcg@10']:.4f}, train {wall:.0f}s, "
                     f"peak RSS {result.get('peak_rss_mb')} MB")
         out_arms = {}
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--dev-split", type=float, default=0.3)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--arms", type=json.loads, default=None, help="JSON: name -> TrainConfig overrides")
+    p.add_argument("--arms", type=json.loads, default=None,
+                   help="JSON: name -> TrainConfig overrides, and optionally that arm's own \"pairs\"")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     t0 = time.perf_counter()

@@ -691,10 +691,12 @@ def test_recipe_arms_train_in_the_trainer_subprocess_and_compare_on_the_dev_spli
                                                 for d, t in DOCS.items()))
     (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{d}\t{d}\t1\n" for d in DOCS))
     arms = {"short": {"epochs": 1, "max_seq_length": 32},
-            "lr1e-4": {"epochs": 1, "max_seq_length": 32, "learning_rate": 1e-4}}
+            "lr1e-4": {"epochs": 1, "max_seq_length": 32, "learning_rate": 1e-4, "pairs": 4}}
     out = run(root, pairs=6, dev_split=0.25, seeds=1, arms=arms, log=lambda *_: None)
     assert (out["n_dev_queries"], out["seeds"]) == (2, 1) and 0 <= out["base_ndcg@10"] <= 1
     assert list(out["arms"]) == ["short", "lr1e-4"] and "vs_short" in out["arms"]["lr1e-4"]
+    assert [arm["runs"][0]["pairs"] for arm in out["arms"].values()] == [6, 4]  # the arm's own count
+    assert out["arms"]["lr1e-4"]["config"] == {"epochs": 1, "max_seq_length": 32, "learning_rate": 1e-4, "pairs": 4}
     for arm in out["arms"].values():
         assert 0 <= arm["ndcg@10"] <= 1 and set(arm["vs_base"]) >= {"delta", "ci95"}
         (one,) = arm["runs"]
