@@ -91,7 +91,7 @@ class TrainConfig(BaseModel):
         default=None, ge=16,
         description="Activation memory one step may hold. When a whole mnrl batch would need more, the loss "
         "becomes cached_mnrl (same gradients, GradCache) with the largest micro-batch that fits. None = "
-        "min(2048, RAM / 8) on a CPU, 60% of the GPU's free memory on CUDA.",
+        "min(1536, RAM / 8) on a CPU, 60% of the GPU's free memory on CUDA.",
     )
     learning_rate: float = Field(default=3e-5, gt=0, le=1e-2)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
