@@ -3,14 +3,14 @@
     python -m bench.recipe --data DIR [--pairs 200] [--dev-split 0.3] [--seeds 2] [--arms JSON] [--out FILE.json]
 
 A dev split of the TRAIN queries judges (`make_dev_split`: `qrels/test` is never read); N gold
-(query, relevant document) pairs drawn per seed from the other train queries are the labels.
-Every arm trains on the same pairs with the product's own trainer, started as the loop starts it
-(`loop.train.run_to_end`: a `python -m loop.trainer` subprocess, so its peak RSS is the trainer's alone), and
-is judged on the dev queries with the workspace default encoder. An arm may set its own `pairs`
-(e.g. every gold pair of the train queries: how far more labels take the model), drawn with the
-same seed, so a smaller arm's pairs are not a subset of a larger one's. Arms run side by side in one
-run, per seed, and the table gives each arm's dev NDCG@10, its paired interval against the
-base (and against the first arm) pooled over seeds and queries, training seconds and the trainer's peak RSS.
+(query, relevant document) pairs drawn per seed from the other train queries are the labels. An
+arm may set its own `pairs` (e.g. every gold pair of the train queries: how far more labels take
+the model), drawn with the same seed; the others train on the same pairs. Each trains with the
+product's own trainer, started as the loop starts it (`loop.train.run_to_end`: a `python -m
+loop.trainer` subprocess, so its peak RSS is the trainer's alone), and is judged on the dev queries
+with the workspace default encoder; arms run side by side in one run, per seed, and the table
+gives each arm's dev NDCG@10, its paired interval against the base (and against the first arm)
+pooled over seeds and queries, training seconds and the trainer's peak RSS.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
         for seed in range(seeds):
             for name, arm in arms.items():
                 overrides = {k: v for k, v in arm.items() if k != "pairs"}
-                rows = [{"anchor": a, "positive": p} for a, p in sample(gold, int(arm.get("pairs", pairs)), seed)]
+                rows = [{"anchor": a, "positive": p} for a, p in sample(gold, arm.get("pairs", pairs), seed)]
                 run_dir = tmp_path / f"{name}-s{seed}"
                 train.write_snapshot(run_dir, rows, None, {"base_model": str(base_path), "seed": seed, **overrides})
                 t0 = time.perf_counter()
@@ -60,7 +60,8 @@ def run(data: Path, pairs: int, dev_split: float, seeds: int, arms: dict[str, di
                                   gain=GAIN)
                 reports[name].append(report)
                 timing[name].append({"seed": seed, "pairs": len(rows), "wall_s": round(wall, 1),
-                                     "train_seconds": result["train_seconds"], "peak_rss_mb": result.get("peak_rss_mb"), "steps": result["steps"]})
+                                     "train_seconds": result["train_seconds"],
+                                     "peak_rss_mb": result.get("peak_rss_mb"), "steps": result["steps"]})
                 log(f"  seed {seed} {name}: dev NDCG@10 {report.metrics['ndcg@10']:.4f}, train {wall:.0f}s, "
                     f"peak RSS {result.get('peak_rss_mb')} MB")
         out_arms = {}
@@ -85,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON: name -> TrainConfig overrides, and optionally that arm's own \"pairs\"")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    arms = args.arms or ARMS
+    if not isinstance(arms, dict) or not all(isinstance(a, dict) for a in arms.values()):
+        p.error("--arms: a JSON object of arm name -> object of TrainConfig overrides")
+    for name, n in [("--pairs", args.pairs), *((f"--arms {k!r}", a["pairs"]) for k, a in arms.items() if "pairs" in a)]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            p.error(f"{name}: pairs must be a positive whole number, got {n!r}")
     t0 = time.perf_counter()
     out = {"machine": machine(), "command": "python -m bench.recipe " + " ".join(argv or sys.argv[1:]),
-           **run(args.data, args.pairs, args.dev_split, args.seeds, args.arms or ARMS)}
+           **run(args.data, args.pairs, args.dev_split, args.seeds, arms)}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
     write_json(args.out, out)

@@ -680,6 +680,20 @@ def test_bench_ann_reports_recall_and_build_to_build_differences(beir_dir, tmp_p
             main(["--data", str(beir_dir), *bad])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--pairs", "0"], "--pairs: pairs must be a positive whole number, got 0"),
+    (["--arms", '{"all": {"pairs": "many"}}'], "--arms 'all': pairs must be a positive whole number, got 'many'"),
+    (["--arms", '{"half": {"pairs": 2.5}}'], "--arms 'half': pairs must be a positive whole number, got 2.5"),
+    (["--arms", '["a", "b"]'], "--arms: a JSON object of arm name -> object"),
+])
+def test_recipe_refuses_a_bad_pair_count_before_any_work(tmp_path, capsys, args, message):
+    from bench.recipe import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tmp_path / "not-read"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_recipe_arms_train_in_the_trainer_subprocess_and_compare_on_the_dev_split(tmp_path):
     from bench.recipe import run
