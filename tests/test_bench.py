@@ -747,3 +747,22 @@ def test_a_benchmark_stopped_with_sigterm_removes_its_scratch_folder_and_stops_i
     assert not Path(folder).exists()
     assert not pid_alive(int(child))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bench_threads_times_one_process_against_one_thread_processes_side_by_side(beir_dir, tmp_path):
+    from bench.threads import main
+
+    out = tmp_path / "threads.json"
+    assert main(["--data", str(beir_dir), "--steps", "1", "--passages", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    cores = len(os.sched_getaffinity(0))
+    runs = [result[f"one_process_{cores}_threads"], result["one_process_1_thread"], *result[f"{cores}_processes_1_thread_each"]]
+    assert len(runs) == 2 + cores
+    assert all(r["train_s_per_step"] > 0 and r["encode_passages_per_s"] > 0 for r in runs)
+    side = result["side_by_side_vs_one_process"]
+    whole = runs[0]
+    assert side["encode"] == pytest.approx(sum(r["encode_passages_per_s"] for r in runs[2:]) / whole["encode_passages_per_s"], abs=1e-3)
+    assert side["train"] == pytest.approx(sum(1 / r["train_s_per_step"] for r in runs[2:]) * whole["train_s_per_step"], abs=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--data", str(beir_dir), "--steps", "0", "--out", str(out)])
