@@ -20,11 +20,27 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def measure(data: Path, threads: int, steps: int, passages: int, wait=lambda phase: None) -> dict[str, float]:
+def inputs(data: Path) -> tuple[list[str], list[str]]:
+    """DIR's document texts and queries; SystemExit with the reason when there are none or it cannot be read."""
+    from bench.common import Beir
+    from loop.errors import InputError
+
+    try:
+        beir = Beir.read(data)
+    except InputError as e:
+        raise SystemExit(f"--data: {e}") from None
+    texts, queries = list(beir.corpus.values()), list(beir.queries.values())
+    if not texts or not queries:
+        raise SystemExit(f"--data: {data} needs documents and queries")
+    return texts, queries
+
+
+def measure(data: Path, threads: int, steps: int, passages: int, wait: Callable[[str], None]) -> dict[str, float]:
     """One process's figures at `threads` threads (call in a fresh process: torch's pool is fixed once used).
     `wait(phase)` returns when every process measured beside this one is ready for the phase."""
     import torch
@@ -33,14 +49,10 @@ def measure(data: Path, threads: int, steps: int, passages: int, wait=lambda pha
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from bench.common import Beir
     from loop.config import bundled_model_path
     from loop.embed import Embedder
 
-    beir = Beir.read(data)
-    texts, queries = list(beir.corpus.values()), list(beir.queries.values())
-    if not texts or not queries:
-        raise SystemExit(f"{data}: needs documents and queries")
+    texts, queries = inputs(data)
     texts = texts * (max(64, passages) // len(texts) + 1)  # a small folder's texts repeat
     model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
     model.max_seq_length = 128
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.common import machine, write_json
 
+    inputs(args.data)  # a folder that cannot be read stops here, not in every measuring process
     cores = len(os.sched_getaffinity(0))
     (whole,) = _children(args, cores, 1)
     (one,) = _children(args, 1, 1)

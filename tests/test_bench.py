@@ -766,3 +766,16 @@ def test_bench_threads_times_one_process_against_one_thread_processes_side_by_si
     assert side["train"] == pytest.approx(sum(1 / r["train_s_per_step"] for r in runs[2:]) * whole["train_s_per_step"], abs=1e-3)
     with pytest.raises(SystemExit):
         main(["--data", str(beir_dir), "--steps", "0", "--out", str(out)])
+
+
+def test_bench_threads_refuses_a_folder_it_cannot_read_before_starting_a_process(tmp_path, capsys):
+    from bench.threads import main
+
+    with pytest.raises(SystemExit, match="--data: .*corpus.jsonl: no such file"):
+        main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "a text"}) + "\n")
+    (tmp_path / "empty" / "queries.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="--data: .*queries.jsonl: the file is empty"):
+        main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o.json")])
+    assert not (tmp_path / "o.json").exists()
